@@ -1,0 +1,60 @@
+"""The ``ctrkit`` command line.
+
+Each subcommand lives in its own module under ``ctrkit/commands`` and exposes ``register(subparsers)``
+(adds its parser, sets ``func``). Heavy imports (TensorFlow, Beam) happen inside the command functions,
+so ``ctrkit --help`` stays fast. This is the only place that wires pipelines, core and serving together.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ctrkit._version import __version__
+
+# Order = order in --help.
+COMMAND_MODULES = ("run", "preprocess", "train", "calibrate", "compare", "export", "serve", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrkit",
+        description="CTR modelling with DCN-V2 feature crosses: Beam/TFT preprocessing, online training "
+        "with progressive validation, distillation, calibration and TF Serving export.",
+        epilog="Run `ctrkit COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctrkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"ctrkit.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"ctrkit.commands.{name}":
+                continue  # command not shipped in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("ctrkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing errors are one line; --debug shows the trace
+        from ctrkit.errors import UserError
+
+        if isinstance(e, UserError) and not getattr(args, "debug", False):
+            print(f"ctrkit {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors a user can act on: the CLI prints them as one line and exits non-zero."""
+from __future__ import annotations
+
+from ctrkit.configio import ConfigError
+from ctrkit.manifest import ManifestError
+
+
+class InputError(ValueError):
+    """Input data is missing, empty or does not match the configured schema."""
+
+
+# Everything the CLI reports as a one-line error instead of a traceback.
+UserError = (ConfigError, ManifestError, InputError, FileNotFoundError, NotADirectoryError, PermissionError)

@@ -1,0 +1,100 @@
+"""Raw input schema and per-column preprocessing options (the ``data:`` section of a config).
+
+Owned by the pipeline (``ctrkit.pipelines``) but defined in the core, so the trainer and the CLI can read
+a config without importing Beam or tensorflow-transform.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ctrkit.configio import ConfigError
+
+ColumnKind = Literal["label", "numeric", "categorical", "timestamp", "teacher_logit", "ignore"]
+
+CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
+CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
+
+
+@dataclasses.dataclass
+class ColumnSpec:
+    """How one raw column is read and transformed.
+
+    numeric:     missing → ``fill``; optional ``log1p`` of max(x, 0); ``zscore`` and/or ``buckets`` quantile
+                 buckets (the bucket id becomes an extra categorical feature ``<name>_bucket``).
+    categorical: ``encoding: vocabulary`` (``top_k`` / ``frequency_threshold`` + ``oov_buckets``) or
+                 ``encoding: hash`` into ``hash_buckets`` buckets (ids that keep arriving after the
+                 analyzed span get their own bucket from their first appearance); ``separator`` makes the
+                 column multi-valued.
+    """
+
+    name: str
+    kind: ColumnKind = "categorical"
+    fill: float = 0.0
+    log1p: bool = False
+    zscore: bool = True
+    buckets: int = 0
+    encoding: Literal["vocabulary", "hash"] = "vocabulary"
+    top_k: int | None = None
+    frequency_threshold: int = 1
+    oov_buckets: int = 1
+    hash_buckets: int = 0
+    separator: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"column {self.name!r}"
+        if self.kind == "categorical" and self.encoding == "hash" and self.hash_buckets < 1:
+            raise ConfigError(f"{where}: encoding 'hash' needs hash_buckets >= 1")
+        if self.oov_buckets < 1:
+            raise ConfigError(f"{where}: oov_buckets must be >= 1 (unseen ids need a row), got {self.oov_buckets}")
+        if self.buckets < 0:
+            raise ConfigError(f"{where}: buckets must be >= 0, got {self.buckets}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"{where}: top_k must be >= 1 or null, got {self.top_k}")
+
+
+def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:
+    """The default Criteo schema: label, I1..I13 numeric, C1..C26 categorical."""
+    return (
+        [ColumnSpec("label", kind="label")]
+        + [ColumnSpec(n, kind="numeric", log1p=log1p) for n in CRITEO_NUMERIC]
+        + [ColumnSpec(n, kind="categorical") for n in CRITEO_CATEGORICAL]
+    )
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where raw logs come from and how the pipeline turns them into windows of training data."""
+
+    format: Literal["criteo_tsv", "csv", "parquet"] = "criteo_tsv"
+    columns: list[ColumnSpec] = dataclasses.field(default_factory=list)  # empty: the Criteo schema
+    delimiter: str | None = None  # default: tab for criteo_tsv, comma for csv
+    header: bool = True  # csv only: first line names the columns
+    short_rows: Literal["pad", "reject"] = "pad"  # rows with stripped trailing empty fields
+    window_rows: int = 100_000  # window size when there is no timestamp column
+    window_seconds: int = 86_400  # window size when there is a timestamp column
+    analyze_windows: int | None = None  # analyze on the first N windows; None: all of them
+    batch_size: int = 50_000  # rows per record batch inside the pipeline
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            self.columns = criteo_columns()
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"data.columns: duplicate column names {dupes}")
+        labels = [c.name for c in self.columns if c.kind == "label"]
+        if len(labels) != 1:
+            raise ConfigError(f"data.columns: exactly one column must have kind 'label', found {labels or 'none'}")
+        if len([c for c in self.columns if c.kind == "timestamp"]) > 1:
+            raise ConfigError("data.columns: at most one column may have kind 'timestamp'")
+        if self.window_rows < 1 or self.window_seconds < 1:
+            raise ConfigError("data: window_rows and window_seconds must be >= 1")
+
+    @property
+    def label(self) -> str:
+        return next(c.name for c in self.columns if c.kind == "label")
+
+    @property
+    def timestamp(self) -> str | None:
+        return next((c.name for c in self.columns if c.kind == "timestamp"), None)
