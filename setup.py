@@ -74,6 +74,7 @@ EXTRAS["test"] = sorted(
             "tensorflow-recommenders==0.7.7",
             "tf-keras==2.21.0",
             "build>=1.0",
+            "setuptools>=69",  # the wheel test builds without isolation
         ]
     )
 )

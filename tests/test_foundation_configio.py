@@ -1,0 +1,67 @@
+"""Typed config loading: typos and bad values fail with the dotted path of the key."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from ctrkit.configio import ConfigError, from_dict, to_dict
+
+
+@dataclasses.dataclass
+class Inner:
+    units: list[int] = dataclasses.field(default_factory=lambda: [4])
+    mode: Literal["a", "b"] = "a"
+    rate: float = 0.5
+    name: str | None = None
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    flag: bool = False
+    steps: int = 1
+
+
+def test_builds_nested_dataclasses_and_round_trips():
+    cfg = from_dict(Outer, {"inner": {"units": [8, 2], "mode": "b", "rate": 1}, "sizes": {"C1": 3}, "flag": True})
+    assert cfg == Outer(Inner([8, 2], "b", 1.0, None), {"C1": 3}, True, 1)
+    assert isinstance(cfg.inner.rate, float)
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inner": {"unitz": [1]}}, r"Outer\.inner: unknown key\(s\) 'unitz'; allowed keys are"),
+        ({"inner": {"mode": "c"}}, r"Outer\.inner\.mode: 'c' is not one of 'a', 'b'"),
+        ({"inner": {"units": [1, "x"]}}, r"Outer\.inner\.units\[1\]: expected an integer, got 'x'"),
+        ({"flag": "yes"}, r"Outer\.flag: expected true/false, got 'yes'"),
+        ({"steps": 2.5}, r"Outer\.steps: expected an integer, got 2\.5"),
+        ({"steps": True}, r"Outer\.steps: expected an integer, got True"),
+        ({"sizes": [1]}, r"Outer\.sizes: expected a mapping"),
+        ({"inner": 3}, r"Outer\.inner: expected a mapping for Inner"),
+    ],
+)
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data)
+
+
+def test_default_config_is_criteo(tmp_path):
+    from ctrkit.config import Config, load_config
+
+    cfg = Config()
+    assert cfg.data.label == "label"
+    assert [c.name for c in cfg.data.columns if c.kind == "numeric"] == [f"I{i}" for i in range(1, 14)]
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml\.train: unknown key\(s\) 'batch_sise'"):
+        load_config(str(path))
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
