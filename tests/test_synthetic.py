@@ -91,7 +91,7 @@ def test_csv_and_parquet_round_trip(tmp_path, table):
     back_pq = pq.read_table(pq_path)
     assert back_pq.equals(small.drop_columns(["true_logit"]))
     back_csv = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(
-        column_types={c: small.schema.field(c).type for c in back_pq.column_names}))
+        column_types={c: small.schema.field(c).type for c in back_pq.column_names}, strings_can_be_null=True))
     assert back_csv.column_names == back_pq.column_names
     assert back_csv["C26"].to_pylist() == small["C26"].to_pylist()
     assert back_csv["I12"].to_pylist() == small["I12"].to_pylist()
