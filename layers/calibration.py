@@ -1,0 +1,268 @@
+"""Post-hoc calibration of a logit: temperature (Platt) scaling, monotone piecewise-linear, per-segment bias.
+
+Each layer sits on top of a trained base model and is fitted on data the base model was not trained on,
+with the base model frozen (``base.trainable = False``). Each can itself be frozen or unfrozen through
+``layer.trainable`` without touching the base model.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from ctrkit.layers import _validation as check
+from ctrkit.layers.embedding import _concrete, _is_tf_graph
+
+
+def _as_logit_column(layer: str, logit: Any) -> Any:
+    """Accept ``(B,)`` or ``(B, 1)`` logits and return ``(B, 1)``."""
+    if len(logit.shape) == 1:
+        return ops.expand_dims(logit, -1)
+    if len(logit.shape) != 2 or logit.shape[-1] not in (1, None):
+        raise ValueError(f"{layer}: expects logits of shape (batch,) or (batch, 1), got {logit.shape}")
+    return logit
+
+
+@keras.saving.register_keras_serializable(package="ctrkit")
+class TemperatureScaling(keras.layers.Layer):
+    """Platt / temperature scaling of a logit.
+
+    ```
+    z' = a · z + b        (temperature T = 1 / a)
+    ```
+
+    Initialised to the identity (``a = 1``, ``b = 0``). With ``use_bias=False`` it is pure temperature
+    scaling, which changes confidence but not the ranking. ``a`` is kept non-negative so the calibrated
+    logit stays monotone in the input.
+
+    Args:
+        use_bias: learn the offset ``b``. Defaults to ``True``.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        logit: ``(batch,)`` or ``(batch, 1)``.
+
+    Returns:
+        ``(batch, 1)`` calibrated logit.
+
+    Example:
+
+    ```python
+    base.trainable = False
+    calibrated = TemperatureScaling()(base(features)["logits"])
+    ```
+
+    References:
+    - [J. Platt, 1999], probabilistic outputs for support vector machines.
+    - [C. Guo et al., 2017](https://arxiv.org/abs/1706.04599), On calibration of modern neural networks.
+    - [arXiv:2211.10193](https://arxiv.org/abs/2211.10193), temperature scaling.
+    """
+
+    def __init__(self, use_bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape: Any) -> None:
+        self.scale = self.add_weight(
+            name="scale", shape=(), initializer="ones", constraint=keras.constraints.NonNeg()
+        )
+        self.bias = self.add_weight(name="bias", shape=(), initializer="zeros") if self.use_bias else None
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature ``1 / a`` (``inf`` if ``a`` reached 0)."""
+        a = float(ops.convert_to_numpy(self.scale))
+        return float("inf") if a == 0 else 1.0 / a
+
+    def call(self, logit: Any) -> Any:
+        z = _as_logit_column("TemperatureScaling", logit) * self.scale
+        return z + self.bias if self.bias is not None else z
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return (input_shape[0], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "use_bias": self.use_bias}
+
+
+@keras.saving.register_keras_serializable(package="ctrkit")
+class PiecewiseLinearCalibration(keras.layers.Layer):
+    """Monotone piecewise-linear map from a logit to a probability in (0, 1).
+
+    Input keypoints ``k_0 < … < k_{n-1}`` are fixed; the outputs at them are learned:
+
+    ```
+    y_j = Σ_{i≤j} softmax(w)_i,   j = 0 … n−1   (w has n+1 entries, so 0 < y_0 < … < y_{n-1} < 1)
+    f(z) = y_0 + Σ_{j≥1} (y_j − y_{j−1}) · clip((z − k_{j−1}) / (k_j − k_{j−1}), 0, 1)
+    ```
+
+    ``f`` interpolates linearly between keypoints, is constant outside ``[k_0, k_{n-1}]``, strictly
+    increasing inside, and stays in (0, 1) for any ``w``. ``w`` starts so that ``y_j = σ(k_j)``: before
+    fitting, the layer approximates the sigmoid of its input.
+
+    Args:
+        num_keypoints: number ``n ≥ 2`` of keypoints. Defaults to 10.
+        input_min: first keypoint (in logit units). Defaults to -6.
+        input_max: last keypoint. Defaults to 6.
+        keypoints: explicit increasing keypoints (e.g. quantiles of the holdout logits); overrides the
+            three arguments above.
+        output_logit: return ``log(f / (1 − f))`` instead of ``f``, for heads that must output a logit.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        logit: ``(batch,)`` or ``(batch, 1)``.
+
+    Returns:
+        ``(batch, 1)`` calibrated probability (or its logit).
+
+    Example:
+
+    ```python
+    prob = PiecewiseLinearCalibration(num_keypoints=20)(base_logit)
+    ```
+
+    References:
+    - [M. Gupta et al., 2016](https://jmlr.org/papers/v17/15-243.html), Monotonic calibrated interpolated
+      look-up tables (piecewise-linear calibrators).
+    """
+
+    def __init__(
+        self,
+        num_keypoints: int = 10,
+        input_min: float = -6.0,
+        input_max: float = 6.0,
+        keypoints: Sequence[float] | None = None,
+        output_logit: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if keypoints is None:
+            n = check.positive_int("PiecewiseLinearCalibration", "num_keypoints", num_keypoints)
+            if n < 2:
+                raise ValueError(f"PiecewiseLinearCalibration: `num_keypoints` must be >= 2, got {n}")
+            if not input_min < input_max:
+                raise ValueError(f"PiecewiseLinearCalibration: need input_min < input_max, got {input_min}, {input_max}")
+            keypoints = np.linspace(input_min, input_max, n)
+        kp = np.asarray(keypoints, dtype="float64")
+        if kp.ndim != 1 or len(kp) < 2 or not np.all(np.diff(kp) > 0):
+            raise ValueError(f"PiecewiseLinearCalibration: `keypoints` must be >= 2 strictly increasing numbers, got {list(kp)}")
+        self.keypoints = [float(v) for v in kp]
+        self.num_keypoints = len(self.keypoints)
+        self.input_min, self.input_max = self.keypoints[0], self.keypoints[-1]
+        self.output_logit = bool(output_logit)
+
+    def _initial_logits(self) -> np.ndarray:
+        levels = 1.0 / (1.0 + np.exp(-np.asarray(self.keypoints)))
+        steps = np.diff(np.concatenate([[0.0], levels, [1.0]]))
+        return np.log(np.maximum(steps, 1e-12)).astype("float32")
+
+    def build(self, input_shape: Any) -> None:
+        self.level_logits = self.add_weight(
+            name="level_logits",
+            shape=(self.num_keypoints + 1,),
+            initializer=keras.initializers.Constant(self._initial_logits()),
+        )
+
+    def levels(self) -> Any:
+        """The learned outputs ``y_j`` at the keypoints, shape ``(num_keypoints,)``."""
+        return ops.cumsum(ops.softmax(self.level_logits))[:-1]
+
+    def call(self, logit: Any) -> Any:
+        z = ops.cast(_as_logit_column("PiecewiseLinearCalibration", logit), self.compute_dtype)
+        kp = ops.convert_to_tensor(self.keypoints, self.compute_dtype)
+        y = self.levels()
+        frac = ops.clip((z - kp[:-1]) / (kp[1:] - kp[:-1]), 0.0, 1.0)  # (B, n-1)
+        out = y[0] + ops.sum(frac * (y[1:] - y[:-1]), axis=-1, keepdims=True)
+        if self.output_logit:
+            return ops.log(out) - ops.log1p(-out)
+        return out
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return (input_shape[0], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "num_keypoints": self.num_keypoints,
+            "input_min": self.input_min,
+            "input_max": self.input_max,
+            "keypoints": list(self.keypoints),
+            "output_logit": self.output_logit,
+        }
+
+
+@keras.saving.register_keras_serializable(package="ctrkit")
+class BiasCalibration(keras.layers.Layer):
+    """Per-segment additive correction of a logit, keyed by a categorical feature.
+
+    ```
+    z' = z + c[s]      (s: segment id in [0, num_segments), c initialised to 0)
+    ```
+
+    Fixes systematic over- or under-prediction within segments (e.g. per country or ad format) that a
+    global calibrator cannot. An out-of-range segment id raises ``ValueError`` when called eagerly and
+    fails a ``tf.debugging`` assertion in a ``tf.function``; give unseen segments an OOV id upstream.
+
+    Args:
+        num_segments: number of segment ids.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        logit: ``(batch,)`` or ``(batch, 1)``.
+        segment_ids: ``(batch,)`` or ``(batch, 1)`` integer ids.
+
+    Returns:
+        ``(batch, 1)`` corrected logit.
+
+    Example:
+
+    ```python
+    z = BiasCalibration(num_segments=vocab["country"])(logit, features["country"])
+    ```
+
+    References:
+    - [H. B. McMahan et al., 2013](https://research.google/pubs/pub41159/), Ad click prediction: a view
+      from the trenches (Section 7, calibration corrections per slice).
+    """
+
+    def __init__(self, num_segments: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_segments = check.positive_int("BiasCalibration", "num_segments", num_segments)
+
+    def build(self, logit_shape: Any, segment_ids_shape: Any = None) -> None:
+        self.segment_bias = self.add_weight(name="segment_bias", shape=(self.num_segments,), initializer="zeros")
+
+    def call(self, logit: Any, segment_ids: Any) -> Any:
+        z = _as_logit_column("BiasCalibration", logit)
+        ids = segment_ids
+        if len(ids.shape) == 2 and ids.shape[-1] == 1:
+            ids = ops.squeeze(ids, -1)
+        if len(ids.shape) != 1:
+            raise ValueError(f"BiasCalibration: segment_ids must be (batch,) or (batch, 1), got {segment_ids.shape}")
+        if "int" not in str(ids.dtype):
+            raise ValueError(f"BiasCalibration: segment_ids must be integers, got dtype {ids.dtype}")
+        value = _concrete(ids)
+        if value is not None:
+            bad = (value < 0) | (value >= self.num_segments)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise ValueError(
+                    f"BiasCalibration: segment id {int(value[row])} in row {row} is outside [0, {self.num_segments})"
+                )
+        elif _is_tf_graph(ids):
+            import tensorflow as tf
+
+            with tf.control_dependencies([
+                tf.debugging.assert_less(ids, tf.cast(self.num_segments, ids.dtype), message="BiasCalibration: segment id >= num_segments"),
+                tf.debugging.assert_non_negative(ids, message="BiasCalibration: negative segment id"),
+            ]):
+                ids = tf.identity(ids)
+        return z + ops.expand_dims(ops.take(self.segment_bias, ids, axis=0), -1)
+
+    def compute_output_shape(self, logit_shape: Any, segment_ids_shape: Any = None) -> Any:
+        return (logit_shape[0], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_segments": self.num_segments}

@@ -1,0 +1,153 @@
+"""The DCN-V2 body: a cross network and a DNN, stacked or in parallel."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+
+from ctrkit.layers import _validation as check
+from ctrkit.layers import activations
+from ctrkit.layers.cross_network import CrossNetwork
+
+STRUCTURES = ("stacked", "parallel", "cross_only")
+
+
+@keras.saving.register_keras_serializable(package="ctrkit")
+class DCN(keras.layers.Layer):
+    """DCN-V2 body: maps ``x0`` to the final hidden representation (add your own logit head).
+
+    ```
+    stacked:    h = DNN(CrossNet(x0))
+    parallel:   h = concat(CrossNet(x0), DNN(x0))
+    cross_only: h = CrossNet(x0)
+    DNN(z)      = a(W_n … a(W_1 z + b_1) … + b_n), with dropout after each activation
+    ```
+
+    Args:
+        structure: ``"stacked"``, ``"parallel"`` or ``"cross_only"``. Defaults to ``"stacked"``.
+        num_cross_layers: cross layers in the cross network. Defaults to 3.
+        cross_kind: ``"full"``, ``"low_rank"`` or ``"mixture"`` (see :class:`CrossNetwork`).
+        projection_dim: rank of low-rank cross layers (``None``: ``d // 4``).
+        num_experts: experts per mixture layer. Defaults to 4.
+        low_rank: rank of each mixture expert. Defaults to 32.
+        dnn_units: widths of the DNN's hidden layers. Defaults to ``(500, 500, 500)``. Must be empty for
+            ``"cross_only"``; may be empty for ``"stacked"`` (then ``h`` is the cross output).
+        dropout: dropout rate after each DNN activation, in ``[0, 1)``. Defaults to 0.
+        activation: DNN activation; any Keras activation or ``"smelu"``. Defaults to ``"relu"``.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        x0: ``(batch, d)`` float tensor (e.g. the output of :class:`FeatureEmbedding`).
+        training: whether dropout is active.
+
+    Returns:
+        ``(batch, h)``: ``h = dnn_units[-1]`` (stacked), ``d + dnn_units[-1]`` (parallel), ``d`` (cross only).
+
+    Example:
+
+    ```python
+    x0 = keras.Input((390,))
+    h = DCN(structure="parallel", cross_kind="low_rank", dnn_units=(512, 256), activation="smelu")(x0)
+    logit = keras.layers.Dense(1)(h)
+    ```
+
+    References:
+    - [R. Wang et al., 2020](https://arxiv.org/abs/2008.13535), DCN V2, Figure 2 (stacked and parallel).
+    - [G. I. Shamir et al., 2022](https://arxiv.org/abs/2202.06499) for the SmeLU activation.
+    """
+
+    def __init__(
+        self,
+        structure: str = "stacked",
+        num_cross_layers: int = 3,
+        cross_kind: str = "full",
+        projection_dim: int | None = None,
+        num_experts: int = 4,
+        low_rank: int = 32,
+        dnn_units: Sequence[int] = (500, 500, 500),
+        dropout: float = 0.0,
+        activation: activations.Activation = "relu",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if structure not in STRUCTURES:
+            raise ValueError(f"DCN: `structure` must be one of {STRUCTURES}, got {structure!r}")
+        dnn_units = [check.positive_int("DCN", "dnn_units[]", u) for u in (dnn_units or ())]
+        if structure == "cross_only" and dnn_units:
+            raise ValueError(f"DCN: structure='cross_only' has no DNN, but dnn_units={dnn_units} was given")
+        if structure == "parallel" and not dnn_units:
+            raise ValueError("DCN: structure='parallel' needs at least one DNN layer in `dnn_units`")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"DCN: `dropout` must be in [0, 1), got {dropout!r}")
+        self.structure = structure
+        self.num_cross_layers = num_cross_layers
+        self.cross_kind = cross_kind
+        self.projection_dim = projection_dim
+        self.num_experts = num_experts
+        self.low_rank = low_rank
+        self.dnn_units = dnn_units
+        self.dropout = float(dropout)
+        self.activation = activation
+        act = activations.get(activation)
+        self.cross_network = CrossNetwork(
+            num_layers=num_cross_layers,
+            kind=cross_kind,
+            projection_dim=projection_dim,
+            num_experts=num_experts,
+            low_rank=low_rank,
+            dtype=self.dtype_policy,
+            name="cross_network",
+        )
+        self.dense_layers = [
+            keras.layers.Dense(u, activation=act, dtype=self.dtype_policy, name=f"dnn_{i}")
+            for i, u in enumerate(dnn_units)
+        ]
+        self.dropout_layers = [keras.layers.Dropout(self.dropout) for _ in dnn_units] if self.dropout else []
+
+    def _dnn(self, z: Any, training: Any) -> Any:
+        for i, dense in enumerate(self.dense_layers):
+            z = dense(z)
+            if self.dropout_layers:
+                z = self.dropout_layers[i](z, training=training)
+        return z
+
+    def build(self, x0_shape: Any) -> None:
+        d = check.last_dim("DCN", x0_shape)
+        if len(x0_shape) != 2:
+            raise ValueError(f"DCN: `x0` must have shape (batch, features), got {x0_shape}")
+        self.cross_network.build(x0_shape)
+        width = d if self.structure == "stacked" else None
+        shape = (x0_shape[0], width or d)
+        for dense in self.dense_layers:
+            dense.build(shape)
+            shape = (x0_shape[0], dense.units)
+
+    def call(self, x0: Any, training: Any = None) -> Any:
+        if self.structure == "cross_only":
+            return self.cross_network(x0)
+        if self.structure == "stacked":
+            return self._dnn(self.cross_network(x0), training)
+        return keras.ops.concatenate([self.cross_network(x0), self._dnn(x0, training)], axis=-1)
+
+    def compute_output_shape(self, x0_shape: Any) -> Any:
+        d = x0_shape[-1]
+        if self.structure == "cross_only" or not self.dnn_units:
+            return x0_shape
+        if self.structure == "stacked":
+            return (x0_shape[0], self.dnn_units[-1])
+        return (x0_shape[0], d + self.dnn_units[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "structure": self.structure,
+            "num_cross_layers": self.num_cross_layers,
+            "cross_kind": self.cross_kind,
+            "projection_dim": self.projection_dim,
+            "num_experts": self.num_experts,
+            "low_rank": self.low_rank,
+            "dnn_units": list(self.dnn_units),
+            "dropout": self.dropout,
+            "activation": self.activation if isinstance(self.activation, (str, type(None), dict))
+            else activations.serialize(self.activation),
+        }

@@ -1,0 +1,224 @@
+"""Per-field embeddings plus numeric passthrough: builds the DCN input ``x0`` from transformed features."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from ctrkit.layers import _validation as check
+from ctrkit.layers.cross import clone_initializer
+
+PAD_ID = -1  # padding of multi-valued categorical columns
+
+
+def _is_tf_graph(t: Any) -> bool:
+    """True inside a ``tf.function`` trace, where values cannot be inspected from Python."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf  # local: only the TF backend takes this path
+
+    return not tf.executing_eagerly()
+
+
+def _concrete(t: Any) -> np.ndarray | None:
+    """The value of ``t`` as NumPy when it has one (eager), else ``None`` (symbolic or traced)."""
+    if keras.backend.is_keras_tensor(t) or _is_tf_graph(t):
+        return None
+    try:
+        return np.asarray(ops.convert_to_numpy(t))
+    except Exception:  # noqa: BLE001 - tracers of other backends have no value; checked at run time instead
+        return None
+
+
+@keras.saving.register_keras_serializable(package="ctrkit")
+class FeatureEmbedding(keras.layers.Layer):
+    """Embeds categorical ids per feature and concatenates them with numeric features into ``x0``.
+
+    ```
+    e_f = E_f[id_f]                                   univalent id, shape (B,)
+    e_f = Σ_j m_j E_f[id_fj] / max(1, Σ_j m_j)        multi-valued ids (B, L), m_j = [id_fj != -1]
+    x0  = concat(e_f for f in sorted(vocab_sizes), numeric features in the given order)
+    ```
+
+    A multi-valued row with no valid id embeds to zeros. Ids must lie in ``[0, vocab_size)`` (``-1`` is
+    padding for multi-valued columns only): an out-of-range id raises ``ValueError`` naming the feature
+    and row when called eagerly, and fails a ``tf.debugging`` assertion inside a ``tf.function`` (TF
+    backend), instead of silently wrapping around or reading row 0.
+
+    The lookup is ``keras.ops.take`` (``tf.gather`` on TensorFlow), so the gradient of each table is a
+    ``tf.IndexedSlices`` touching only the looked-up rows: optimizers that support it apply sparse
+    updates. The tables are exposed as :attr:`embedding_tables`.
+
+    Args:
+        vocab_sizes: feature name → number of ids (OOV / hash buckets included), each ≥ 1.
+        embedding_dim: one dimension for every feature (int), or a dict feature name → dimension covering
+            exactly the features of ``vocab_sizes`` (mixed dimensions are allowed). Defaults to 10.
+        numeric_features: names of float features passed through, in this order. Each is ``(B,)`` or
+            ``(B, 1)``.
+        embeddings_initializer: initializer of the tables. Defaults to ``"uniform"`` (±0.05, as
+            ``keras.layers.Embedding``).
+        embeddings_regularizer: regularizer of the tables.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        inputs: dict feature name → tensor. Keys not named in ``vocab_sizes`` or ``numeric_features``
+            (the label, a teacher logit) are ignored; a missing feature raises ``KeyError``.
+
+    Returns:
+        ``(batch, Σ_f dim_f + len(numeric_features))`` float tensor.
+
+    Example:
+
+    ```python
+    layer = FeatureEmbedding({"C1": 1000, "C2": 50}, embedding_dim={"C1": 16, "C2": 4},
+                             numeric_features=["I1"])
+    x0 = layer({"C1": np.array([3, 7]), "C2": np.array([[1, 2], [4, -1]]), "I1": np.array([0.5, -1.0])})
+    # x0.shape == (2, 21)
+    ```
+
+    References:
+    - [R. Wang et al., 2020](https://arxiv.org/abs/2008.13535), DCN V2, Section 3.1 (embedding layer).
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: Mapping[str, int],
+        embedding_dim: int | Mapping[str, int] = 10,
+        numeric_features: Sequence[str] = (),
+        embeddings_initializer: Any = "uniform",
+        embeddings_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(vocab_sizes, Mapping):
+            raise ValueError(f"FeatureEmbedding: `vocab_sizes` must be a dict name -> size, got {type(vocab_sizes).__name__}")
+        self.vocab_sizes = {
+            str(k): check.positive_int("FeatureEmbedding", f"vocab_sizes[{k!r}]", v) for k, v in vocab_sizes.items()
+        }
+        self.categorical_features = sorted(self.vocab_sizes)
+        if isinstance(embedding_dim, Mapping):
+            missing = sorted(set(self.vocab_sizes) - set(embedding_dim))
+            unknown = sorted(set(embedding_dim) - set(self.vocab_sizes))
+            if missing or unknown:
+                raise ValueError(
+                    "FeatureEmbedding: a dict `embedding_dim` must name exactly the features of `vocab_sizes`"
+                    f" (missing: {missing}, not in vocab_sizes: {unknown}); pass an int to share one dimension"
+                )
+            self.embedding_dims = {
+                k: check.positive_int("FeatureEmbedding", f"embedding_dim[{k!r}]", embedding_dim[k])
+                for k in self.categorical_features
+            }
+        else:
+            dim = check.positive_int("FeatureEmbedding", "embedding_dim", embedding_dim)
+            self.embedding_dims = {k: dim for k in self.categorical_features}
+        self.embedding_dim = embedding_dim if isinstance(embedding_dim, int) else dict(self.embedding_dims)
+        self.numeric_features = [str(n) for n in numeric_features]
+        clash = sorted(set(self.numeric_features) & set(self.vocab_sizes))
+        if clash:
+            raise ValueError(f"FeatureEmbedding: features {clash} are listed as both categorical and numeric")
+        if len(set(self.numeric_features)) != len(self.numeric_features):
+            raise ValueError(f"FeatureEmbedding: duplicate numeric features in {self.numeric_features}")
+        if not self.categorical_features and not self.numeric_features:
+            raise ValueError("FeatureEmbedding: needs at least one categorical or numeric feature")
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+        self._tables: dict[str, Any] = {}
+
+    @property
+    def output_dim(self) -> int:
+        """Width of ``x0``."""
+        return sum(self.embedding_dims.values()) + len(self.numeric_features)
+
+    @property
+    def embedding_tables(self) -> dict[str, Any]:
+        """Feature name → embedding variable of shape ``(vocab_size, dim)`` (empty before build)."""
+        return dict(self._tables)
+
+    def build(self, input_shape: Any = None) -> None:
+        for name in self.categorical_features:
+            self._tables[name] = self.add_weight(
+                name=f"embedding_{name}",
+                shape=(self.vocab_sizes[name], self.embedding_dims[name]),
+                initializer=clone_initializer(self.embeddings_initializer),
+                regularizer=self.embeddings_regularizer,
+            )
+
+    def _check_ids(self, name: str, ids: Any, multivalued: bool) -> Any:
+        vocab = self.vocab_sizes[name]
+        low = PAD_ID if multivalued else 0
+        value = _concrete(ids)
+        if value is not None:
+            bad = (value < low) | (value >= vocab)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise ValueError(
+                    f"FeatureEmbedding: feature {name!r} has id {int(value[bad][0])} in row {row}, outside "
+                    f"[0, {vocab}){' (-1 pads multi-valued rows)' if multivalued else ''}; the ids must come "
+                    "from the same transform (vocabulary) the layer was sized for"
+                )
+            return ids
+        if _is_tf_graph(ids):
+            import tensorflow as tf
+
+            checks = [
+                tf.debugging.assert_less(ids, tf.cast(vocab, ids.dtype), message=f"FeatureEmbedding: feature {name!r} has an id >= vocab size {vocab}"),
+                tf.debugging.assert_greater_equal(ids, tf.cast(low, ids.dtype), message=f"FeatureEmbedding: feature {name!r} has an id < {low}"),
+            ]
+            with tf.control_dependencies(checks):
+                return tf.identity(ids)
+        return ids
+
+    def call(self, inputs: Mapping[str, Any]) -> Any:
+        if not isinstance(inputs, Mapping):
+            raise ValueError(f"FeatureEmbedding: call it on a dict of features, got {type(inputs).__name__}")
+        missing = [n for n in self.categorical_features + self.numeric_features if n not in inputs]
+        if missing:
+            raise KeyError(f"FeatureEmbedding: input dict lacks features {missing}; it has {sorted(inputs)}")
+        parts = []
+        for name in self.categorical_features:
+            ids = inputs[name]
+            rank = len(ids.shape)
+            if rank == 2 and ids.shape[-1] == 1:
+                ids = ops.squeeze(ids, axis=-1)
+                rank = 1
+            if rank not in (1, 2):
+                raise ValueError(f"FeatureEmbedding: feature {name!r} must be (batch,) or (batch, L) ids, got shape {ids.shape}")
+            if "int" not in str(ids.dtype):
+                raise ValueError(f"FeatureEmbedding: feature {name!r} must hold integer ids, got dtype {ids.dtype}")
+            ids = self._check_ids(name, ids, multivalued=rank == 2)
+            table = self._tables[name]
+            if rank == 1:
+                parts.append(ops.take(table, ids, axis=0))
+            else:
+                mask = ops.cast(ops.greater_equal(ids, 0), self.compute_dtype)  # (B, L)
+                safe = ops.where(ops.greater_equal(ids, 0), ids, ops.zeros_like(ids))
+                vectors = ops.take(table, safe, axis=0)  # (B, L, dim)
+                total = ops.sum(vectors * ops.expand_dims(mask, -1), axis=1)
+                count = ops.maximum(ops.sum(mask, axis=1, keepdims=True), 1.0)
+                parts.append(total / count)
+        for name in self.numeric_features:
+            value = ops.cast(inputs[name], self.compute_dtype)
+            if len(value.shape) == 1:
+                value = ops.expand_dims(value, -1)
+            elif len(value.shape) != 2 or value.shape[-1] != 1:
+                raise ValueError(f"FeatureEmbedding: numeric feature {name!r} must be (batch,) or (batch, 1), got {value.shape}")
+            parts.append(value)
+        return ops.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        batch = None
+        if isinstance(input_shape, Mapping) and input_shape:
+            batch = next(iter(input_shape.values()))[0]
+        return (batch, self.output_dim)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "vocab_sizes": dict(self.vocab_sizes),
+            "embedding_dim": self.embedding_dim,
+            "numeric_features": list(self.numeric_features),
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+        }
