@@ -27,8 +27,19 @@ __all__ = [
 ]
 
 
+def _check(cond: bool, key: str, msg: str) -> None:
+    """Raise a :class:`ConfigError` naming the offending dotted key."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+_ACTIVATIONS = ("relu", "smelu", "gelu", "swish", "tanh", "sigmoid", "elu", "selu", "linear")
+
+
 @dataclasses.dataclass
 class ModelConfig:
+    """The network: FeatureEmbedding -> DCN-V2 (cross network + DNN) -> heads."""
+
     embedding_dim: int = 10
     embedding_dims: dict[str, int] = dataclasses.field(default_factory=dict)  # per-feature overrides
     cross_kind: Literal["full", "low_rank", "mixture"] = "full"
@@ -41,35 +52,114 @@ class ModelConfig:
     dropout: float = 0.0
     activation: str = "relu"
     rank_head: bool = False
+    rank_loss_weight: float = 0.1  # weight of the in-batch pairwise logistic loss of the rank head
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim >= 1, "model.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
+        for name, dim in self.embedding_dims.items():
+            _check(dim >= 1, f"model.embedding_dims.{name}", f"must be >= 1, got {dim}")
+        _check(self.cross_layers >= 0, "model.cross_layers", f"must be >= 0, got {self.cross_layers}")
+        _check(
+            self.cross_kind != "low_rank" or (self.projection_dim or 0) >= 1,
+            "model.projection_dim",
+            "cross_kind 'low_rank' needs projection_dim >= 1",
+        )
+        _check(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(self.low_rank >= 1, "model.low_rank", f"must be >= 1, got {self.low_rank}")
+        _check(all(u >= 1 for u in self.dnn_units), "model.dnn_units", f"every width must be >= 1, got {self.dnn_units}")
+        _check(
+            self.structure == "cross_only" or len(self.dnn_units) > 0,
+            "model.dnn_units",
+            f"structure {self.structure!r} needs at least one DNN layer",
+        )
+        _check(self.structure != "cross_only" or self.cross_layers >= 1, "model.cross_layers",
+               "structure 'cross_only' needs at least one cross layer")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.activation in _ACTIVATIONS, "model.activation",
+               f"{self.activation!r} is not one of {', '.join(_ACTIVATIONS)}")
+        _check(self.rank_loss_weight >= 0, "model.rank_loss_weight", f"must be >= 0, got {self.rank_loss_weight}")
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The online trainer: optimizer, batching, checkpoints, logging."""
+
     batch_size: int = 4096
     optimizer: Literal["adagrad", "adam"] = "adagrad"
     learning_rate: float = 0.01
+    # Embedding tables often want a larger step than the dense body; None: same as learning_rate.
+    embedding_learning_rate: float | None = None
+    adam_beta_1: float = 0.9
+    adam_beta_2: float = 0.999
+    epsilon: float = 1e-7
+    adagrad_initial_accumulator: float = 0.1
     epochs: int = 1  # online learning: each window is seen once
     checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 2
+    log_every_steps: int = 50  # TensorBoard scalars for the cumulative metrics
     seed: int = 0
+    deterministic: bool = False  # tf.config.experimental.enable_op_determinism (slower, bit-exact resumes)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.embedding_learning_rate is None or self.embedding_learning_rate > 0,
+               "train.embedding_learning_rate", f"must be > 0 or null, got {self.embedding_learning_rate}")
+        _check(0 <= self.adam_beta_1 < 1, "train.adam_beta_1", f"must be in [0, 1), got {self.adam_beta_1}")
+        _check(0 <= self.adam_beta_2 < 1, "train.adam_beta_2", f"must be in [0, 1), got {self.adam_beta_2}")
+        _check(self.epsilon > 0, "train.epsilon", f"must be > 0, got {self.epsilon}")
+        _check(self.adagrad_initial_accumulator >= 0, "train.adagrad_initial_accumulator",
+               f"must be >= 0, got {self.adagrad_initial_accumulator}")
+        _check(self.epochs == 1, "train.epochs",
+               f"online training replays each window exactly once; epochs must be 1, got {self.epochs}")
+        _check(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
+               f"must be >= 1, got {self.checkpoint_every_steps}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {self.log_every_steps}")
 
 
 @dataclasses.dataclass
 class DistillConfig:
+    """Distillation from a teacher scoring each batch on the fly (or a teacher-logit column)."""
+
     enabled: bool = False
-    teacher: str | None = None  # a ctrkit run directory or a SavedModel directory
+    teacher: str | None = None  # a ctrkit run directory or a SavedModel directory; None: manifest column
     temperature: float = 1.0
     weight: float = 1.0
     confidence_weighting: bool = False
     select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
 
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.weight >= 0, "distill.weight", f"must be >= 0, got {self.weight}")
+        _check(0 < self.select_fraction <= 1, "distill.select_fraction",
+               f"must be in (0, 1], got {self.select_fraction}")
+
 
 @dataclasses.dataclass
 class CalibrationConfig:
+    """The calibration layer after the main logit, fitted by ``ctrkit calibrate`` with the body frozen."""
+
     kind: Literal["none", "temperature", "piecewise", "bias"] = "temperature"
     holdout_windows: int = 1
     segment_feature: str | None = None  # bias calibration only
+    num_segments: int | None = None  # bias only; None: the segment feature's vocab size
     num_keypoints: int = 10  # piecewise only
     downsampling_rate: float | None = None  # closed-form correction q = p / (p + (1-p)/w)
+    learning_rate: float = 0.05
+    epochs: int = 3  # passes over the held-out stream (the body is frozen, so this is cheap)
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.holdout_windows >= 1, "calibration.holdout_windows", f"must be >= 1, got {self.holdout_windows}")
+        _check(self.kind != "bias" or bool(self.segment_feature), "calibration.segment_feature",
+               "kind 'bias' needs a segment_feature")
+        _check(self.num_keypoints >= 2, "calibration.num_keypoints", f"must be >= 2, got {self.num_keypoints}")
+        _check(self.downsampling_rate is None or 0 < self.downsampling_rate <= 1, "calibration.downsampling_rate",
+               f"must be in (0, 1] or null, got {self.downsampling_rate}")
+        _check(self.learning_rate > 0, "calibration.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.epochs >= 1, "calibration.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "calibration.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass
@@ -78,6 +168,10 @@ class ExportConfig:
     model_name: str = "ctrkit"
     keep_versions: int = 5
     every_windows: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.keep_versions >= 1, "export.keep_versions", f"must be >= 1, got {self.keep_versions}")
+        _check(self.every_windows >= 1, "export.every_windows", f"must be >= 1, got {self.every_windows}")
 
 
 @dataclasses.dataclass
