@@ -1,0 +1,206 @@
+"""Checks every export passes before it is published.
+
+1. ``saved_model_cli show --all`` (TensorFlow's own tool, run as a subprocess): the four signatures exist
+   with the input keys, dtypes, shapes and method names TF Serving needs.
+2. A fresh Python process that imports only TensorFlow (no tensorflow-transform, no Keras, no ctrkit
+   model code) reloads the SavedModel and runs ``serving_default``, ``classify`` and ``regress`` on the
+   warmup examples; the probabilities must equal the in-memory model's within ``atol``.
+
+Run as ``python -m ctrkit.serving.validate EXPORT_DIR CHECK.npz ATOL`` for step 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from ctrkit.serving.signatures import (
+    CLASSIFY,
+    CLASSIFY_INPUTS_KEY,
+    EXAMPLES_KEY,
+    METHOD_NAMES,
+    PREDICT_RAW,
+    REGRESS,
+    SERVING_DEFAULT,
+)
+
+
+class ValidationError(RuntimeError):
+    """An export does not meet what TF Serving needs; it is not published."""
+
+
+_SIG_RE = re.compile(r"^signature_def\['([^']+)'\]:\s*$")
+_TENSOR_RE = re.compile(r"^\s*(inputs|outputs)\['([^']+)'\] tensor_info:\s*$")
+_FIELD_RE = re.compile(r"^\s*(dtype|shape|name):\s*(.*)$")
+_METHOD_RE = re.compile(r"^\s*Method name is:\s*(\S+)\s*$")
+
+
+def parse_show_all(text: str) -> dict[str, dict[str, Any]]:
+    """Parse ``saved_model_cli show --all`` into ``{signature: {"inputs": {key: {"dtype", "shape"}},
+    "outputs": {...}, "method": str}}`` (the SignatureDef part; concrete functions are ignored)."""
+    sigs: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    tensor: dict[str, str] | None = None
+    for line in text.splitlines():
+        if line.startswith("Concrete Functions:"):
+            break
+        if m := _SIG_RE.match(line):
+            current = sigs.setdefault(m.group(1), {"inputs": {}, "outputs": {}, "method": None})
+            tensor = None
+        elif current is None:
+            continue
+        elif m := _TENSOR_RE.match(line):
+            tensor = current[m.group(1)].setdefault(m.group(2), {})
+        elif (m := _FIELD_RE.match(line)) and tensor is not None:
+            tensor[m.group(1)] = m.group(2).strip()
+        elif m := _METHOD_RE.match(line):
+            current["method"] = m.group(1)
+            tensor = None
+    return sigs
+
+
+def saved_model_cli_show(export_dir: str, timeout: float = 300) -> str:
+    exe = shutil.which("saved_model_cli")
+    cmd = [exe] if exe else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    proc = subprocess.run(
+        cmd + ["show", "--all", "--dir", export_dir],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    if proc.returncode != 0:
+        raise ValidationError(f"saved_model_cli show --all failed on {export_dir}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def expected_signatures(raw_spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the SignatureDefs must say: inputs (dtype, shape), output keys and dtypes, method name."""
+    import tensorflow as tf
+
+    def dt(dtype: Any) -> str:
+        from tensorflow.core.framework import types_pb2
+
+        return types_pb2.DataType.Name(tf.as_dtype(dtype).as_datatype_enum)
+
+    raw_inputs = {}
+    for name, feat in raw_spec.items():
+        shape = [-1] + (list(feat.shape) if isinstance(feat, tf.io.FixedLenFeature) else [])
+        raw_inputs[name] = (dt(feat.dtype), "(" + ", ".join(map(str, shape)) + ")")
+    predict_out = {"logits": ("DT_FLOAT", "(-1, 1)"), "probabilities": ("DT_FLOAT", "(-1, 1)")}
+    return {
+        SERVING_DEFAULT: {"inputs": {EXAMPLES_KEY: ("DT_STRING", "(-1)")}, "outputs": predict_out},
+        PREDICT_RAW: {"inputs": raw_inputs, "outputs": predict_out},
+        CLASSIFY: {
+            "inputs": {CLASSIFY_INPUTS_KEY: ("DT_STRING", "(-1)")},
+            "outputs": {"scores": ("DT_FLOAT", "(-1, 2)"), "classes": ("DT_STRING", "(-1, 2)")},
+        },
+        REGRESS: {"inputs": {CLASSIFY_INPUTS_KEY: ("DT_STRING", "(-1)")}, "outputs": {"outputs": ("DT_FLOAT", "(-1)")}},
+    }
+
+
+def check_signatures(shown: Mapping[str, Any], raw_spec: Mapping[str, Any]) -> None:
+    """Raise :class:`ValidationError` listing every way ``shown`` differs from :func:`expected_signatures`."""
+    problems = []
+    for sig, want in expected_signatures(raw_spec).items():
+        got = shown.get(sig)
+        if got is None:
+            problems.append(f"signature {sig!r} missing (have {sorted(shown)})")
+            continue
+        if got["method"] != METHOD_NAMES[sig]:
+            problems.append(f"{sig}: method name {got['method']!r}, TF Serving needs {METHOD_NAMES[sig]!r}")
+        for side in ("inputs", "outputs"):
+            if set(got[side]) != set(want[side]):
+                problems.append(f"{sig}: {side} {sorted(got[side])}, expected {sorted(want[side])}")
+                continue
+            for key, (dtype, shape) in want[side].items():
+                t = got[side][key]
+                if (t.get("dtype"), t.get("shape")) != (dtype, shape):
+                    problems.append(f"{sig}: {side}[{key!r}] is {t.get('dtype')} {t.get('shape')}, expected {dtype} {shape}")
+    if problems:
+        raise ValidationError("export fails TF Serving's needs:\n  " + "\n  ".join(problems))
+
+
+def start_reload_check(export_dir: str, examples: list[bytes], probabilities: Any, atol: float = 1e-5) -> tuple[subprocess.Popen, str]:
+    """Start the fresh-process reload check (see module doc); finish with :func:`finish_reload_check`."""
+    import numpy as np
+
+    tmp = tempfile.mkdtemp(prefix="ctrkit-validate-")
+    check = os.path.join(tmp, "check.npz")
+    np.savez(check, examples=np.array(examples, dtype=object), probabilities=np.asarray(probabilities, np.float32))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctrkit.serving.validate", export_dir, check, repr(atol)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    return proc, tmp
+
+
+def finish_reload_check(proc: subprocess.Popen, tmp: str, timeout: float = 300) -> None:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise ValidationError(f"reload check did not finish within {timeout} s") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if proc.returncode != 0:
+        lines = [l for l in (out + err).splitlines() if l.startswith("ctrkit-validate:")]
+        detail = "\n".join(lines) or (out + err)[-3000:]
+        raise ValidationError(f"reloading the export in a fresh process failed:\n{detail}")
+
+
+def validate_export(export_dir: str, raw_spec: Mapping[str, Any], examples: list[bytes], probabilities: Any, atol: float = 1e-5) -> None:
+    """Both checks; the reload process runs while ``saved_model_cli`` does (two cold TF imports)."""
+    proc, tmp = start_reload_check(export_dir, examples, probabilities, atol)
+    try:
+        check_signatures(parse_show_all(saved_model_cli_show(export_dir)), raw_spec)
+    except BaseException:
+        proc.kill()
+        finish_reload_check_quietly(proc, tmp)
+        raise
+    finish_reload_check(proc, tmp)
+
+
+def finish_reload_check_quietly(proc: subprocess.Popen, tmp: str) -> None:
+    proc.communicate()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reload_and_compare(export_dir: str, check_path: str, atol: float) -> int:
+    import numpy as np
+    import tensorflow as tf
+
+    data = np.load(check_path, allow_pickle=True)
+    examples = tf.constant(list(data["examples"]), dtype=tf.string)
+    want = data["probabilities"].reshape(-1)
+    loaded = tf.saved_model.load(export_dir)
+    sigs = loaded.signatures
+    got = sigs[SERVING_DEFAULT](**{EXAMPLES_KEY: examples})["probabilities"].numpy().reshape(-1)
+    scores = sigs[CLASSIFY](**{CLASSIFY_INPUTS_KEY: examples})["scores"].numpy()
+    regressed = sigs[REGRESS](**{CLASSIFY_INPUTS_KEY: examples})["outputs"].numpy().reshape(-1)
+    failures = []
+    for what, values in (("serving_default", got), ("classify scores[:, 1]", scores[:, 1]), ("regress", regressed)):
+        diff = float(np.max(np.abs(values - want))) if len(want) else 0.0
+        if values.shape != want.shape or diff > atol:
+            failures.append(f"ctrkit-validate: {what} differs from the in-memory model by {diff:.3g} (atol {atol})")
+    if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-6):
+        failures.append("ctrkit-validate: classify scores do not sum to 1")
+    for f in failures:
+        print(f, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    code = _reload_and_compare(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
