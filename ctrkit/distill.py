@@ -1,0 +1,94 @@
+"""Distillation: a teacher's logits as soft labels for the student's distillation head.
+
+The student's main head keeps learning the clicks; its distillation head (sharing the body) learns the
+teacher's temperature-softened probabilities, so the body gets the teacher's lower-variance targets without
+the served logit being pulled away from the click labels:
+
+    L = Σ_i s_i · [ BCE(y_i, σ(z_i)) + λ · c_i · T² · BCE(σ(t_i / T), σ(d_i / T)) ] / B
+
+with z the main logit, d the distillation logit, t the teacher logit, T the temperature, λ the weight,
+c_i = |2σ(t_i) − 1| the teacher's confidence (1 when confidence weighting is off) and s_i the selection
+weight below (1 when selection is off). T² keeps the gradient scale independent of T (Hinton et al. 2015).
+
+Teacher-guided selection keeps the examples the teacher finds hard: example i is kept with probability
+q_i = min(1, k · ℓ_i), ℓ_i = BCE(y_i, σ(t_i)), k chosen so Σ q_i ≈ fraction · B, and weighted by
+s_i = 1/q_i, so the expected loss equals the full-batch loss (Horvitz–Thompson): high-loss examples are
+always kept, easy ones are sampled.
+
+Teachers: a ctrkit run directory (its ``model.keras``), a ``.keras`` file, or a SavedModel whose default
+``serve`` signature takes the transformed feature dict (e.g. a ``keras.export.ExportArchive`` of a ctrkit
+model) and returns a dict with ``"logits"``; or, without a teacher model, the manifest's teacher-logit
+column.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from ctrkit.errors import InputError
+
+__all__ = ["distillation_loss", "selection_weights", "load_teacher"]
+
+
+def distillation_loss(
+    student_logits: tf.Tensor, teacher_logits: tf.Tensor, temperature: float = 1.0, confidence_weighting: bool = False
+) -> tf.Tensor:
+    """Per-example distillation loss, shape (B,): :func:`ctrkit.layers.distillation_loss` on flat logits."""
+    from ctrkit import layers
+
+    d = tf.reshape(student_logits, [-1])
+    t = tf.reshape(tf.cast(teacher_logits, d.dtype), [-1])
+    return layers.distillation_loss(t, d, temperature=temperature, confidence_weighting=confidence_weighting)
+
+
+def selection_weights(labels: tf.Tensor, teacher_logits: tf.Tensor, fraction: float, seed: tf.Tensor) -> tf.Tensor:
+    """Importance weights s_i ∈ {0} ∪ [1, ∞) of teacher-guided selection; ``seed`` is a shape-[2] int tensor."""
+    y = tf.reshape(tf.cast(labels, tf.float32), [-1])
+    t = tf.reshape(tf.cast(teacher_logits, tf.float32), [-1])
+    if fraction >= 1.0:
+        return tf.ones_like(y)
+    teacher_loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=t) + 1e-6
+    n = tf.cast(tf.size(y), tf.float32)
+    q = tf.minimum(1.0, fraction * n * teacher_loss / tf.reduce_sum(teacher_loss))
+    keep = tf.random.stateless_uniform(tf.shape(y), seed=seed) < q
+    return tf.where(keep, 1.0 / q, 0.0)
+
+
+def load_teacher(path: str) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
+    """A callable features → teacher logits (B,), from a run dir, a ``.keras`` file or a SavedModel."""
+    import keras
+
+    import ctrkit.layers  # noqa: F401 - registers the custom layers for deserialization
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.keras")):
+        path = os.path.join(path, "model.keras")
+    if path.endswith(".keras"):
+        if not os.path.exists(path):
+            raise InputError(f"teacher model {path} not found")
+        model = keras.saving.load_model(path, compile=False)
+
+        def score(features: dict[str, tf.Tensor]) -> tf.Tensor:
+            return tf.reshape(model(features, training=False)["logits"], [-1])
+
+        score.model = model  # type: ignore[attr-defined]
+        return score
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
+        loaded = tf.saved_model.load(path)
+        fn: Any = getattr(loaded, "serve", None) or loaded.signatures.get("serving_default")
+        if fn is None:
+            raise InputError(f"teacher SavedModel {path} has neither a `serve` endpoint nor a serving_default signature")
+
+        def score_sm(features: dict[str, tf.Tensor]) -> tf.Tensor:
+            out = fn(features)
+            if not isinstance(out, dict) or "logits" not in out:
+                raise InputError(f"teacher SavedModel {path} must return a dict with 'logits'")
+            return tf.reshape(out["logits"], [-1])
+
+        score_sm.model = loaded  # type: ignore[attr-defined]
+        return score_sm
+    raise InputError(
+        f"teacher {path!r} is neither a ctrkit run directory (with model.keras), a .keras file nor a SavedModel"
+    )

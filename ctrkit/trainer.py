@@ -1,0 +1,547 @@
+"""The online trainer: replay a pipeline output's windows once, in time order, with progressive validation.
+
+Per batch: forward pass → progressive-validation metrics from these (pre-update) predictions → loss →
+optimizer step (:class:`ctrkit.sparse.SparseOptimizer`: embedding rows touched only). The loop is our own
+``tf.function`` step, not ``model.fit``, so the metrics see the predictions made before each update and the
+embedding tables get sparse updates.
+
+Run directory::
+
+    RUN/
+      config.yaml          the resolved config of this run
+      run.json             data dir, manifest path, windows, status, steps, examples, final model path
+      metrics.jsonl        one line per window: window and cumulative metrics; a last "final" line
+      batches.jsonl        one line per trained batch: step, window, shard, offset, count
+      checkpoints/ckpt-<step>/  weights, optimizer slots, metric state (state.npz) + position (meta.json)
+      checkpoints/LATEST   name of the newest complete checkpoint
+      models/<step>.keras  per export interval, when no exporter is given
+      model.keras          the final model
+      tensorboard/         scalars
+
+Checkpoints are written to a temporary directory and renamed into place, and ``LATEST`` is replaced
+atomically, so a run killed at any instant resumes from a complete checkpoint. The checkpoint records how
+many lines ``batches.jsonl`` and ``metrics.jsonl`` had; a resume truncates both to that, so the logs list
+exactly the batches the resumed model has trained on: no example lost, none trained twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ctrkit.config import Config
+from ctrkit.configio import ConfigError
+from ctrkit.data import Position, iterate_batches
+from ctrkit.errors import InputError
+from ctrkit.manifest import Manifest
+
+__all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "RUN_MODEL"]
+
+ExportFn = Callable[[Any, Manifest, int], str]
+RUN_MODEL = "model.keras"
+_STATE = "state.npz"
+_META = "meta.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); nothing was exported from the bad model."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    examples: int
+    metrics: dict[str, Any]  # final cumulative progressive-validation metrics
+    model_path: str
+    exports: list[str]
+    examples_per_second: float
+
+
+# -- small file helpers ----------------------------------------------------------------------------------
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _truncate_lines(path: str, keep: int) -> None:
+    """Keep the first ``keep`` lines of ``path`` (the lines written before the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        if keep:
+            raise InputError(f"{path} is missing but the checkpoint expects {keep} lines in it")
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    complete = [ln for ln in lines if ln.endswith("\n")]
+    if len(complete) < keep:
+        raise InputError(f"{path} has {len(complete)} lines but the checkpoint expects {keep}")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(complete[:keep])
+    os.replace(tmp, path)
+
+
+def _count_lines(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def load_run_model(run_dir: str) -> Any:
+    """Load the final model of a ctrkit run directory."""
+    import keras
+
+    import ctrkit.layers  # noqa: F401 - registers the custom layers
+
+    path = os.path.join(run_dir, RUN_MODEL)
+    if not os.path.exists(path):
+        raise InputError(f"{run_dir} has no {RUN_MODEL}: not a finished ctrkit run directory")
+    return keras.saving.load_model(path, compile=False)
+
+
+def _scalar(tag: str, value: float) -> None:
+    """A TensorBoard scalar without the ``tensorboard`` package (not installed here): the scalars plugin
+    reads any tensor summary tagged with its plugin name, which is all ``tf.summary.scalar`` writes."""
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
+
+
+# -- checkpoint state ---------------------------------------------------------------------------------------
+class _State:
+    """Everything a checkpoint holds: model weights, optimizer slots, metric statistics, position."""
+
+    def __init__(self, model: Any, optimizer: Any, pv: Any) -> None:
+        self.model, self.optimizer, self.pv = model, optimizer, pv
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {f"weight/{i}": np.asarray(w.numpy()) for i, w in enumerate(self.model.weights)}
+        out.update({f"slot/{i}": v.numpy() for i, v in enumerate(self.optimizer.slot_variables())})
+        out.update(self.pv.state())
+        return out
+
+    def names(self) -> list[str]:
+        return [w.path for w in self.model.weights]
+
+    def restore(self, arrays: dict[str, np.ndarray], names: list[str], where: str, metrics: bool = True) -> None:
+        weights = self.model.weights
+        if names != self.names():
+            raise InputError(
+                f"{where}: the checkpoint's model does not match this config "
+                f"({len(names)} weights there, {len(weights)} here; first difference at "
+                f"{next((a, b) for a, b in zip(names + [''], self.names() + ['']) if a != b)})"
+            )
+        for i, w in enumerate(weights):
+            a = arrays[f"weight/{i}"]
+            if tuple(a.shape) != tuple(w.shape):
+                raise InputError(f"{where}: weight {w.path} has shape {a.shape}, the model needs {tuple(w.shape)}")
+            w.assign(a)
+        slots = self.optimizer.slot_variables()
+        if sum(1 for k in arrays if k.startswith("slot/")) != len(slots):
+            raise InputError(f"{where}: optimizer state does not match (different optimizer in the config?)")
+        for i, v in enumerate(slots):
+            v.assign(arrays[f"slot/{i}"])
+        if metrics:
+            self.pv.load_state(arrays)
+
+
+def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: int) -> str:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"ckpt-{meta['step']:09d}"
+    final = os.path.join(ckpt_dir, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, _STATE), "wb") as f:
+        np.savez(f, **state.arrays())
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
+        json.dump({**meta, "weight_names": state.names()}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest = os.path.join(ckpt_dir, "LATEST")
+    with open(latest + ".tmp", "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+    os.replace(latest + ".tmp", latest)
+    existing = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+    for old in existing[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    return final
+
+
+def _latest_checkpoint(run_dir: str) -> str | None:
+    latest = os.path.join(run_dir, "checkpoints", "LATEST")
+    if not os.path.exists(latest):
+        return None
+    with open(latest, encoding="utf-8") as f:
+        path = os.path.join(run_dir, "checkpoints", f.read().strip())
+    if not os.path.exists(os.path.join(path, _META)):
+        raise InputError(f"{latest} points at {path}, which is incomplete")
+    return path
+
+
+def _load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with open(os.path.join(path, _META), encoding="utf-8") as f:
+        meta = json.load(f)
+    with np.load(os.path.join(path, _STATE)) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, meta
+
+
+# -- the loss ----------------------------------------------------------------------------------------------
+def _make_loss(config: Config) -> Callable[..., Any]:
+    import tensorflow as tf
+
+    from ctrkit.distill import distillation_loss
+
+    d, m = config.distill, config.model
+
+    def loss_fn(outputs: dict[str, Any], labels: Any, teacher: Any, sample_weights: Any) -> tuple[Any, dict[str, Any]]:
+        y = tf.reshape(labels, [-1])
+        n = tf.cast(tf.size(y), tf.float32)
+        click = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=tf.reshape(outputs["uncalibrated_logits"], [-1]))
+        # Divide by B (not Σ weights): with importance weights the sum stays an unbiased estimate.
+        parts = {"click_loss": tf.reduce_sum(sample_weights * click) / n}
+        total = parts["click_loss"]
+        if d.enabled:
+            dl = distillation_loss(outputs["distill_logits"], teacher, d.temperature, d.confidence_weighting)
+            parts["distill_loss"] = tf.reduce_sum(sample_weights * dl) / n
+            total += d.weight * parts["distill_loss"]
+        if m.rank_head:
+            s = tf.reshape(outputs["rank_logits"], [-1])
+            pos, neg = tf.boolean_mask(s, y > 0.5), tf.boolean_mask(s, y <= 0.5)
+            # Pairwise logistic loss over every (click, non-click) pair of the batch.
+            diff = pos[:, None] - neg[None, :]
+            pairs = tf.cast(tf.size(diff), tf.float32)
+            parts["rank_loss"] = tf.math.divide_no_nan(tf.reduce_sum(tf.nn.softplus(-diff)), pairs)
+            total += m.rank_loss_weight * parts["rank_loss"]
+        return total, parts
+
+    return loss_fn
+
+
+# -- the trainer -------------------------------------------------------------------------------------------
+def _default_export(run_dir: str) -> ExportFn:
+    def export(model: Any, manifest: Manifest, step: int) -> str:
+        out = os.path.join(run_dir, "models")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"{step:09d}.keras")
+        tmp = os.path.join(out, f".{step:09d}.tmp.keras")
+        model.save(tmp)
+        os.replace(tmp, path)
+        return path
+
+    return export
+
+
+def _save_final(model: Any, run_dir: str) -> str:
+    path = os.path.join(run_dir, RUN_MODEL)
+    tmp = os.path.join(run_dir, ".model.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def train(
+    config: Config,
+    data_dir: str,
+    run_dir: str,
+    *,
+    resume: bool = False,
+    warm_start: str | None = None,
+    export_fn: ExportFn | None = None,
+    windows: list[int] | None = None,
+    progress: bool = True,
+    step_delay: float = 0.0,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train online over ``data_dir``'s windows (all, or the indices in ``windows``) into ``run_dir``.
+
+    Args:
+        resume: continue from the newest checkpoint in ``run_dir`` (an error when there is none).
+        warm_start: a previous run directory: start from its final weights and optimizer state (the
+            model must have the same shapes: same config, same vocabulary sizes); metrics start fresh.
+        export_fn: called as ``export_fn(model, manifest, step)`` every ``export.every_windows`` windows
+            and at the end; default: save ``run_dir/models/<step>.keras``.
+        step_delay: sleep this long after every step (only for crash-recovery tests: gives a test a
+            window to kill the process mid-run).
+        max_steps: stop after this many steps in total (the run stays resumable); None: the whole data.
+    """
+    import keras
+    import tensorflow as tf
+
+    from ctrkit.distill import load_teacher, selection_weights
+    from ctrkit.metrics import ProgressiveValidation
+    from ctrkit.model import build_model, embedding_layer
+    from ctrkit.sparse import SparseOptimizer
+
+    manifest = Manifest.load(data_dir)
+    tc = config.train
+    if tc.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    selected = list(range(len(manifest.windows))) if windows is None else list(windows)
+    if not selected:
+        raise InputError(f"{data_dir}: no windows to train on")
+
+    run_dir = os.path.abspath(run_dir)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    batches_log = os.path.join(run_dir, "batches.jsonl")
+    metrics_log = os.path.join(run_dir, "metrics.jsonl")
+    run_json = os.path.join(run_dir, "run.json")
+    latest = _latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if resume and latest is None:
+        raise InputError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not resume and (latest is not None or os.path.exists(run_json)):
+        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --run-dir")
+    if resume and warm_start:
+        raise InputError("--resume and --warm-start exclude each other (a resumed run already has its weights)")
+    os.makedirs(run_dir, exist_ok=True)
+
+    # Distillation source: a teacher model scoring each batch, or the manifest's teacher-logit column.
+    dc = config.distill
+    teacher_fn = None
+    if dc.enabled:
+        if dc.teacher:
+            teacher_fn = load_teacher(dc.teacher)
+        elif not manifest.teacher_logit_feature:
+            raise ConfigError("distill.enabled: set distill.teacher, or use data with a teacher-logit column")
+
+    keras.utils.set_random_seed(tc.seed)
+    model = build_model(config, manifest)
+    emb = embedding_layer(model)
+    trainable = model.trainable_variables
+    tables = {id(t) for t in emb.embedding_tables.values()}
+    tf_vars = [v.value for v in trainable]
+    optimizer = SparseOptimizer(
+        tc.optimizer,
+        tf_vars,
+        sparse_variables=[v.value for v in trainable if id(v) in tables],
+        learning_rate=tc.learning_rate,
+        sparse_learning_rate=tc.embedding_learning_rate,
+        beta_1=tc.adam_beta_1,
+        beta_2=tc.adam_beta_2,
+        epsilon=tc.epsilon,
+        initial_accumulator=tc.adagrad_initial_accumulator,
+    )
+    pv = ProgressiveValidation()
+    state = _State(model, optimizer, pv)
+
+    step, examples, position = 0, 0, Position(selected[0], 0, 0)
+    windows_done = 0
+    exports: list[str] = []
+    if resume:
+        arrays, meta = _load_checkpoint(latest)
+        if meta.get("finished"):
+            info = json.load(open(run_json, encoding="utf-8"))
+            return TrainResult(run_dir, meta["step"], meta["examples"], info.get("metrics", {}),
+                               info.get("model") or "", list(meta.get("exports", [])), float("nan"))
+        state.restore(arrays, meta["weight_names"], latest)
+        step, examples, windows_done = meta["step"], meta["examples"], meta["windows_done"]
+        position = Position.from_dict(meta["position"])
+        exports = list(meta.get("exports", []))
+        _truncate_lines(batches_log, meta["batches_logged"])
+        _truncate_lines(metrics_log, meta["metrics_logged"])
+    else:
+        if warm_start:
+            prev = _latest_checkpoint(warm_start)
+            if prev is None:
+                raise InputError(f"--warm-start {warm_start}: no checkpoint there (not a ctrkit run directory?)")
+            arrays, meta = _load_checkpoint(prev)
+            if not meta.get("finished"):
+                raise InputError(f"--warm-start {warm_start}: that run did not finish; resume it first")
+            state.restore(arrays, meta["weight_names"], prev, metrics=False)
+        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        for path in (batches_log, metrics_log):
+            open(path, "w").close()
+    _write_json_atomic(
+        run_json,
+        {
+            "data_dir": os.path.abspath(data_dir),
+            "manifest": os.path.join(os.path.abspath(data_dir), "manifest.json"),
+            "windows": [manifest.windows[i].name for i in selected],
+            "warm_start": os.path.abspath(warm_start) if warm_start else None,
+            "status": "running",
+            "config": config.name,
+        },
+    )
+
+    loss_fn = _make_loss(config)
+    needs_separate_eval = config.model.dropout > 0  # dropout makes training-mode outputs noisy predictions
+    select = dc.enabled and dc.select_fraction < 1.0
+
+    @tf.function(reduce_retracing=True)
+    def train_step(features, labels, teacher, seed):
+        if needs_separate_eval:
+            served = model(features, training=False)["probabilities"]
+        if teacher_fn is not None:
+            teacher = teacher_fn(features)
+        weights = selection_weights(labels, teacher, dc.select_fraction, seed) if select else tf.ones_like(labels)
+        with tf.GradientTape() as tape:
+            outputs = model(features, training=True)
+            loss, parts = loss_fn(outputs, labels, teacher, weights)
+        if not needs_separate_eval:
+            served = outputs["probabilities"]
+        grads = tape.gradient(loss, tf_vars)
+        finite = tf.math.is_finite(loss)
+
+        def apply():
+            optimizer.apply(grads)
+            return tf.constant(True)
+
+        # Never apply a non-finite step: the model stays at its last finite state.
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        return served, loss, parts
+
+    export = export_fn or _default_export(run_dir)
+    tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+    total_rows = sum(manifest.windows[i].rows for i in selected)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_rows, initial=examples, unit="ex", disable=not progress, dynamic_ncols=True)
+    log_b = open(batches_log, "a", encoding="utf-8")
+    log_m = open(metrics_log, "a", encoding="utf-8")
+
+    def checkpoint(pos: Position, finished: bool = False) -> None:
+        log_b.flush()
+        log_m.flush()
+        meta = {
+            "step": step,
+            "examples": examples,
+            "windows_done": windows_done,
+            "position": pos.to_dict(),
+            "batches_logged": _count_lines(batches_log),
+            "metrics_logged": _count_lines(metrics_log),
+            "exports": exports,
+            "finished": finished,
+        }
+        _save_checkpoint(ckpt_dir, state, meta, tc.keep_checkpoints)
+
+    def end_window(w: int) -> None:
+        nonlocal windows_done, now
+        windows_done += 1
+        result = pv.end_window()
+        line = {"type": "window", "window": manifest.windows[w].name, "step": step, **result}
+        log_m.write(json.dumps(line) + "\n")
+        with tb.as_default(step=step):
+            for scope, values in result.items():
+                for k, v in values.items():
+                    if isinstance(v, float):
+                        _scalar(f"window/{k}" if scope == "window" else f"cumulative/{k}", v)
+        if windows_done % config.export.every_windows == 0:
+            exports.append(export(model, manifest, step))
+        now = Position(w + 1, 0, 0)
+        checkpoint(now)
+
+    now = position  # the position after the last trained batch
+    started = time.perf_counter()
+    trained_here = 0
+    current_window = position.window
+    stopped_early = False
+    try:
+        for batch in iterate_batches(manifest, tc.batch_size, start=position, windows=selected):
+            if batch.window != current_window:
+                # The previous window ended (or we resumed exactly at a window boundary).
+                if pv.window.count and current_window in selected:
+                    end_window(current_window)
+                current_window = batch.window
+            if max_steps is not None and step >= max_steps:
+                stopped_early = True
+                break
+            teacher = batch.teacher_logits if batch.teacher_logits is not None else tf.zeros_like(batch.labels)
+            seed = tf.constant([tc.seed, step], tf.int64)
+            served, loss, parts = train_step(batch.features, batch.labels, teacher, seed)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"loss is {loss_value} at step {step + 1} in window {manifest.windows[batch.window].name!r} "
+                    f"(shard {batch.shard}, records {batch.offset}-{batch.offset + batch.count - 1}); the update was "
+                    "not applied and nothing was exported. Lower train.learning_rate or check the data."
+                )
+            pv.update(served.numpy(), batch.labels.numpy())
+            step += 1
+            examples += batch.count
+            trained_here += batch.count
+            log_b.write(
+                json.dumps({"step": step, "window": batch.window, "shard": batch.shard, "offset": batch.offset, "count": batch.count})
+                + "\n"
+            )
+            bar.update(batch.count)
+            if step % tc.log_every_steps == 0:
+                cum = pv.cumulative.result()
+                bar.set_postfix(auc=f"{cum['auc'] or 0:.4f}", logloss=f"{cum['logloss']:.4f}", refresh=False)
+                with tb.as_default(step=step):
+                    _scalar("train/loss", loss_value)
+                    for k, v in parts.items():
+                        _scalar(f"train/{k}", float(v))
+                    for k, v in cum.items():
+                        if isinstance(v, float):
+                            _scalar(f"cumulative/{k}", v)
+            now = batch.end
+            if step % tc.checkpoint_every_steps == 0:
+                checkpoint(now)
+            if step_delay:
+                time.sleep(step_delay)
+        if not stopped_early and pv.window.count:
+            end_window(current_window)
+    except BaseException:
+        log_b.close()
+        log_m.close()
+        bar.close()
+        info = json.load(open(run_json, encoding="utf-8"))
+        _write_json_atomic(run_json, {**info, "status": "failed", "steps": step, "examples": examples})
+        raise
+    bar.close()
+    elapsed = time.perf_counter() - started
+    final = pv.cumulative.result()
+    model_path = ""
+    if not stopped_early:
+        log_m.write(json.dumps({"type": "final", "step": step, "cumulative": final}) + "\n")
+        log_m.flush()
+        model_path = _save_final(model, run_dir)
+        if windows_done % config.export.every_windows != 0:  # the last window did not export already
+            exports.append(export(model, manifest, step))
+        checkpoint(Position(len(manifest.windows), 0, 0), finished=True)
+    else:
+        checkpoint(now)
+    log_b.close()
+    log_m.close()
+    tb.flush()
+    info = json.load(open(run_json, encoding="utf-8"))
+    _write_json_atomic(
+        run_json,
+        {
+            **info,
+            "status": "stopped" if stopped_early else "completed",
+            "steps": step,
+            "examples": examples,
+            "model": model_path or None,
+            "exports": exports,
+            "metrics": final,
+        },
+    )
+    return TrainResult(
+        run_dir=run_dir,
+        steps=step,
+        examples=examples,
+        metrics=final,
+        model_path=model_path,
+        exports=exports,
+        examples_per_second=trained_here / elapsed if elapsed > 0 else float("nan"),
+    )
+
