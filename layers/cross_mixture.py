@@ -138,7 +138,12 @@ class CrossMixture(keras.layers.Layer):
         else:
             check.same_shape("CrossMixture", x0, x)
         gate_logits = ops.add(ops.matmul(x, self.gate_kernel), self.gate_bias)  # (B, K)
-        gates = ops.softmax(gate_logits, axis=-1) if self.gating == "softmax" else ops.sigmoid(gate_logits)
+        if self.gating == "sigmoid":
+            gates = ops.sigmoid(gate_logits)
+        elif self.num_experts == 1:
+            gates = ops.ones_like(gate_logits)  # softmax over one expert; Keras warns on a size-1 softmax
+        else:
+            gates = ops.softmax(gate_logits, axis=-1)
         h = self._g(ops.einsum("bd,kdr->bkr", x, self.down_kernels))
         h = self._g(ops.einsum("bkr,krs->bks", h, self.inner_kernels))
         # Gate before projecting back up: Σ_i G_i U_i h_i is one (B, K·r) × (K·r, d) product.
