@@ -32,7 +32,7 @@ class CrossMixture(keras.layers.Layer):
 
     Weights, in order: ``down_kernels (K, d, r)`` (the ``V_i``), ``inner_kernels (K, r, r)`` (the
     ``C_i``), ``up_kernels (K, r, d)`` (the ``U_i``), ``bias (d,)`` if ``use_bias``, ``gate_kernel (d, K)``,
-    ``gate_bias (K,)``.
+    ``gate_bias (K,)`` (no gate weights for one expert with softmax gating: that gate is constantly 1).
 
     Args:
         num_experts: number of experts ``K``. Defaults to 4.
@@ -126,8 +126,12 @@ class CrossMixture(keras.layers.Layer):
             if self.use_bias
             else None
         )
-        self.gate_kernel = kernel("gate_kernel", (d, k), regularize=False)
-        self.gate_bias = self.add_weight(name="gate_bias", shape=(k,), initializer="zeros")
+        if self.gating == "softmax" and k == 1:
+            # A softmax over one expert is constantly 1: a gate there would be weights without gradients.
+            self.gate_kernel = self.gate_bias = None
+        else:
+            self.gate_kernel = kernel("gate_kernel", (d, k), regularize=False)
+            self.gate_bias = self.add_weight(name="gate_bias", shape=(k,), initializer="zeros")
 
     def _g(self, t: Any) -> Any:
         return self.expert_activation(t) if self._has_activation else t
@@ -137,13 +141,11 @@ class CrossMixture(keras.layers.Layer):
             x = x0
         else:
             check.same_shape("CrossMixture", x0, x)
-        gate_logits = ops.add(ops.matmul(x, self.gate_kernel), self.gate_bias)  # (B, K)
-        if self.gating == "sigmoid":
-            gates = ops.sigmoid(gate_logits)
-        elif self.num_experts == 1:
-            gates = ops.ones_like(gate_logits)  # softmax over one expert; Keras warns on a size-1 softmax
+        if self.gate_kernel is None:
+            gates = ops.ones_like(x[:, :1])
         else:
-            gates = ops.softmax(gate_logits, axis=-1)
+            gate_logits = ops.add(ops.matmul(x, self.gate_kernel), self.gate_bias)  # (B, K)
+            gates = ops.softmax(gate_logits, axis=-1) if self.gating == "softmax" else ops.sigmoid(gate_logits)
         h = self._g(ops.einsum("bd,kdr->bkr", x, self.down_kernels))
         h = self._g(ops.einsum("bkr,krs->bks", h, self.inner_kernels))
         # Gate before projecting back up: Σ_i G_i U_i h_i is one (B, K·r) × (K·r, d) product.
