@@ -1,0 +1,138 @@
+"""Fit the calibration layer on a held-out stream with the base model frozen.
+
+The model's ``"uncalibrated_logits"`` output does not depend on the calibration layer, so the held-out
+stream is scored once and the layer is fitted on the cached ``(logit, segment id, label)`` triples: several
+passes cost almost nothing. Only the layer named ``"calibration"`` changes; every other weight is frozen.
+
+Closed-form alternative for a model trained on negative-downsampled data (negatives kept at rate w):
+``q = p / (p + (1 − p) / w)``, which in logit space is ``logit(q) = logit(p) + log w``: exactly a
+:class:`~ctrkit.layers.TemperatureScaling` with ``a = 1, b = log w`` (or every segment bias = log w for
+:class:`~ctrkit.layers.BiasCalibration`), so the correction is served inside the same model.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ctrkit.config import CalibrationConfig, ConfigError
+from ctrkit.data import iterate_batches
+from ctrkit.errors import InputError
+from ctrkit.manifest import Manifest
+from ctrkit.metrics import StreamingMetrics
+
+__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction"]
+
+
+def score_stream(
+    model: Any, manifest: Manifest, windows: Sequence[int] | None = None, batch_size: int = 4096, segment: str | None = None
+) -> dict[str, np.ndarray]:
+    """Score windows with ``model`` (inference mode): labels, served probabilities, uncalibrated logits."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def predict(features):
+        out = model(features, training=False)
+        return out["probabilities"], out["uncalibrated_logits"]
+
+    labels, probs, logits, segs = [], [], [], []
+    for batch in iterate_batches(manifest, batch_size, windows=windows):
+        p, z = predict(batch.features)
+        labels.append(batch.labels.numpy())
+        probs.append(p.numpy().reshape(-1))
+        logits.append(z.numpy().reshape(-1))
+        if segment:
+            segs.append(batch.features[segment].numpy())
+    if not labels:
+        raise InputError("the held-out stream is empty")
+    out = {"labels": np.concatenate(labels), "probabilities": np.concatenate(probs), "logits": np.concatenate(logits)}
+    if segment:
+        out["segments"] = np.concatenate(segs)
+    return out
+
+
+def _summary(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    m = StreamingMetrics()
+    m.update(p, y)
+    r = m.result()
+    return {k: r[k] for k in ("examples", "calibration", "ece", "logloss", "auc", "ne")}
+
+
+def apply_downsampling_correction(model: Any, rate: float) -> None:
+    """Set the calibration layer to the closed-form negative-downsampling correction logit + log(rate)."""
+    from ctrkit import layers
+    from ctrkit.model import calibration_layer
+
+    if not 0 < rate <= 1:
+        raise ConfigError(f"calibration.downsampling_rate: must be in (0, 1], got {rate}")
+    layer = calibration_layer(model)
+    if isinstance(layer, layers.TemperatureScaling):
+        if layer.bias is None:
+            raise ConfigError("downsampling correction needs a TemperatureScaling with a bias")
+        layer.scale.assign(1.0)
+        layer.bias.assign(math.log(rate))
+    elif isinstance(layer, layers.BiasCalibration):
+        layer.segment_bias.assign(np.full(layer.segment_bias.shape, math.log(rate), np.float32))
+    else:
+        raise ConfigError(
+            f"the closed-form downsampling correction needs calibration.kind 'temperature' or 'bias', "
+            f"the model has {type(layer).__name__}"
+        )
+
+
+def fit_calibration(
+    model: Any, manifest: Manifest, config: CalibrationConfig, windows: Sequence[int] | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Fit (or, with ``downsampling_rate``, set) the calibration layer on ``windows`` of ``manifest``.
+
+    Returns a report with the calibration ratio Σp/Σy, ECE, log loss and AUC on that stream before and after.
+    """
+    import keras
+    import tensorflow as tf
+
+    from ctrkit.model import calibration_layer, set_calibration_trainable
+
+    if config.kind == "none":
+        raise ConfigError("calibration.kind is 'none': the model has no calibration layer to fit")
+    layer = calibration_layer(model)
+    segment = config.segment_feature if config.kind == "bias" else None
+    stream = score_stream(model, manifest, windows, config.batch_size, segment)
+    y = stream["labels"]
+    before = _summary(stream["probabilities"], y)
+
+    if config.downsampling_rate is not None:
+        apply_downsampling_correction(model, config.downsampling_rate)
+        method = f"closed form, downsampling rate {config.downsampling_rate}"
+    else:
+        set_calibration_trainable(model, True)
+        try:
+            opt = keras.optimizers.Adam(config.learning_rate)
+            z_all = tf.constant(stream["logits"].reshape(-1, 1), tf.float32)
+            y_all = tf.constant(y.reshape(-1, 1), tf.float32)
+            s_all = tf.constant(stream["segments"]) if segment else None
+            variables = layer.trainable_variables
+
+            @tf.function(reduce_retracing=True)
+            def step(z, yb, s):
+                with tf.GradientTape() as tape:
+                    out = layer(z, s) if segment else layer(z)
+                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=out))
+                opt.apply(tape.gradient(loss, variables), variables)
+                return loss
+
+            rng = np.random.default_rng(seed)
+            n = len(y)
+            for _ in range(config.epochs):
+                order = tf.constant(rng.permutation(n))
+                for i in range(0, n, config.batch_size):
+                    idx = order[i : i + config.batch_size]
+                    step(tf.gather(z_all, idx), tf.gather(y_all, idx), tf.gather(s_all, idx) if segment else tf.zeros([0]))
+        finally:
+            set_calibration_trainable(model, False)
+        method = f"fitted {type(layer).__name__} for {config.epochs} epochs on {len(y)} examples"
+
+    after_stream = score_stream(model, manifest, windows, config.batch_size)
+    after = _summary(after_stream["probabilities"], after_stream["labels"])
+    return {"method": method, "kind": config.kind, "examples": int(len(y)), "before": before, "after": after}
