@@ -1,0 +1,297 @@
+"""SmeLU, FeatureEmbedding, DCN, distillation and calibration layers against NumPy."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ctrkit.layers import (
+    DCN,
+    BiasCalibration,
+    CrossMixture,
+    DistillationHead,
+    DistillationLoss,
+    FeatureEmbedding,
+    PiecewiseLinearCalibration,
+    SmeLU,
+    TemperatureScaling,
+    distillation_loss,
+    smelu,
+)
+from ctrkit.layers import activations
+
+
+def np_smelu(x, beta=1.0):
+    return np.where(x >= beta, x, np.where(x <= -beta, 0.0, (x + beta) ** 2 / (4 * beta)))
+
+
+def np_sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+# -- SmeLU ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_smelu_matches_piecewise_formula_and_is_smooth(beta):
+    x = np.linspace(-4, 4, 161).astype("float32")
+    np.testing.assert_allclose(np.asarray(SmeLU(beta)(x)), np_smelu(x, beta), atol=1e-6)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = smelu(xt, beta)
+    grad = tape.gradient(y, xt).numpy()
+    np.testing.assert_allclose(grad, np.clip((x + beta) / (2 * beta), 0, 1), atol=1e-6)  # continuous, in [0, 1]
+
+
+def test_smelu_string_accepted_by_ctrkit_layers():
+    assert activations.get("smelu") is smelu
+    assert keras.activations.get(keras.activations.serialize(smelu)) is smelu  # registered as ctrkit>smelu
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+    dcn = DCN(structure="stacked", num_cross_layers=1, dnn_units=(4,), activation="smelu")
+    out = np.asarray(dcn(x))
+    cross_out = np.asarray(dcn.cross_network(x))
+    kernel, bias = dcn.dense_layers[0].get_weights()
+    np.testing.assert_allclose(out, np_smelu(cross_out @ kernel + bias), atol=1e-5)
+    assert CrossMixture(expert_activation="smelu").expert_activation is smelu
+    assert DCN.from_config(dcn.get_config()).get_config()["activation"] == "smelu"
+    with pytest.raises(ValueError, match="beta"):
+        SmeLU(beta=0)
+
+
+# -- FeatureEmbedding -----------------------------------------------------------------------------
+
+def make_embedding():
+    return FeatureEmbedding({"b_multi": 6, "a_cat": 5}, embedding_dim={"a_cat": 3, "b_multi": 2},
+                            numeric_features=["z_num", "y_num"])
+
+
+def test_feature_embedding_matches_numpy_lookup_with_mixed_dims_and_masked_mean():
+    layer = make_embedding()
+    inputs = {
+        "a_cat": np.array([0, 4, 2], "int64"),
+        "b_multi": np.array([[1, 5, -1], [-1, -1, -1], [3, 3, 0]], "int64"),
+        "z_num": np.array([0.5, -1.0, 2.0], "float32"),
+        "y_num": np.array([[1.0], [2.0], [3.0]], "float32"),
+        "label": np.array([1.0, 0.0, 1.0], "float32"),  # extra keys are ignored
+    }
+    out = np.asarray(layer(inputs))
+    assert out.shape == (3, 3 + 2 + 2) == (3, layer.output_dim)
+    ta, tb = (layer.embedding_tables[k].numpy() for k in ("a_cat", "b_multi"))
+    expected_b = np.stack([(tb[1] + tb[5]) / 2, np.zeros(2), (2 * tb[3] + tb[0]) / 3])
+    expected = np.concatenate([ta[[0, 4, 2]], expected_b, inputs["z_num"][:, None], inputs["y_num"]], axis=1)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_feature_embedding_shared_dim_and_tables():
+    layer = FeatureEmbedding({"u": 3, "v": 7}, embedding_dim=4)
+    out = layer({"u": np.array([2]), "v": np.array([6])})
+    assert out.shape == (1, 8)
+    assert {k: tuple(v.shape) for k, v in layer.embedding_tables.items()} == {"u": (3, 4), "v": (7, 4)}
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_feature_embedding_rejects_out_of_range_ids_eagerly(bad):
+    layer = make_embedding()
+    inputs = {"a_cat": np.array([0, bad]), "b_multi": np.array([[1], [2]]), "z_num": np.zeros(2), "y_num": np.zeros(2)}
+    with pytest.raises(ValueError, match=r"feature 'a_cat' has id .* row 1"):
+        layer(inputs)
+    inputs["a_cat"] = np.array([0, 1])
+    inputs["b_multi"] = np.array([[1, 6], [2, -1]])
+    with pytest.raises(ValueError, match=r"feature 'b_multi' has id 6 in row 0"):
+        layer(inputs)
+    inputs["b_multi"] = np.array([[1, -2], [2, -1]])  # only -1 pads
+    with pytest.raises(ValueError, match=r"'b_multi' has id -2"):
+        layer(inputs)
+
+
+def test_feature_embedding_rejects_out_of_range_ids_in_tf_function():
+    layer = make_embedding()
+    fn = tf.function(lambda d: layer(d))
+    good = {"a_cat": tf.constant([0, 1], tf.int64), "b_multi": tf.constant([[1], [2]], tf.int64),
+            "z_num": tf.zeros(2), "y_num": tf.zeros(2)}
+    assert fn(good).shape == (2, 7)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a_cat"):
+        fn({**good, "a_cat": tf.constant([0, -3], tf.int64)})
+
+
+def test_feature_embedding_gradient_is_sparse_indexed_slices():
+    layer = make_embedding()
+    inputs = {"a_cat": np.array([1, 1, 3]), "b_multi": np.array([[0, -1], [2, 4], [-1, -1]]),
+              "z_num": np.ones(3, "float32"), "y_num": np.ones(3, "float32")}
+    layer(inputs)
+    tables = list(layer.embedding_tables.values())
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(inputs) ** 2)
+    grads = tape.gradient(loss, tables)
+    for g in grads:
+        assert isinstance(g, tf.IndexedSlices)
+    dense_a = tf.convert_to_tensor(grads[0]).numpy()
+    assert set(np.nonzero(np.abs(dense_a).sum(1))[0]) == {1, 3}  # only looked-up rows get gradient
+
+
+def test_feature_embedding_validation():
+    with pytest.raises(ValueError, match="missing: \\['b'\\]"):
+        FeatureEmbedding({"a": 3, "b": 4}, embedding_dim={"a": 2})
+    with pytest.raises(ValueError, match="vocab_sizes\\['a'\\]"):
+        FeatureEmbedding({"a": 0})
+    with pytest.raises(ValueError, match="both categorical and numeric"):
+        FeatureEmbedding({"a": 3}, numeric_features=["a"])
+    layer = FeatureEmbedding({"a": 3}, numeric_features=["n"])
+    with pytest.raises(KeyError, match="lacks features \\['n'\\]"):
+        layer({"a": np.array([1])})
+    with pytest.raises(ValueError, match="integer ids"):
+        layer({"a": np.array([1.0]), "n": np.array([1.0])})
+
+
+# -- DCN ------------------------------------------------------------------------------------------
+
+def np_dnn(z, dense_layers):
+    for layer in dense_layers:
+        kernel, bias = layer.get_weights()
+        z = np.maximum(z @ kernel + bias, 0)
+    return z
+
+
+@pytest.mark.parametrize("structure", ["stacked", "parallel", "cross_only"])
+def test_dcn_structures_match_numpy(structure):
+    rng = np.random.default_rng(5)
+    x0 = rng.normal(size=(4, 9)).astype("float32")
+    units = () if structure == "cross_only" else (7, 5)
+    dcn = DCN(structure=structure, num_cross_layers=2, cross_kind="low_rank", projection_dim=3, dnn_units=units)
+    out = np.asarray(dcn(x0))
+    x = x0
+    for layer in dcn.cross_network.cross_layers:
+        down, up, bias = layer.get_weights()
+        x = x0 * (x @ down @ up + bias) + x
+    if structure == "stacked":
+        expected = np_dnn(x, dcn.dense_layers)
+    elif structure == "parallel":
+        expected = np.concatenate([x, np_dnn(x0, dcn.dense_layers)], axis=1)
+    else:
+        expected = x
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert out.shape == dcn.compute_output_shape(x0.shape)
+
+
+def test_dcn_dropout_only_in_training_and_validation():
+    x0 = np.ones((64, 6), "float32")
+    dcn = DCN(structure="stacked", num_cross_layers=1, dnn_units=(32,), dropout=0.5)
+    np.testing.assert_allclose(np.asarray(dcn(x0, training=False)), np.asarray(dcn(x0, training=False)))
+    assert not np.allclose(np.asarray(dcn(x0, training=True)), np.asarray(dcn(x0, training=False)))
+    with pytest.raises(ValueError, match="structure"):
+        DCN(structure="diamond")
+    with pytest.raises(ValueError, match="dropout"):
+        DCN(dropout=1.0)
+    with pytest.raises(ValueError, match="cross_only"):
+        DCN(structure="cross_only", dnn_units=(3,))
+
+
+# -- distillation ---------------------------------------------------------------------------------
+
+def np_bce(p, z):
+    q = np_sigmoid(z)
+    return -(p * np.log(q) + (1 - p) * np.log(1 - q))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("confidence", [False, True])
+def test_distillation_loss_matches_numpy(temperature, confidence):
+    rng = np.random.default_rng(6)
+    t = rng.normal(scale=3, size=(8, 1)).astype("float32")
+    s = rng.normal(scale=3, size=(8, 1)).astype("float32")
+    p = np_sigmoid(t / temperature)
+    weight = np.abs(2 * np_sigmoid(t) - 1) if confidence else 1.0
+    bce = temperature**2 * weight * np_bce(p, s / temperature)
+    kl = temperature**2 * weight * (np_bce(p, s / temperature) - np_bce(p, t / temperature))
+    np.testing.assert_allclose(np.asarray(distillation_loss(t, s, temperature, confidence)), bce, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(distillation_loss(t, s, temperature, confidence, "kl")), kl, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(distillation_loss(t, t, temperature, confidence, "kl")), 0.0, atol=1e-5)
+    loss = DistillationLoss(temperature=temperature, confidence_weighting=confidence)
+    np.testing.assert_allclose(float(loss(t, s)), bce.mean(), rtol=1e-4)
+    assert DistillationLoss.from_config(loss.get_config()).temperature == temperature
+
+
+def test_distillation_head_learns_teacher_logits():
+    rng = np.random.default_rng(7)
+    h = rng.normal(size=(256, 5)).astype("float32")
+    teacher = (h @ np.array([1.0, -2.0, 0.5, 0.0, 1.5], "float32"))[:, None]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, DistillationHead()(inputs))
+    model.compile(keras.optimizers.Adam(0.05), loss=DistillationLoss(temperature=2.0, form="kl"))
+    before = float(model.evaluate(h, teacher, verbose=0))
+    model.fit(h, teacher, epochs=30, batch_size=64, verbose=0)
+    after = float(model.evaluate(h, teacher, verbose=0))
+    assert after < 0.1 * before
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(t := np.zeros(2), t, temperature=0)
+
+
+# -- calibration ----------------------------------------------------------------------------------
+
+def test_temperature_scaling_formula_and_freezing():
+    layer = TemperatureScaling()
+    z = np.array([[-2.0], [0.5], [3.0]], "float32")
+    np.testing.assert_allclose(np.asarray(layer(z)), z)  # identity at init
+    layer.set_weights([np.array(0.5, "float32"), np.array(-0.25, "float32")])
+    np.testing.assert_allclose(np.asarray(layer(z[:, 0])), 0.5 * z - 0.25)
+    assert layer.temperature == 2.0
+    layer.trainable = False
+    assert layer.trainable_weights == [] and len(layer.non_trainable_weights) == 2
+    layer.trainable = True
+    assert len(layer.trainable_weights) == 2
+
+
+def test_piecewise_linear_calibration_formula_monotone_in_unit_interval():
+    layer = PiecewiseLinearCalibration(num_keypoints=5, input_min=-4, input_max=4)
+    z = np.linspace(-8, 8, 401).astype("float32")
+    init = np.asarray(layer(z))[:, 0]
+    kp = np.linspace(-4, 4, 5)
+    np.testing.assert_allclose(np.asarray(layer(kp.astype("float32")))[:, 0], np_sigmoid(kp), atol=1e-5)
+    rng = np.random.default_rng(8)
+    layer.set_weights([rng.normal(scale=2, size=(6,)).astype("float32")])
+    w = layer.get_weights()[0]
+    levels = np.cumsum(np.exp(w) / np.exp(w).sum())[:-1]
+    expected = np.interp(z, kp, levels)  # linear between keypoints, flat outside
+    out = np.asarray(layer(z))[:, 0]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert np.all(np.diff(out) >= -1e-7) and np.all(np.diff(init) >= -1e-7)
+    assert out.min() > 0 and out.max() < 1
+    logit_layer = PiecewiseLinearCalibration(keypoints=list(kp), output_logit=True)
+    logit_layer(z)
+    logit_layer.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np.asarray(logit_layer(z))[:, 0], np.log(expected / (1 - expected)), atol=1e-3)
+    with pytest.raises(ValueError, match="increasing"):
+        PiecewiseLinearCalibration(keypoints=[0.0, 0.0, 1.0])
+
+
+def test_bias_calibration_formula_range_check_and_freezing():
+    layer = BiasCalibration(num_segments=3)
+    z = np.array([0.0, 1.0, -1.0, 2.0], "float32")
+    seg = np.array([2, 0, 2, 1])
+    layer(z, seg)
+    layer.set_weights([np.array([0.1, -0.2, 0.3], "float32")])
+    np.testing.assert_allclose(np.asarray(layer(z, seg))[:, 0], z + np.array([0.3, 0.1, 0.3, -0.2]), atol=1e-6)
+    with pytest.raises(ValueError, match="segment id 3 in row 1"):
+        layer(z[:2], np.array([0, 3]))
+    layer.trainable = False
+    assert layer.trainable_weights == []
+
+
+def test_calibration_trains_while_base_model_is_frozen():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(512, 4)).astype("float32")
+    base_in = keras.Input((4,))
+    base = keras.Model(base_in, keras.layers.Dense(1)(base_in))
+    true_logit = 0.5 * np.asarray(base(x)) + 0.8  # the base model is over-confident and biased
+    y = (rng.uniform(size=true_logit.shape) < np_sigmoid(true_logit)).astype("float32")
+    base.trainable = False
+    calibrated = keras.Model(base_in, TemperatureScaling()(base(base_in)))
+    base_before = [w.copy() for w in base.get_weights()]
+    calibrated.compile(keras.optimizers.Adam(0.05), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    calibrated.fit(x, y, epochs=40, batch_size=128, verbose=0)
+    for before, after in zip(base_before, base.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    scale, bias = calibrated.layers[-1].get_weights()
+    assert 0.2 < float(scale) < 0.8 and 0.4 < float(bias) < 1.2  # recovers a ≈ 0.5, b ≈ 0.8
