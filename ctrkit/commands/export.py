@@ -1,0 +1,93 @@
+"""``ctrkit export``: write a trained model as a TF Serving version (transform graph inside)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained model as a TF Serving SavedModel version BASE/NAME/<version>/",
+        description="Exports RUN_DIR's final model (or --model PATH.keras with --data PIPELINE_OUT) with the "
+        "pipeline's tensorflow-transform graph inside, so clients send raw features. Signatures: "
+        "serving_default (serialized tf.Example 'examples'), predict_raw, classify, regress. The version is "
+        "validated (saved_model_cli, fresh-process reload) before it is renamed into place.",
+    )
+    p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory")
+    p.add_argument("--base-path", required=True, help="TF Serving model base path parent (BASE)")
+    p.add_argument("--model-name", required=True, help="model name (versions go to BASE/NAME/<version>)")
+    p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model")
+    p.add_argument("--data", help="pipeline output directory (default: the one RUN_DIR trained on)")
+    p.add_argument("--version", type=int, help="integer version (default: above every existing one)")
+    p.add_argument("--keep-versions", type=int, default=5, help="newest versions to keep (default: 5)")
+    p.add_argument(
+        "--warmup-rows",
+        metavar="JSONL",
+        help="raw rows (one JSON object per line) for the warmup requests "
+        "(default: the first rows of the pipeline's raw input)",
+    )
+    p.add_argument("--no-validate", action="store_true", help="skip saved_model_cli and reload checks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def _run_data_dir(run_dir: str) -> str:
+    from ctrkit.errors import InputError
+
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        raise InputError(f"{run_dir} has no run.json: not a ctrkit run directory (or pass --model and --data)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["data_dir"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctrkit.errors import InputError
+
+    if bool(args.run_dir) == bool(args.model):
+        raise InputError("give either RUN_DIR or --model PATH.keras (with --data PIPELINE_OUT)")
+    if args.model and not args.data:
+        raise InputError("--model needs --data PIPELINE_OUT (the pipeline output the model was trained on)")
+    data_dir = args.data or _run_data_dir(args.run_dir)
+
+    import keras
+
+    import ctrkit.layers  # noqa: F401 - registers ctrkit's custom layers for loading
+    from ctrkit.serving.export import export_model
+    from ctrkit.serving.signatures import ExportError
+    from ctrkit.serving.validate import ValidationError
+
+    if args.model:
+        if not os.path.exists(args.model):
+            raise FileNotFoundError(f"model file {args.model} not found")
+        model = keras.saving.load_model(args.model, compile=False)
+    else:
+        from ctrkit.trainer import load_run_model
+
+        model = load_run_model(args.run_dir)
+    warmup = None
+    if args.warmup_rows:
+        with open(args.warmup_rows, encoding="utf-8") as f:
+            try:
+                warmup = [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as e:
+                raise InputError(f"{args.warmup_rows}: not JSON lines ({e})") from e
+    try:
+        path = export_model(
+            model,
+            data_dir,
+            args.base_path,
+            args.model_name,
+            version=args.version,
+            keep_versions=args.keep_versions,
+            warmup_examples=warmup,
+            validate=not args.no_validate,
+        )
+    except (ExportError, ValidationError, ValueError) as e:
+        if args.debug:
+            raise
+        raise InputError(str(e)) from e
+    print(path)
+    return 0

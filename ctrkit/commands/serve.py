@@ -1,0 +1,48 @@
+"""``ctrkit serve``: a local TF-Serving-compatible REST endpoint over BASE/NAME/<version>/."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve exported versions over TF Serving's REST API (needs `pip install ctrkit[serve]`)",
+        description="Serves BASE/NAME/<version>/ on /v1/models/NAME (status, /metadata, :predict, :classify, "
+        ":regress) like tensorflow_model_server's REST port, loading new versions as they appear. For "
+        "smoke tests and machines without Docker; production uses tensorflow/serving (serving/deploy/).",
+    )
+    p.add_argument("base_path", help="directory holding NAME/<version>/")
+    p.add_argument("--model-name", required=True, help="model name")
+    p.add_argument("--port", type=int, default=8501, help="REST port (default: 8501, TF Serving's)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--num-versions", type=int, default=1, help="newest versions kept loaded (default: 1)")
+    p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")
+    p.add_argument("--max-batch-size", type=int, default=1024, help="largest batch one request may send")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ctrkit.errors import InputError
+
+    if not os.path.isdir(args.base_path):
+        raise NotADirectoryError(f"model base path {args.base_path} is not a directory")
+    try:
+        from ctrkit.serving.server import serve
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"ctrkit serve needs the 'serve' extra: pip install 'ctrkit[serve]' ({e})") from e
+    serve(
+        args.base_path,
+        args.model_name,
+        port=args.port,
+        host=args.host,
+        num_versions=args.num_versions,
+        poll_seconds=args.poll_seconds,
+        max_batch_size=args.max_batch_size,
+    )
+    return 0

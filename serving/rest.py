@@ -1,0 +1,210 @@
+"""TF Serving's REST JSON formats ↔ tensors (no HTTP here; :mod:`ctrkit.serving.server` does that).
+
+Follows https://www.tensorflow.org/tfx/serving/api_rest:
+
+* Predict: row format ``{"signature_name": ..., "instances": [...]}`` → ``{"predictions": [...]}``;
+  columnar format ``{"inputs": ...}`` → ``{"outputs": ...}``. Binary strings are ``{"b64": "..."}``.
+  A single-input signature takes a plain list of values; a multi-input one a list of objects.
+  With one output, ``predictions`` lists values; with several, one object per row.
+* Classify / Regress: ``{"signature_name": ..., "context": {...}, "examples": [{feature: value}, ...]}``
+  → ``{"result": [[[label, score], ...], ...]}`` / ``{"result": [value, ...]}``.
+
+Bad input raises :class:`RequestError` (the server answers 400 with ``{"error": "..."}``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """The request body does not fit the API or the signature: HTTP 400."""
+
+
+class NotFoundError(LookupError):
+    """Unknown model, version or signature: HTTP 404."""
+
+
+def _decode_b64(value: Any) -> Any:
+    """Replace ``{"b64": s}`` objects (anywhere in nested lists) with the bytes they encode."""
+    if isinstance(value, dict):
+        if set(value) == {"b64"}:
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, TypeError, ValueError) as e:
+                raise RequestError(f"invalid base64 in {{'b64': ...}}: {e}") from None
+        raise RequestError(f"unexpected object {sorted(value)!r} where a tensor value was expected")
+    if isinstance(value, list):
+        return [_decode_b64(v) for v in value]
+    return value
+
+
+def to_array(name: str, value: Any, dtype: Any, shape: list[int | None]) -> np.ndarray:
+    """JSON value → numpy array for signature input ``name`` (dtype a ``tf.DType``, shape with None = any)."""
+    value = _decode_b64(value)
+    try:
+        if dtype.name == "string":
+            def enc(v: Any) -> Any:
+                if isinstance(v, list):
+                    return [enc(x) for x in v]
+                if isinstance(v, bytes):
+                    return v
+                if isinstance(v, str):
+                    return v.encode("utf-8")
+                raise RequestError(f"input {name!r}: expected strings, got {type(v).__name__} {v!r}")
+
+            arr = np.array(enc(value), dtype=object)
+        else:
+            if _has_type(value, (str, bytes)):
+                raise RequestError(f"input {name!r}: expected numbers of type {dtype.name}, got a string")
+            if dtype.is_integer and _has_type(value, float):
+                raise RequestError(f"input {name!r}: expected integers ({dtype.name}), got a fractional number")
+            arr = np.array(value, dtype=dtype.as_numpy_dtype)
+    except RequestError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise RequestError(f"input {name!r}: cannot convert to {dtype.name}: {e}") from None
+    if arr.dtype == object and dtype.name != "string":
+        raise RequestError(f"input {name!r}: ragged or mixed values")
+    if arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape)):
+        want = "(" + ", ".join("-1" if s is None else str(s) for s in shape) + ")"
+        raise RequestError(f"input {name!r}: shape {tuple(arr.shape)} does not fit the signature's {want}")
+    return arr
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, list):
+        return any(_has_type(v, types) for v in value)
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def predict_inputs(body: Mapping[str, Any], input_specs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+    """Parse a predict body → (arrays by input name, row_format). ``input_specs``: name → (dtype, shape)."""
+    has_instances, has_inputs = "instances" in body, "inputs" in body
+    if has_instances == has_inputs:
+        raise RequestError("request must have exactly one of 'instances' (row format) or 'inputs' (columnar format)")
+    names = sorted(input_specs)
+    if has_instances:
+        instances = body["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise RequestError("'instances' must be a non-empty list")
+        objects = [isinstance(i, dict) and set(i) != {"b64"} for i in instances]
+        if any(objects) and not all(objects):
+            raise RequestError("'instances' mixes named objects and plain values")
+        if all(objects):
+            columns: dict[str, list[Any]] = {n: [] for n in names}
+            for k, inst in enumerate(instances):
+                keys = set(inst)
+                if keys != set(names):
+                    missing, extra = sorted(set(names) - keys), sorted(keys - set(names))
+                    raise RequestError(
+                        f"instances[{k}]: " + "; ".join(
+                            p for p in (f"missing inputs {missing}" if missing else "",
+                                        f"unknown inputs {extra}" if extra else "") if p
+                        ) + f" (signature inputs: {names})"
+                    )
+                for n in names:
+                    columns[n].append(inst[n])
+        else:
+            if len(names) != 1:
+                raise RequestError(f"the signature has inputs {names}: each instance must be an object naming them")
+            columns = {names[0]: instances}
+        raw = columns
+    else:
+        inputs = body["inputs"]
+        if isinstance(inputs, dict) and set(inputs) != {"b64"}:
+            if set(inputs) != set(names):
+                raise RequestError(f"'inputs' has keys {sorted(inputs)}; the signature's inputs are {names}")
+            raw = dict(inputs)
+        else:
+            if len(names) != 1:
+                raise RequestError(f"the signature has inputs {names}: 'inputs' must be an object naming them")
+            raw = {names[0]: inputs}
+    arrays = {n: to_array(n, raw[n], *input_specs[n]) for n in names}
+    sizes = {n: a.shape[0] if a.ndim else None for n, a in arrays.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise RequestError(f"inputs disagree on the batch size: {sizes}")
+    return arrays, has_instances
+
+
+def jsonable(arr: np.ndarray) -> Any:
+    """A numpy output → JSON (bytes as UTF-8 text, or ``{"b64": ...}`` when not valid UTF-8)."""
+    if arr.dtype == object:
+        def dec(v: Any) -> Any:
+            if isinstance(v, np.ndarray):
+                return [dec(x) for x in v]
+            try:
+                return v.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"b64": base64.b64encode(v).decode("ascii")}
+
+        return dec(arr)
+    return arr.tolist()
+
+
+def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> dict[str, Any]:
+    keys = sorted(outputs)
+    if row_format:
+        if len(keys) == 1:
+            return {"predictions": jsonable(outputs[keys[0]])}
+        n = len(next(iter(outputs.values())))
+        cols = {k: jsonable(outputs[k]) for k in keys}
+        return {"predictions": [{k: cols[k][i] for k in keys} for i in range(n)]}
+    if len(keys) == 1:
+        return {"outputs": jsonable(outputs[keys[0]])}
+    return {"outputs": {k: jsonable(outputs[k]) for k in keys}}
+
+
+def _feature(name: str, value: Any, dtype: Any) -> Any:
+    import tensorflow as tf
+
+    values = value if isinstance(value, list) else [value]
+    values = _decode_b64(values)
+    if any(isinstance(v, (list, dict)) for v in values):
+        raise RequestError(f"feature {name!r}: values must be a scalar or a flat list, got {value!r}")
+    if dtype.name == "string":
+        if not all(isinstance(v, (str, bytes)) for v in values):
+            raise RequestError(f"feature {name!r}: expected strings, got {value!r}")
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v for v in values]))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise RequestError(f"feature {name!r}: expected numbers ({dtype.name}), got {value!r}")
+    if dtype.is_floating:
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+    if any(isinstance(v, float) and not float(v).is_integer() for v in values):
+        raise RequestError(f"feature {name!r}: expected integers, got {value!r}")
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def examples_from_body(body: Mapping[str, Any], feature_dtypes: Mapping[str, Any], ignored: set[str]) -> list[bytes]:
+    """Classify/Regress body → serialized ``tf.Example``s. ``feature_dtypes``: raw feature → tf dtype;
+    ``ignored``: columns accepted and dropped (the label); any other unknown feature is an error."""
+    import tensorflow as tf
+
+    examples = body.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise RequestError("'examples' must be a non-empty list of objects (feature name → value)")
+    context = body.get("context", {})
+    if not isinstance(context, dict):
+        raise RequestError("'context' must be an object (feature name → value)")
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict):
+            raise RequestError(f"examples[{i}] must be an object, got {type(ex).__name__}")
+        merged = {**context, **ex}
+        unknown = sorted(set(merged) - set(feature_dtypes) - ignored)
+        if unknown:
+            raise RequestError(f"examples[{i}]: unknown feature(s) {unknown}; the model reads {sorted(feature_dtypes)}")
+        feats = {}
+        for name, value in merged.items():
+            if name in ignored or value is None:
+                continue
+            try:
+                feats[name] = _feature(name, value, feature_dtypes[name])
+            except RequestError as e:
+                raise RequestError(f"examples[{i}]: {e}") from None
+        out.append(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    return out

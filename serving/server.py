@@ -1,0 +1,373 @@
+"""A local server that speaks TF Serving's REST API, for smoke tests and machines without Docker.
+
+``ctrkit serve BASE --model-name NAME --port P`` serves ``BASE/NAME/<version>/`` SavedModels written by
+:func:`ctrkit.serving.export_model` (FastAPI + uvicorn: ``pip install ctrkit[serve]``). Like
+``tensorflow_model_server`` it polls the model directory and loads new versions as they appear, keeps
+the newest ``num_versions`` (TF Serving's ``latest`` version policy), replays each version's
+``assets.extra/tf_serving_warmup_requests`` before serving it, and never loads an incomplete version
+directory (no ``saved_model.pb`` / variable index, or one that fails to load: it is retried when it
+changes, while the previous versions keep serving).
+
+Endpoints (https://www.tensorflow.org/tfx/serving/api_rest)::
+
+    GET  /v1/models/NAME[/versions/N]             model status
+    GET  /v1/models/NAME[/versions/N]/metadata    signature defs
+    POST /v1/models/NAME[/versions/N]:predict     row ("instances") or columnar ("inputs") format
+    POST /v1/models/NAME[/versions/N]:classify    tf.Example-style JSON ("examples", "context")
+    POST /v1/models/NAME[/versions/N]:regress
+
+Errors are ``{"error": "..."}`` with 400 (bad request) or 404 (unknown model, version or signature).
+"""
+# No `from __future__ import annotations`: FastAPI resolves the endpoint annotations (Request, imported
+# lazily inside create_app) at definition time.
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctrkit.serving import versions
+from ctrkit.serving.rest import (
+    NotFoundError,
+    RequestError,
+    examples_from_body,
+    predict_inputs,
+    predict_response,
+)
+from ctrkit.serving.signatures import CLASSIFY, CLASSIFY_INPUTS_KEY, REGRESS, SERVING_DEFAULT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+
+
+@dataclass
+class LoadedVersion:
+    version: int
+    path: str
+    model: Any
+    signatures: dict[str, Any]
+    input_specs: dict[str, dict[str, tuple[Any, list[int | None]]]]  # signature → input → (dtype, shape)
+    signature_defs: dict[str, Any]  # JSON form of the SignatureDefs, for /metadata
+    raw_dtypes: dict[str, Any]  # raw feature → tf dtype (from predict_raw), for classify/regress JSON
+    ignored_features: set[str] = field(default_factory=set)
+
+
+def _signature_defs_json(path: str) -> dict[str, Any]:
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    defs = sm.meta_graphs[0].signature_def
+    return {
+        k: json_format.MessageToDict(v, preserving_proto_field_name=True)
+        for k, v in defs.items()
+        if not k.startswith("__")
+    }
+
+
+def load_version(path: str, version: int) -> LoadedVersion:
+    """Load one version and replay its warmup requests; raises if the directory is incomplete or broken."""
+    import tensorflow as tf
+
+    if not versions.is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete SavedModel")
+    model = tf.saved_model.load(path)
+    signatures = dict(model.signatures)
+    input_specs = {
+        name: {k: (spec.dtype, list(spec.shape)) for k, spec in fn.structured_input_signature[1].items()}
+        for name, fn in signatures.items()
+    }
+    raw_dtypes = {k: dt for k, (dt, _) in input_specs.get("predict_raw", {}).items()}
+    ignored: set[str] = set()
+    info_path = os.path.join(path, "assets.extra", "ctrkit_export.json")
+    if os.path.exists(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            ignored.add(json.load(f)["label"])
+    loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(path), raw_dtypes, ignored)
+    _replay_warmup(loaded)
+    return loaded
+
+
+def _replay_warmup(loaded: LoadedVersion) -> None:
+    import tensorflow as tf
+
+    from ctrkit.serving.warmup import WARMUP_DIR, WARMUP_FILE, read_warmup
+
+    if not os.path.exists(os.path.join(loaded.path, WARMUP_DIR, WARMUP_FILE)):
+        return
+    for record in read_warmup(loaded.path):
+        req = record.predict_log.request
+        fn = loaded.signatures[req.model_spec.signature_name or SERVING_DEFAULT]
+        fn(**{k: tf.make_ndarray(v) for k, v in req.inputs.items()})
+
+
+class ModelRegistry:
+    """Watches ``BASE/NAME`` and keeps the newest ``num_versions`` complete versions loaded."""
+
+    def __init__(self, base_path: str, model_name: str, num_versions: int = 1, poll_seconds: float = 1.0):
+        if num_versions < 1:
+            raise ValueError(f"num_versions must be >= 1, got {num_versions}")
+        self.model_name = model_name
+        self.path = versions.model_dir(base_path, model_name)
+        self.num_versions = num_versions
+        self.poll_seconds = poll_seconds
+        self._loaded: dict[int, LoadedVersion] = {}
+        self._failed: dict[int, tuple[float, str]] = {}  # version → (mtime tried, error)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- polling -------------------------------------------------------------------------------------
+    def poll_once(self) -> None:
+        wanted = versions.list_versions(self.path)[-self.num_versions :]
+        for v in wanted:
+            if v in self._loaded:
+                continue
+            vdir = os.path.join(self.path, str(v))
+            try:
+                mtime = os.path.getmtime(vdir)
+            except OSError:
+                continue
+            if v in self._failed and self._failed[v][0] == mtime:
+                continue  # broken and unchanged since we tried
+            if not versions.is_complete(vdir):
+                self._failed[v] = (mtime, "incomplete version directory")
+                log.warning("version %s of %s is incomplete; not loading it", v, self.model_name)
+                continue
+            try:
+                loaded = load_version(vdir, v)
+            except Exception as e:  # noqa: BLE001 - a broken version must not stop the server
+                self._failed[v] = (mtime, f"{type(e).__name__}: {e}")
+                log.error("could not load version %s of %s: %s", v, self.model_name, e)
+                continue
+            self._failed.pop(v, None)
+            with self._lock:
+                self._loaded[v] = loaded
+            log.info("loaded %s version %s", self.model_name, v)
+        present = set(versions.list_versions(self.path))
+        with self._lock:
+            # Keep the newest loaded versions still on disk; if all were deleted, keep serving what we have.
+            candidates = [v for v in self._loaded if v in present] or list(self._loaded)
+            keep = set(sorted(candidates)[-self.num_versions :])
+            for v in list(self._loaded):
+                if v not in keep:
+                    del self._loaded[v]
+
+    def start(self) -> None:
+        self.poll_once()
+        self._thread = threading.Thread(target=self._run, name=f"poll-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling
+                log.exception("polling %s failed", self.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    # -- lookup --------------------------------------------------------------------------------------
+    def get(self, model_name: str, version: int | None) -> LoadedVersion:
+        if model_name != self.model_name:
+            raise NotFoundError(f"Servable not found for request: Latest({model_name})")
+        with self._lock:
+            if version is None:
+                if not self._loaded:
+                    raise NotFoundError(f"Servable not found for request: Latest({model_name})")
+                return self._loaded[max(self._loaded)]
+            if version not in self._loaded:
+                raise NotFoundError(f"Servable not found for request: Specific({model_name}, {version})")
+            return self._loaded[version]
+
+    def status(self, model_name: str, version: int | None) -> list[dict[str, Any]]:
+        if model_name != self.model_name:
+            raise NotFoundError(f"Could not find any versions of model {model_name}")
+        with self._lock:
+            loaded = sorted(self._loaded, reverse=True)
+        if version is not None:
+            if version not in loaded:
+                raise NotFoundError(f"Could not find version {version} of model {model_name}")
+            loaded = [version]
+        if not loaded:
+            raise NotFoundError(f"Could not find any versions of model {model_name}")
+        ok = {"error_code": "OK", "error_message": ""}
+        return [{"version": str(v), "state": "AVAILABLE", "status": ok} for v in loaded]
+
+
+# -- request handling (framework-independent, so tests and the benchmark can call it directly) ---------
+_PATH_RE = re.compile(
+    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
+)
+
+
+def _parse_path(rest: str) -> tuple[str, int | None, str | None, bool]:
+    m = _PATH_RE.match(rest)
+    if not m:
+        raise NotFoundError(f"Malformed request: /v1/models/{rest}")
+    v = m.group("version")
+    if v is not None and not v.isdigit():
+        raise RequestError(f"version must be an integer, got {v!r}")
+    return m.group("name"), int(v) if v else None, m.group("verb"), bool(m.group("metadata"))
+
+
+class Handler:
+    """TF Serving REST semantics on top of a :class:`ModelRegistry`; returns (status, JSON body)."""
+
+    def __init__(self, registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH):
+        self.registry = registry
+        self.max_batch_size = max_batch_size
+
+    def get(self, rest: str) -> tuple[int, dict[str, Any]]:
+        try:
+            name, version, verb, metadata = _parse_path(rest)
+            if verb:
+                raise RequestError(f"{verb} needs POST")
+            if metadata:
+                lv = self.registry.get(name, version)
+                return 200, {
+                    "model_spec": {"name": name, "signature_name": "", "version": str(lv.version)},
+                    "metadata": {"signature_def": {"signature_def": lv.signature_defs}},
+                }
+            return 200, {"model_version_status": self.registry.status(name, version)}
+        except NotFoundError as e:
+            return 404, {"error": str(e)}
+        except RequestError as e:
+            return 400, {"error": str(e)}
+
+    def post(self, rest: str, body_bytes: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            name, version, verb, metadata = _parse_path(rest)
+            if metadata or verb is None:
+                raise RequestError("POST needs a method: :predict, :classify or :regress")
+            if verb not in ("predict", "classify", "regress"):
+                raise NotFoundError(f"unknown method {verb!r}: use predict, classify or regress")
+            try:
+                body = json.loads(body_bytes)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"JSON Parse error: {e}") from None
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object")
+            lv = self.registry.get(name, version)
+            return 200, getattr(self, "_" + verb)(lv, body)
+        except NotFoundError as e:
+            return 404, {"error": str(e)}
+        except RequestError as e:
+            return 400, {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - TF errors on bad values (e.g. unparsable Examples) are the client's
+            import tensorflow as tf
+
+            if isinstance(e, (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError)):
+                return 400, {"error": e.message.strip().splitlines()[0] if e.message else type(e).__name__}
+            log.exception("internal error")
+            return 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+
+    def _signature(self, lv: LoadedVersion, body: dict[str, Any], default: str) -> str:
+        sig = body.get("signature_name") or default
+        if not isinstance(sig, str) or sig not in lv.signatures:
+            raise NotFoundError(f"Serving signature name: \"{sig}\" not found in signature def")
+        return sig
+
+    def _check_batch(self, n: int) -> None:
+        if n > self.max_batch_size:
+            raise RequestError(f"batch size {n} exceeds the maximum of {self.max_batch_size} examples per request")
+
+    def _run(self, lv: LoadedVersion, sig: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        out = lv.signatures[sig](**{k: tf.constant(v, dtype=lv.input_specs[sig][k][0]) for k, v in arrays.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+    def _predict(self, lv: LoadedVersion, body: dict[str, Any]) -> dict[str, Any]:
+        sig = self._signature(lv, body, SERVING_DEFAULT)
+        arrays, row_format = predict_inputs(body, lv.input_specs[sig])
+        self._check_batch(len(next(iter(arrays.values()))))
+        return predict_response(self._run(lv, sig, arrays), row_format)
+
+    def _examples(self, lv: LoadedVersion, body: dict[str, Any], sig: str) -> np.ndarray:
+        if CLASSIFY_INPUTS_KEY not in lv.input_specs[sig]:
+            raise RequestError(f"signature {sig!r} does not take serialized examples as {CLASSIFY_INPUTS_KEY!r}")
+        examples = examples_from_body(body, lv.raw_dtypes, lv.ignored_features)
+        self._check_batch(len(examples))
+        return np.array(examples, dtype=object)
+
+    def _classify(self, lv: LoadedVersion, body: dict[str, Any]) -> dict[str, Any]:
+        sig = self._signature(lv, body, CLASSIFY)
+        out = self._run(lv, sig, {CLASSIFY_INPUTS_KEY: self._examples(lv, body, sig)})
+        classes, scores = out["classes"], out["scores"]
+        return {
+            "result": [
+                [[c.decode(), float(s)] for c, s in zip(row_c, row_s)] for row_c, row_s in zip(classes, scores)
+            ]
+        }
+
+    def _regress(self, lv: LoadedVersion, body: dict[str, Any]) -> dict[str, Any]:
+        sig = self._signature(lv, body, REGRESS)
+        out = self._run(lv, sig, {CLASSIFY_INPUTS_KEY: self._examples(lv, body, sig)})
+        return {"result": [float(v) for v in np.asarray(out["outputs"]).reshape(-1)]}
+
+
+def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
+    """The FastAPI application; starts and stops the registry's polling with the app."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    handler = Handler(registry, max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        await run_in_threadpool(registry.start)
+        yield
+        registry.stop()
+
+    app = FastAPI(title="ctrkit TF-Serving-compatible REST", lifespan=lifespan)
+
+    @app.get("/v1/models/{rest:path}")
+    async def get(rest: str) -> Any:
+        status, body = handler.get(rest)
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/v1/models/{rest:path}")
+    async def post(rest: str, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            return JSONResponse({"error": f"request body exceeds {max_body_bytes} bytes"}, status_code=413)
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            return JSONResponse({"error": f"request body exceeds {max_body_bytes} bytes"}, status_code=413)
+        # TF releases the GIL while it runs, so inference in worker threads serves clients concurrently.
+        status, out = await run_in_threadpool(handler.post, rest, body)
+        return JSONResponse(out, status_code=status)
+
+    return app
+
+
+def serve(
+    base_path: str,
+    model_name: str,
+    port: int = 8501,
+    host: str = "127.0.0.1",
+    num_versions: int = 1,
+    poll_seconds: float = 1.0,
+    max_batch_size: int = DEFAULT_MAX_BATCH,
+) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    registry = ModelRegistry(base_path, model_name, num_versions=num_versions, poll_seconds=poll_seconds)
+    uvicorn.run(create_app(registry, max_batch_size), host=host, port=port, log_level="warning")
