@@ -1,0 +1,218 @@
+"""The Beam graph: read → validate → window → analyze (TFT) → transform (TFT) → write shards.
+
+Composable pieces for users building their own pipelines:
+
+* :class:`ReadRawLogs` — files → clean Arrow batches (main output) + rejected rows (``"rejected"``) +
+  per-file statistics (``"stats"``); Beam counters ``ctrkit/rows_read``, ``ctrkit/rows_rejected``.
+* :class:`ToWindowedTFTBatches` — clean batches → TFT-layout batches, one window per batch.
+* :class:`WriteWindowShards` — TFT output record batches → ``data/<window>/part-*.tfrecord.gz``; emits one
+  JSON record per shard (window, path, rows).
+* :func:`build_pipeline` wires them with TFT's ``AnalyzeDataset``/``TransformDataset`` and is what
+  :func:`ctrkit.pipelines.preprocess` runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from ctrkit.schema import DataConfig
+
+log = logging.getLogger("ctrkit.pipelines")
+NAMESPACE = "ctrkit"
+SHARDS_DIR = "_shards"
+STATS_DIR = "_stats"
+
+
+def window_name(index: int) -> str:
+    return f"w{index:08d}"
+
+
+def window_ids(clean: pa.RecordBatch, config: DataConfig, line_offset: int) -> np.ndarray:
+    """Window index of every row: epoch-aligned timestamp windows, else input position // window_rows."""
+    ts = config.timestamp
+    if ts is not None:
+        return clean.column(ts).to_numpy() // config.window_seconds
+    # Position in the input (all files, header excluded), counting rejected rows too, so windows hold
+    # the same span of the log whatever gets rejected.
+    first = 2 if (config.format == "csv" and config.header) else 1
+    pos = clean.column("__line").to_numpy() - first + line_offset
+    return pos // config.window_rows
+
+
+class _ReadFile(beam.DoFn):
+    def __init__(self, config: DataConfig):
+        self._config = config
+        self._read = beam.metrics.Metrics.counter(NAMESPACE, "rows_read")
+        self._rejected = beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected")
+        self._valid = beam.metrics.Metrics.counter(NAMESPACE, "rows_valid")
+
+    def process(self, element):
+        from ctrkit.pipelines.reading import read_file
+
+        index, path, line_offset = element
+        n_valid = n_rejected = 0
+        for clean, rejected in read_file(path, index, self._config):
+            n_valid += clean.num_rows
+            n_rejected += len(rejected)
+            self._read.inc(clean.num_rows + len(rejected))
+            self._valid.inc(clean.num_rows)
+            self._rejected.inc(len(rejected))
+            if clean.num_rows:
+                yield clean, line_offset
+            for r in rejected:
+                yield beam.pvalue.TaggedOutput("rejected", r.to_dict())
+        log.info("ctrkit preprocess: read %s: %d rows, %d valid, %d rejected", path, n_valid + n_rejected,
+                 n_valid, n_rejected)
+        yield beam.pvalue.TaggedOutput("stats", {"file": path, "rows_read": n_valid + n_rejected,
+                                                 "rows_valid": n_valid, "rows_rejected": n_rejected})
+
+
+class ReadRawLogs(beam.PTransform):
+    """``(file_index, path, line_offset)`` tuples → tagged outputs ``clean``, ``rejected``, ``stats``.
+
+    ``clean`` elements are ``(record_batch, line_offset)``; a file is read by one worker, files in parallel.
+    """
+
+    def __init__(self, config: DataConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, files):
+        return (
+            files
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadAndValidate" >> beam.ParDo(_ReadFile(self._config)).with_outputs("rejected", "stats", main="clean")
+        )
+
+
+class ToWindowedTFTBatches(beam.PTransform):
+    """``(clean_batch, line_offset)`` → TFT-layout record batches, each holding rows of one window."""
+
+    def __init__(self, config: DataConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, pcoll):
+        config = self._config
+
+        def split(element):
+            from ctrkit.pipelines.transform import to_tft_batch
+
+            clean, line_offset = element
+            windows = window_ids(clean, config, line_offset)
+            uniq = np.unique(windows)
+            if len(uniq) == 1:
+                yield to_tft_batch(clean, config, windows)
+                return
+            for w in uniq:
+                idx = np.flatnonzero(windows == w)
+                yield to_tft_batch(clean.take(pa.array(idx)), config, windows[idx])
+
+        return pcoll | "SplitByWindow" >> beam.FlatMap(split)
+
+
+def _batch_windows(batch: pa.RecordBatch) -> list[int]:
+    return np.unique(batch.column("__window").flatten().to_numpy()).tolist()
+
+
+class _WriteShards(beam.DoFn):
+    def __init__(self, output_dir: str):
+        self._out = output_dir
+        self._written = beam.metrics.Metrics.counter(NAMESPACE, "rows_written")
+
+    def setup(self):
+        from tfx_bsl.coders import example_coder
+
+        self._encoder = example_coder.RecordBatchToExamplesEncoder()
+
+    def process(self, element):
+        import tensorflow as tf
+
+        from ctrkit.pipelines.transform import PASSTHROUGH
+
+        batch, _unary = element
+        windows = batch.column("__window").flatten().to_numpy()
+        files = batch.column("__file").flatten().to_numpy()
+        lines = batch.column("__line").flatten().to_numpy()
+        keep = [i for i, f in enumerate(batch.schema.names) if f not in PASSTHROUGH]
+        features = pa.RecordBatch.from_arrays([batch.column(i) for i in keep],
+                                              names=[batch.schema.names[i] for i in keep])
+        for w in np.unique(windows):
+            idx = np.flatnonzero(windows == w)
+            sub = features if len(idx) == features.num_rows else features.take(pa.array(idx))
+            # Input order (file, first line) names the shard, so sorting names replays the log in order.
+            rel = os.path.join("data", window_name(int(w)),
+                               f"part-{int(files[idx[0]]):05d}-{int(lines[idx[0]]):012d}.tfrecord.gz")
+            path = os.path.join(self._out, rel)
+            tf.io.gfile.makedirs(os.path.dirname(path))
+            records = self._encoder.encode(sub)
+            with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+                for r in records:
+                    writer.write(r)
+            self._written.inc(len(records))
+            yield json.dumps({"window": int(w), "shard": rel, "rows": len(records),
+                              "file": int(files[idx[0]]), "line": int(lines[idx[0]])})
+
+
+class WriteWindowShards(beam.PTransform):
+    """TFT output ``(record_batch, unary_passthrough)`` → gzip TFRecord shards; emits shard JSON lines."""
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._out = output_dir
+
+    def expand(self, pcoll):
+        return pcoll | "EncodeAndWrite" >> beam.ParDo(_WriteShards(self._out))
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tuple[int, str, int]],
+                   output_dir: str, temp_dir: str, transform_fn_dir: str | None = None,
+                   vocabulary: str = "arrow") -> None:
+    """Add the whole preprocessing job to ``pipeline``; outputs land under ``output_dir``."""
+    import tensorflow_transform as tft
+    import tensorflow_transform.beam as tft_beam
+
+    from ctrkit.pipelines.transform import PASSTHROUGH, make_preprocessing_fn, raw_feature_spec, tensor_adapter_config
+
+    with tft_beam.Context(temp_dir=temp_dir, passthrough_keys=set(PASSTHROUGH)):
+        read = pipeline | "Files" >> beam.Create(files) | "Read" >> ReadRawLogs(config)
+        batches = read.clean | "Window" >> ToWindowedTFTBatches(config)
+        adapter = tensor_adapter_config(config)
+
+        if transform_fn_dir is None:
+            to_analyze = batches
+            if config.analyze_windows is not None:
+                first_n = (
+                    batches
+                    | "WindowsOfBatch" >> beam.FlatMap(_batch_windows)
+                    | "DistinctWindows" >> beam.Distinct()
+                    | "AllWindows" >> beam.combiners.ToList()
+                    | "FirstN" >> beam.Map(lambda ws, n=config.analyze_windows: set(sorted(ws)[:n]))
+                )
+                to_analyze = batches | "AnalysisSpan" >> beam.Filter(
+                    lambda b, keep: set(_batch_windows(b)) <= keep, keep=beam.pvalue.AsSingleton(first_n))
+            transform_fn = (to_analyze, adapter) | "Analyze" >> tft_beam.AnalyzeDataset(
+                make_preprocessing_fn(config, vocabulary))
+        else:
+            transform_fn = pipeline | "ReadTransformFn" >> tft_beam.ReadTransformFn(transform_fn_dir)
+
+        transformed, _metadata = ((batches, adapter), transform_fn) | "Transform" >> tft_beam.TransformDataset(
+            output_record_batches=True)
+        shards = transformed | "Write" >> WriteWindowShards(output_dir)
+        _ = shards | "ShardIndex" >> beam.io.WriteToText(os.path.join(output_dir, SHARDS_DIR, "part"),
+                                                          file_name_suffix=".jsonl")
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
+        raw_metadata = tft.DatasetMetadata.from_feature_spec(raw_feature_spec(config))
+        _ = raw_metadata | "WriteRawMetadata" >> tft_beam.WriteMetadata(os.path.join(output_dir, "raw_metadata"),
+                                                                        pipeline)
+        _ = (read.rejected | "RejectedJson" >> beam.Map(json.dumps)
+             | "WriteRejected" >> beam.io.WriteToText(os.path.join(output_dir, "rejected", "part"),
+                                                      file_name_suffix=".jsonl"))
+        _ = (read.stats | "StatsJson" >> beam.Map(json.dumps)
+             | "WriteStats" >> beam.io.WriteToText(os.path.join(output_dir, STATS_DIR, "part"),
+                                                   file_name_suffix=".jsonl"))

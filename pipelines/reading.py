@@ -1,0 +1,391 @@
+"""Arrow-native reading and validation of raw click logs (no Beam, no TensorFlow).
+
+:func:`read_file` turns one input file (Criteo TSV, CSV with a header, or Parquet; gzip by extension) into
+record batches of *clean* rows plus a list of :class:`Rejected` rows. Parsing is pyarrow's C++ CSV reader;
+validation is vectorised Arrow compute, so no Python runs per valid row. Only rows the parser itself
+refuses (wrong field count) pass through Python, one by one.
+
+Clean batch layout (what the rest of the pipeline consumes):
+
+* label → float32, never null (validated to be 0 or 1)
+* numeric → float32, null where missing
+* categorical → binary (UTF-8 validated), null where missing; multi-valued columns are still joined
+* timestamp → int64, never null;  teacher_logit → float32, never null
+* ``__file`` int64 (index of the file in the sorted input list), ``__line`` int64 (1-based line number;
+  row number for Parquet)
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from ctrkit.errors import InputError
+from ctrkit.schema import DataConfig
+
+FILE_COLUMN = "__file"
+LINE_COLUMN = "__line"
+# Integers, decimals and exponents, as C strtod / pyarrow's float cast accept them (no inf/nan: a
+# count of "nan" clicks is a broken log line, not a missing value).
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+_INTEGER = r"^\s*[-+]?\d+\s*$"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """A raw row that was not written, and why."""
+
+    file: str
+    line: int
+    raw: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def delimiter_of(config: DataConfig) -> str:
+    if config.delimiter is not None:
+        return config.delimiter
+    return "\t" if config.format == "criteo_tsv" else ","
+
+
+def raw_columns(config: DataConfig) -> list[str]:
+    """Columns as they appear in the input, in order."""
+    return [c.name for c in config.columns]
+
+
+def used_columns(config: DataConfig):
+    return [c for c in config.columns if c.kind != "ignore"]
+
+
+def clean_schema(config: DataConfig) -> pa.Schema:
+    """Arrow schema of the clean batches :func:`read_file` yields."""
+    types = {"label": pa.float32(), "numeric": pa.float32(), "categorical": pa.binary(),
+             "timestamp": pa.int64(), "teacher_logit": pa.float32()}
+    fields = [pa.field(c.name, types[c.kind]) for c in used_columns(config)]
+    return pa.schema(fields + [pa.field(FILE_COLUMN, pa.int64()), pa.field(LINE_COLUMN, pa.int64())])
+
+
+def _display_path(path: str) -> str:
+    return path
+
+
+def _open_stream(path: str):
+    """A pyarrow input stream, gzip decompressed by extension; remote paths through Beam's filesystems."""
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        f = FileSystems.open(path)  # decompresses .gz by extension (CompressionTypes.AUTO)
+        return pa.PythonFile(f, mode="r")
+    return pa.input_stream(path, compression="detect")
+
+
+def read_file(path: str, file_index: int, config: DataConfig) -> Iterator[tuple[pa.RecordBatch, list[Rejected]]]:
+    """Yield ``(clean_batch, rejected_rows)`` pairs for one input file, in file order.
+
+    Raises:
+        InputError: the file is missing, its header/schema does not match the config.
+    """
+    if config.format == "parquet":
+        yield from _read_parquet(path, file_index, config)
+    else:
+        yield from _read_delimited(path, file_index, config)
+
+
+# -- delimited text ---------------------------------------------------------------------------------
+def _read_delimited(path: str, file_index: int, config: DataConfig):
+    names = raw_columns(config)
+    delim = delimiter_of(config)
+    header = config.format == "csv" and config.header
+    quote = '"' if config.format == "csv" else False
+    try:
+        stream = _open_stream(path)
+    except FileNotFoundError as e:
+        raise InputError(f"input file {path} not found") from e
+    except OSError as e:
+        raise InputError(f"cannot open input file {path}: {e}") from e
+    first_line = 1
+    if header:
+        first_line = 2
+        file_names = _read_header(path, delim)
+        if file_names != names:
+            missing = [n for n in names if n not in file_names]
+            extra = [n for n in file_names if n not in names]
+            detail = []
+            if missing:
+                detail.append(f"missing columns {missing}")
+            if extra:
+                detail.append(f"unexpected columns {extra} (declare them with kind: ignore)")
+            if not detail:
+                detail.append(f"column order {file_names} differs from the config's {names}")
+            raise InputError(f"{path}: header does not match data.columns: {'; '.join(detail)}")
+
+    bad: list = []
+
+    def on_invalid(row) -> str:
+        bad.append((row.number, row.text, row.actual_columns))
+        return "skip"
+
+    # Rows ≈ bytes / 256 for Criteo-shaped logs: aim the parser's blocks at config.batch_size rows.
+    block_size = max(1 << 20, min(1 << 28, config.batch_size * 256))
+    try:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(
+                column_names=names, skip_rows=1 if header else 0, use_threads=False, block_size=block_size
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delim, quote_char=quote, ignore_empty_lines=False, invalid_row_handler=on_invalid
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.binary() for n in names}, strings_can_be_null=True,
+                quoted_strings_can_be_null=False, null_values=[""],
+            ),
+        )
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            return  # an empty file has no rows; the driver decides whether *all* input is empty
+        raise InputError(f"{path}: cannot parse: {e}") from e
+    except FileNotFoundError as e:
+        raise InputError(f"input file {path} not found") from e
+
+    # use_threads=False: the refused rows of a block reach on_invalid (with their line number) while
+    # that block is parsed, before its batch is returned, and open_csv has already parsed the first
+    # block; so after each read `bad` holds exactly the refused rows of the batch just read.
+    next_line = first_line
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{path}: cannot parse near line {next_line}: {e}") from e
+        refused = sorted(bad)
+        bad.clear()
+        n_total = batch.num_rows + len(refused)
+        lines = np.arange(next_line, next_line + n_total, dtype=np.int64)
+        if refused:
+            refused_lines = np.array([r[0] for r in refused], dtype=np.int64)
+            lines = lines[~np.isin(lines, refused_lines)]
+        next_line += n_total
+        rejected: list[Rejected] = []
+        padded_rows = []
+        padded_lines = []
+        for number, text, n_fields in refused:
+            if n_fields < len(names) and config.short_rows == "pad":
+                padded_rows.append(_split(text, delim, quote))
+                padded_lines.append(number)
+            else:
+                rejected.append(Rejected(path, int(number), text,
+                                         f"wrong number of fields: {n_fields}, expected {len(names)}"))
+        if padded_rows:
+            extra = _rows_to_batch(padded_rows, names)
+            batch = pa.concat_tables([pa.Table.from_batches([batch]), pa.Table.from_batches([extra])]) \
+                .combine_chunks().to_batches()[0] if batch.num_rows else extra
+            lines = np.concatenate([lines, np.array(padded_lines, dtype=np.int64)])
+            order = np.argsort(lines, kind="stable")
+            batch = batch.take(pa.array(order))
+            lines = lines[order]
+        if batch.num_rows == 0:
+            if rejected:
+                yield pa.RecordBatch.from_pylist([], schema=clean_schema(config)), rejected
+            continue
+        clean, more_rejected = validate(batch, lines, file_index, path, config, delim)
+        yield clean, rejected + more_rejected
+    if bad:
+        raise InputError(f"{path}: {len(bad)} refused rows after the last parsed block (reader out of sync)")
+
+
+def _read_header(path: str, delim: str) -> list[str]:
+    with _open_stream(path) as s:
+        first = b""
+        while not first.endswith(b"\n"):
+            chunk = s.read(1 << 16)
+            if not chunk:
+                break
+            first += chunk
+            if len(first) > (1 << 24):
+                break
+    line = first.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line:
+        raise InputError(f"{path}: empty file (expected a header line)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: header line is not UTF-8 ({e})") from e
+    return next(csv.reader(io.StringIO(text), delimiter=delim))
+
+
+def _split(text: str, delim: str, quote) -> list[str]:
+    if quote:
+        return next(csv.reader(io.StringIO(text), delimiter=delim))
+    return text.split(delim)
+
+
+def _rows_to_batch(rows: list[list[str]], names: list[str]) -> pa.RecordBatch:
+    """Short rows padded with missing values up to the configured columns."""
+    cols = []
+    for j in range(len(names)):
+        values = [(r[j].encode("utf-8", "surrogateescape") if j < len(r) and r[j] != "" else None) for r in rows]
+        cols.append(pa.array(values, pa.binary()))
+    return pa.RecordBatch.from_arrays(cols, names=names)
+
+
+# -- validation (vectorised) ------------------------------------------------------------------------
+def _raw_lines(batch: pa.RecordBatch, rows: np.ndarray, names: list[str], delim: str) -> list[str]:
+    """Reconstruct the raw text of a few rows (for rejected/), missing fields as empty strings."""
+    sub = batch.take(pa.array(rows)).to_pydict()
+    out = []
+    for i in range(len(rows)):
+        fields = [sub[n][i] for n in names]
+        out.append(delim.join("" if v is None else (v.decode("utf-8", "backslashreplace")
+                                                   if isinstance(v, bytes) else str(v)) for v in fields))
+    return out
+
+
+def _utf8_invalid(col: pa.Array) -> np.ndarray | None:
+    """Boolean mask of non-UTF-8 values, or None when the whole column is valid (the common case)."""
+    try:
+        col.cast(pa.string())
+        return None
+    except pa.ArrowInvalid:
+        values = col.to_pylist()
+        mask = np.zeros(len(values), dtype=bool)
+        for i, v in enumerate(values):
+            if v is not None:
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    mask[i] = True
+        return mask
+
+
+def _to_float(col: pa.Array) -> pa.Array | None:
+    """Fast path: the whole column parses as finite numbers (or is missing); None when it does not."""
+    try:
+        number = pc.cast(col.cast(pa.string()), pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if not pc.all(pc.fill_null(pc.is_finite(number), True)).as_py():
+        return None
+    return number
+
+
+def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: str, config: DataConfig,
+             delim: str = "\t") -> tuple[pa.RecordBatch, list[Rejected]]:
+    """Check and convert one batch of binary columns; returns the clean batch and the rejected rows.
+
+    The first failing check of a row names the reason (field and value); the row is dropped. Every
+    check has a whole-column fast path (one Arrow cast); only a column that fails it is examined
+    value by value.
+    """
+    n = batch.num_rows
+    names = [f.name for f in batch.schema]
+    reason = np.full(n, None, dtype=object)
+
+    def reject(mask: np.ndarray, why) -> None:
+        fresh = mask & (reason == None)  # noqa: E711 - elementwise on an object array
+        for i in np.flatnonzero(fresh):
+            reason[i] = why(i) if callable(why) else why
+
+    out: dict[str, pa.Array] = {}
+    for spec in used_columns(config):
+        col = batch.column(spec.name)
+        if spec.kind == "categorical":
+            bad = _utf8_invalid(col)
+            if bad is not None:
+                reject(bad, f"undecodable bytes (not UTF-8) in field {spec.name}")
+            out[spec.name] = col
+            continue
+        missing = col.is_null().to_numpy(zero_copy_only=False)
+        what = {"numeric": "number", "label": "label", "timestamp": "timestamp", "teacher_logit": "teacher logit"}[spec.kind]
+        if spec.kind != "numeric":
+            reject(missing, f"field {spec.name}: missing {what}")
+        number = None if spec.kind == "timestamp" else _to_float(col)
+        if number is None:  # slow path: find the offending values
+            bad_utf8 = _utf8_invalid(col)
+            if bad_utf8 is not None:
+                reject(bad_utf8, f"undecodable bytes (not UTF-8) in field {spec.name}")
+                col = pc.if_else(pa.array(~bad_utf8), col, pa.nulls(n, pa.binary()))
+            pattern = _INTEGER if spec.kind == "timestamp" else _NUMBER
+            ok = pc.fill_null(pc.match_substring_regex(col, pattern), False).to_numpy(zero_copy_only=False)
+            values = col.to_pylist
+            reject(~missing & ~ok, lambda i, s=spec.name, v=values, w=what: f"field {s}: {_show(v()[i])} is not a valid {w}")
+            good = pc.utf8_trim_whitespace(pc.if_else(pa.array(ok), col, pa.nulls(n, pa.binary())).cast(pa.string()))
+            if spec.kind == "timestamp":
+                out[spec.name] = pc.cast(good, pa.int64())
+                continue
+            number = pc.cast(good, pa.float64())
+        if spec.kind == "label":
+            is01 = pc.fill_null(pc.is_in(number, value_set=pa.array([0.0, 1.0])), True).to_numpy(zero_copy_only=False)
+            reject(~is01, lambda i, s=spec.name, v=col.to_pylist: f"field {s}: label {_show(v()[i])} is not 0 or 1")
+        out[spec.name] = pc.cast(number, pa.float32(), safe=False)
+
+    keep = np.array([r is None for r in reason], dtype=bool) if n else np.ones(0, dtype=bool)
+    rejected: list[Rejected] = []
+    arrays = [out[c.name] for c in used_columns(config)]
+    if not keep.all():
+        idx = np.flatnonzero(~keep)
+        raws = _raw_lines(batch, idx, names, delim)
+        for i, raw in zip(idx, raws):
+            why = str(reason[i])
+            if all(batch.column(c)[int(i)].as_py() is None for c in names):
+                why = "empty line"
+            rejected.append(Rejected(path, int(lines[i]), raw, why))
+        take = pa.array(np.flatnonzero(keep))
+        arrays = [a.take(take) for a in arrays]
+    arrays += [pa.array(np.full(int(keep.sum()), file_index, dtype=np.int64)), pa.array(lines[keep])]
+    return pa.RecordBatch.from_arrays(arrays, schema=clean_schema(config)), rejected
+
+
+def _show(v) -> str:
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "backslashreplace")
+    return repr(v)
+
+
+# -- parquet ----------------------------------------------------------------------------------------
+def _read_parquet(path: str, file_index: int, config: DataConfig):
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(_open_stream(path) if "://" in path else path)
+    except FileNotFoundError as e:
+        raise InputError(f"input file {path} not found") from e
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from e
+    names = raw_columns(config)
+    file_names = f.schema_arrow.names
+    missing = [n for n in names if n not in file_names]
+    if missing:
+        raise InputError(f"{path}: Parquet file lacks columns {missing} named in data.columns")
+    extra = [n for n in file_names if n not in names]
+    if extra:
+        raise InputError(f"{path}: Parquet file has columns {extra} not in data.columns (declare them with kind: ignore)")
+    next_row = 1
+    for batch in f.iter_batches(batch_size=config.batch_size, columns=names):
+        lines = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
+        next_row += batch.num_rows
+        # Typed Parquet columns go through the same validation as text: render them as text once.
+        cols = []
+        for name in names:
+            col = batch.column(name)
+            if pa.types.is_binary(col.type):
+                cols.append(col)
+            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                cols.append(col.cast(pa.binary()))
+            elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+                if pa.types.is_boolean(col.type):
+                    col = col.cast(pa.int8())
+                cols.append(col.cast(pa.string()).cast(pa.binary()))
+            else:
+                raise InputError(f"{path}: column {name} has unsupported Parquet type {col.type}")
+        text_batch = pa.RecordBatch.from_arrays(cols, names=names)
+        yield validate(text_batch, lines, file_index, path, config, delim="\t")

@@ -1,0 +1,370 @@
+"""``preprocess()``: run the Beam + TFT job and write the data contract atomically.
+
+The job runs in a child Python process by default (``isolate=True``): a process that ran a TFT
+pipeline can crash at interpreter exit (exit 139) after all output is written, which would turn a
+successful ``ctrkit preprocess`` (or a ``ctrkit run`` that preprocesses first) into a failure. The child
+reports its outcome in a JSON file before exiting; the parent trusts that file, not the exit code, and
+never imports TFT itself.
+
+Atomicity: everything is written under a hidden temporary sibling of ``output_dir``; after the job, the
+driver checks that rows read == rows written + rows rejected, writes ``manifest.json`` last and renames
+the directory into place. A failed run leaves no ``output_dir`` behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob as _glob
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ctrkit.configio import ConfigError, from_dict, to_dict
+from ctrkit.errors import InputError
+from ctrkit.manifest import Manifest, Window
+from ctrkit.schema import DataConfig
+
+log = logging.getLogger("ctrkit.pipelines")
+RESULT_FILE = "_result.json"
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Globs → sorted, de-duplicated file list (each pattern sorted; patterns kept in the given order)."""
+    if not inputs:
+        raise InputError("no input given (pass --input PATH_OR_GLOB)")
+    files: list[str] = []
+    for pattern in inputs:
+        if "://" in pattern:
+            from apache_beam.io.filesystems import FileSystems
+
+            matched = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+        else:
+            matched = sorted(p for p in _glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        if not matched:
+            raise InputError(f"input {pattern!r} matches no files")
+        files.extend(m for m in matched if m not in files)
+    return files
+
+
+def _count_lines(path: str) -> int:
+    opener = gzip.open if path.endswith(".gz") else open
+    n, last = 0, b"\n"
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def line_offsets(config: DataConfig, files: list[str]) -> list[int]:
+    """Position of each file's first row in the whole input (only needed for row-count windows)."""
+    offsets = [0] * len(files)
+    if config.timestamp is not None or len(files) < 2:
+        return offsets
+    header = 1 if (config.format == "csv" and config.header) else 0
+    total = 0
+    for i, path in enumerate(files):
+        offsets[i] = total
+        if config.format == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            total += max(0, _count_lines(path) - header)
+    return offsets
+
+
+def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
+    path = os.path.abspath(path)
+    if os.path.basename(path) == "transform_fn":
+        path = os.path.dirname(path)
+    for sub in ("transform_fn", "transformed_metadata"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise InputError(f"--transform-fn {path}: no {sub}/ there (pass a previous `ctrkit preprocess` output)")
+    manifest = os.path.join(path, "manifest.json")
+    if os.path.exists(manifest):
+        prev = Manifest.load(path).config.get("data")
+        if prev is not None:
+            ours = to_dict(config)
+            diff = [c["name"] for c, p in zip(ours["columns"], prev.get("columns", [])) if c != p]
+            if len(ours["columns"]) != len(prev.get("columns", [])) or diff:
+                raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
+                                  f"(differs at {diff or 'the column count'}); ids would not match")
+    return path
+
+
+def _prepare_output(output_dir: str, overwrite: bool) -> str:
+    """A fresh hidden temp dir beside ``output_dir`` (same filesystem, so the final rename is atomic)."""
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise InputError(f"output {output_dir} exists and is not a directory")
+        if os.listdir(output_dir) and not overwrite:
+            raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
+    parent = os.path.dirname(output_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    except OSError as e:
+        raise InputError(f"cannot write output directory {output_dir}: {e.strerror or e}") from e
+
+
+@dataclasses.dataclass
+class _Spec:
+    config: dict
+    files: list
+    work_dir: str
+    transform_fn_dir: str | None
+    pipeline_args: list
+    vocabulary: str
+
+
+def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform_fn_dir: str | None = None,
+               pipeline_args: list[str] | None = None, *, isolate: bool = True, overwrite: bool = False,
+               vocabulary: str = "arrow") -> Manifest:
+    """Read raw logs, analyze (or apply a saved ``transform_fn``), write windows of TFRecords + manifest.
+
+    Args:
+        config: the ``data:`` section (:class:`ctrkit.schema.DataConfig`).
+        inputs: files or globs (local, or any Beam filesystem such as ``gs://``); ``.gz`` is decompressed.
+        output_dir: where the data contract goes; must not exist or be empty (unless ``overwrite``).
+        transform_fn_dir: a previous output directory whose ``transform_fn`` is applied unchanged (ids stay
+            stable; unseen categories map to OOV) instead of analyzing this input.
+        pipeline_args: Beam pipeline options, passed through unchanged (``--runner=DataflowRunner ...``).
+            Without ``--runner`` the local FnApiRunner runs the job; ``--direct_num_workers=2
+            --direct_running_mode=multi_processing`` uses two processes.
+        isolate: run the job in a child process (see the module docstring). ``False`` runs it here.
+        overwrite: replace a non-empty ``output_dir``.
+        vocabulary: ``"arrow"`` (fast, default) or ``"tft"`` (textbook analyzers; same output).
+
+    Returns:
+        The written :class:`~ctrkit.manifest.Manifest` (loaded from ``output_dir``).
+
+    Raises:
+        InputError / ConfigError: missing or empty input, schema mismatch, unwritable output.
+    """
+    from ctrkit.pipelines.transform import check_config
+
+    check_config(config)
+    files = expand_inputs(list(inputs))
+    if all(("://" not in f and os.path.getsize(f) == 0) for f in files):
+        raise InputError(f"input is empty: {len(files)} file(s), 0 bytes ({', '.join(files[:3])})")
+    if transform_fn_dir is not None:
+        transform_fn_dir = _check_transform_fn_dir(transform_fn_dir, config)
+    offsets = line_offsets(config, files)
+    work = _prepare_output(output_dir, overwrite)
+    started = time.time()
+    try:
+        spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work,
+                     transform_fn_dir, list(pipeline_args or []), vocabulary)
+        result = _run_isolated(spec) if isolate else run_job(spec)
+        manifest = _finish(config, files, work, result, transform_fn_dir, spec.pipeline_args, started)
+        final = os.path.abspath(output_dir)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Manifest.load(final)
+
+
+# -- the job ----------------------------------------------------------------------------------------
+def run_job(spec: _Spec) -> dict[str, Any]:
+    """Build and run the Beam pipeline (in this process); returns counters and the options used."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    from ctrkit.pipelines.beam_pipeline import NAMESPACE, build_pipeline
+
+    config = from_dict(DataConfig, spec.config, "data")
+    options = PipelineOptions(spec.pipeline_args)
+    runner = None
+    if options.view_as(StandardOptions).runner is None:
+        # Beam 2.77's DirectRunner tries to download the Prism runner first; pin the FnApiRunner.
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        runner = FnApiRunner()
+    tmp = os.path.join(spec.work_dir, "_tft_tmp")
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(pipeline, config, [tuple(f) for f in spec.files], spec.work_dir, tmp, spec.transform_fn_dir,
+                   spec.vocabulary)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {}
+    try:
+        for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    except Exception as e:  # noqa: BLE001 - some runners report no metrics; counts come from files anyway
+        log.warning("could not query Beam metrics: %s", e)
+    return {
+        "ok": True,
+        "counters": counters,
+        "pipeline_options": options.get_all_options(drop_default=True, retain_unknown_options=True),
+        "runner": type(runner).__name__ if runner else options.view_as(StandardOptions).runner,
+        "driver_pid": os.getpid(),
+    }
+
+
+def _run_isolated(spec: _Spec) -> dict[str, Any]:
+    spec_path = os.path.join(spec.work_dir, "_spec.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(spec), f)
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.run([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=env,
+                          stdout=None, stderr=subprocess.PIPE, text=True, errors="replace")
+    os.remove(spec_path)
+    result_path = os.path.join(spec.work_dir, RESULT_FILE)
+    if os.path.exists(result_path):
+        with open(result_path, encoding="utf-8") as f:
+            result = json.load(f)
+        os.remove(result_path)
+        if result.get("ok"):
+            if proc.returncode != 0:
+                log.debug("pipeline child exited %s after success (TFT exit crash); output is complete",
+                          proc.returncode)
+            return result
+        kind, message = result.get("error_type"), result.get("error", "unknown error")
+        if kind == "InputError":
+            raise InputError(message)
+        if kind == "ConfigError":
+            raise ConfigError(message)
+        raise RuntimeError(f"preprocessing pipeline failed: {message}\n{result.get('traceback', '')}")
+    tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+    raise RuntimeError(f"preprocessing pipeline process died (exit {proc.returncode}) before reporting:\n{tail}")
+
+
+_USER_ERROR = re.compile(r"(?:ctrkit\.errors\.)?(InputError|ConfigError): (.+)")
+
+
+def _classify(e: BaseException) -> tuple[str, str]:
+    """Our user-facing errors raised inside a DoFn reach here wrapped by Beam: unwrap them."""
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (InputError, ConfigError)):
+            return type(cur).__name__, str(cur).splitlines()[0]
+        cur = cur.__cause__ or cur.__context__
+    m = _USER_ERROR.search(str(e))
+    if m:
+        return m.group(1), m.group(2).strip().strip("'\"").split(" [while running")[0]
+    return type(e).__name__, str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _child_main(spec_path: str) -> int:
+    import traceback
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("apache_beam", "absl", "tensorflow", "tensorflow_transform"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with open(spec_path, encoding="utf-8") as f:
+        spec = _Spec(**json.load(f))
+    try:
+        result = run_job(spec)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        kind, message = _classify(e)
+        result = {"ok": False, "error_type": kind, "error": message, "traceback": traceback.format_exc()}
+    path = os.path.join(spec.work_dir, RESULT_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, default=str)
+    os.replace(path + ".tmp", path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: that is where TFT's exit crash happens, and the result is on disk.
+    os._exit(0 if result["ok"] else 1)
+
+
+# -- after the job: check, index, manifest -----------------------------------------------------------
+def _read_jsonl_dir(path: str) -> list[dict]:
+    out = []
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+        with open(os.path.join(path, name), encoding="utf-8") as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def _vocab_sizes(config: DataConfig, work: str) -> dict[str, int]:
+    from ctrkit.pipelines.transform import vocab_filename, vocabulary_columns
+
+    assets = os.path.join(work, "transform_fn", "assets")
+    sizes = {}
+    for c in vocabulary_columns(config):
+        path = os.path.join(assets, vocab_filename(c.name))
+        if not os.path.exists(path):
+            raise RuntimeError(f"vocabulary asset for column {c.name!r} missing from transform_fn ({path})")
+        with open(path, "rb") as f:
+            sizes[c.name] = sum(1 for _ in f)
+    return sizes
+
+
+def _finish(config: DataConfig, files: list[str], work: str, result: dict, transform_fn_dir: str | None,
+            pipeline_args: list[str], started: float) -> Manifest:
+    from ctrkit._version import __version__
+    from ctrkit.pipelines.beam_pipeline import SHARDS_DIR, STATS_DIR, window_name
+    from ctrkit.pipelines.transform import transformed_features
+
+    stats = _read_jsonl_dir(os.path.join(work, STATS_DIR))
+    shards = _read_jsonl_dir(os.path.join(work, SHARDS_DIR))
+    rejected_dir = os.path.join(work, "rejected")
+    n_rejected_lines = sum(1 for _ in _read_jsonl_dir(rejected_dir))
+    rows_read = sum(s["rows_read"] for s in stats)
+    rows_rejected = sum(s["rows_rejected"] for s in stats)
+    rows_written = sum(s["rows"] for s in shards)
+    if len(stats) != len(files):
+        raise RuntimeError(f"pipeline reported on {len(stats)} of {len(files)} input files")
+    if rows_read == 0:
+        raise InputError(f"input is empty: no rows in {len(files)} file(s) ({', '.join(files[:3])})")
+    if rows_read != rows_written + rows_rejected or n_rejected_lines != rows_rejected:
+        raise RuntimeError(f"row accounting failed: read {rows_read}, written {rows_written}, rejected "
+                           f"{rows_rejected} ({n_rejected_lines} in rejected/)")
+    for d in (STATS_DIR, SHARDS_DIR, "_tft_tmp"):
+        shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+
+    by_window: dict[int, list[dict]] = {}
+    for s in shards:
+        by_window.setdefault(s["window"], []).append(s)
+    windows = []
+    for w in sorted(by_window):
+        ss = sorted(by_window[w], key=lambda s: (s["file"], s["line"]))
+        start = end = None
+        if config.timestamp is not None:
+            tz = datetime.timezone.utc
+            start = datetime.datetime.fromtimestamp(w * config.window_seconds, tz).isoformat()
+            end = datetime.datetime.fromtimestamp((w + 1) * config.window_seconds, tz).isoformat()
+        windows.append(Window(window_name(w), tuple(s["shard"] for s in ss), sum(s["rows"] for s in ss), start, end))
+
+    manifest = Manifest(
+        features=tuple(transformed_features(config, _vocab_sizes(config, work))),
+        label=config.label,
+        windows=tuple(windows),
+        rows_read=rows_read,
+        rows_written=rows_written,
+        rows_rejected=rows_rejected,
+        raw_schema={c.name: c.kind for c in config.columns},
+        teacher_logit_feature=next((c.name for c in config.columns if c.kind == "teacher_logit"), None),
+        config={"data": to_dict(config), "inputs": files, "transform_fn_from": transform_fn_dir,
+                "pipeline_args": pipeline_args, "pipeline_options": result.get("pipeline_options", {}),
+                "runner": result.get("runner"), "counters": result.get("counters", {}),
+                "seconds": round(time.time() - started, 2)},
+        ctrkit_version=__version__,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    log.info("ctrkit preprocess: %d rows read, %d written in %d windows, %d rejected (%.1f s)",
+             rows_read, rows_written, len(windows), rows_rejected, time.time() - started)
+    manifest.save(work)  # last: the rename that follows publishes a complete directory
+    return manifest
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
