@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Commands that run Beam (preprocess) pass options they don't know to Beam unchanged.
+        if not getattr(args, "accepts_unknown_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.beam_args = unknown
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
