@@ -1,0 +1,205 @@
+"""The online trainer: sparse optimizer, progressive validation, logs, exports, resume, warm start, NaN stop."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ctrkit.config import Config
+from ctrkit.errors import InputError
+from ctrkit.sparse import SparseOptimizer
+from ctrkit.testing import write_dataset, write_tfrecords
+from ctrkit.trainer import TrainingError, _load_checkpoint, _latest_checkpoint, load_run_model, train
+
+ROWS, WINDOWS, BATCH = 1500, 4, 128
+
+
+def small_config(**train_kw) -> Config:
+    return Config.from_dict(
+        {
+            "name": "t",
+            "model": {"embedding_dim": 4, "cross_layers": 2, "dnn_units": [16, 8]},
+            "train": {"batch_size": BATCH, "optimizer": "adam", "learning_rate": 0.01, "checkpoint_every_steps": 5,
+                      "log_every_steps": 5, "deterministic": True, **train_kw},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("trainer") / "data", windows=WINDOWS, rows_per_window=ROWS, seed=1)
+
+
+@pytest.fixture(scope="session")
+def full_run(dataset, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "full")
+    return train(small_config(), dataset.directory, run_dir, progress=False)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# -- sparse optimizer -----------------------------------------------------------------------------------------
+def _grads(ids, rows=10, dim=3, seed=0):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(len(ids), dim)).astype(np.float32)
+    return tf.IndexedSlices(tf.constant(values), tf.constant(ids, tf.int64), tf.constant([rows, dim], tf.int64)), values
+
+
+def test_sparse_adagrad_equals_dense_adagrad_with_duplicate_ids() -> None:
+    init = np.random.default_rng(1).normal(size=(10, 3)).astype(np.float32)
+    sparse_var, dense_var = tf.Variable(init), tf.Variable(init)
+    sparse = SparseOptimizer("adagrad", [sparse_var], [sparse_var], learning_rate=0.1)
+    dense = SparseOptimizer("adagrad", [dense_var], [], learning_rate=0.1)
+    for step, ids in enumerate([[1, 4, 4, 7], [4, 0, 0, 0]]):
+        g, _ = _grads(ids, seed=step)
+        sparse.apply([g])
+        dense.apply([tf.convert_to_tensor(g)])
+    np.testing.assert_allclose(sparse_var.numpy(), dense_var.numpy(), rtol=1e-6)
+    untouched = [2, 3, 5, 6, 8, 9]
+    np.testing.assert_array_equal(sparse_var.numpy()[untouched], init[untouched])
+
+
+def test_lazy_sparse_adam_matches_reference_and_leaves_other_rows_alone() -> None:
+    init = np.random.default_rng(2).normal(size=(10, 3)).astype(np.float64)
+    var = tf.Variable(init.astype(np.float32))
+    opt = SparseOptimizer("adam", [var], [var], learning_rate=0.05, beta_1=0.9, beta_2=0.99, epsilon=1e-7)
+    w, m, v = init.copy(), np.zeros_like(init), np.zeros_like(init)
+    for t, ids in enumerate([[1, 4, 4], [4, 9]], start=1):
+        g, values = _grads(ids, seed=10 + t)
+        opt.apply([g])
+        total = {}
+        for i, row in zip(ids, values):
+            total[i] = total.get(i, 0) + row.astype(np.float64)
+        for i, gi in total.items():  # lazy Adam: only rows in the batch move, moments included
+            m[i] = 0.9 * m[i] + 0.1 * gi
+            v[i] = 0.99 * v[i] + 0.01 * gi**2
+            w[i] -= 0.05 * np.sqrt(1 - 0.99**t) / (1 - 0.9**t) * m[i] / (np.sqrt(v[i]) + 1e-7)
+    np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(opt.slot_variables()[1].numpy()[[0, 2, 3]], 0)
+
+
+def test_dense_gradient_for_a_table_is_refused() -> None:
+    var = tf.Variable(tf.zeros([4, 2]))
+    opt = SparseOptimizer("adam", [var], [var])
+    with pytest.raises(TypeError, match="dense gradient"):
+        opt.apply([tf.ones([4, 2])])
+
+
+# -- the online run ---------------------------------------------------------------------------------------------
+def test_every_record_is_trained_exactly_once_in_time_order(full_run, dataset) -> None:
+    batches = _read_jsonl(os.path.join(full_run.run_dir, "batches.jsonl"))
+    assert full_run.examples == WINDOWS * ROWS == sum(b["count"] for b in batches)
+    assert [b["step"] for b in batches] == list(range(1, len(batches) + 1))
+    seen = set()
+    for b in batches:
+        span = {(b["window"], b["shard"], r) for r in range(b["offset"], b["offset"] + b["count"])}
+        assert not span & seen
+        seen |= span
+    order = [(b["window"], b["shard"], b["offset"]) for b in batches]
+    assert order == sorted(order)
+
+
+def test_run_dir_records_metrics_exports_and_final_model(full_run, dataset) -> None:
+    run = full_run.run_dir
+    lines = _read_jsonl(os.path.join(run, "metrics.jsonl"))
+    windows = [ln for ln in lines if ln["type"] == "window"]
+    assert [w["window"]["examples"] for w in windows] == [ROWS] * WINDOWS
+    assert windows[-1]["cumulative"]["examples"] == WINDOWS * ROWS
+    assert lines[-1]["type"] == "final" and lines[-1]["cumulative"] == full_run.metrics
+    for key in ("auc", "logloss", "ne", "calibration", "ece"):
+        assert isinstance(full_run.metrics[key], float)
+    # It learns: the last window is predicted better than the first.
+    assert windows[-1]["window"]["auc"] > windows[0]["window"]["auc"] + 0.05
+    assert windows[-1]["window"]["logloss"] < windows[0]["window"]["logloss"]
+    assert len(full_run.exports) == WINDOWS and all(os.path.exists(p) for p in full_run.exports)
+    info = json.load(open(os.path.join(run, "run.json")))
+    assert info["status"] == "completed" and info["manifest"].endswith("manifest.json")
+    assert os.listdir(os.path.join(run, "tensorboard"))
+    model = load_run_model(run)
+    first = {k: v[:5] for k, v in dataset.features[0].items()}
+    assert np.asarray(model(first)["probabilities"]).shape == (5, 1)
+
+
+def test_progressive_metrics_use_predictions_made_before_the_update(dataset, tmp_path) -> None:
+    import keras
+
+    from ctrkit.model import build_model
+
+    cfg = small_config(learning_rate=0.5)  # a big step: post-update predictions would differ clearly
+    result = train(cfg, dataset.directory, str(tmp_path / "one"), progress=False, max_steps=1)
+    assert result.steps == 1 and result.examples == BATCH
+    keras.utils.set_random_seed(cfg.train.seed)
+    initial = build_model(cfg, dataset.manifest)  # same seed -> the weights the first batch was scored with
+    first = {k: v[:BATCH] for k, v in dataset.features[0].items()}
+    p = np.asarray(initial(first)["probabilities"]).reshape(-1)
+    y = dataset.labels[0][:BATCH]
+    logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    assert result.metrics["logloss"] == pytest.approx(logloss, rel=1e-4)
+    trained = load_model_from_checkpoint(cfg, dataset, str(tmp_path / "one"))
+    p_after = np.asarray(trained(first)["probabilities"]).reshape(-1)
+    assert np.abs(p_after - p).max() > 1e-3  # the update happened after scoring
+
+
+def load_model_from_checkpoint(cfg, dataset, run_dir):
+    import keras
+
+    from ctrkit.model import build_model
+
+    arrays, meta = _load_checkpoint(_latest_checkpoint(run_dir))
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(cfg, dataset.manifest)
+    for i, w in enumerate(model.weights):
+        w.assign(arrays[f"weight/{i}"])
+    return model
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(full_run, dataset, tmp_path) -> None:
+    run = str(tmp_path / "resumed")
+    cfg = small_config()
+    part = train(cfg, dataset.directory, run, progress=False, max_steps=17)  # mid-shard, between checkpoints
+    assert part.steps == 17 and not part.model_path
+    done = train(cfg, dataset.directory, run, resume=True, progress=False)
+    assert done.examples == full_run.examples and done.steps == full_run.steps
+    assert _read_jsonl(os.path.join(run, "batches.jsonl")) == _read_jsonl(os.path.join(full_run.run_dir, "batches.jsonl"))
+    assert done.metrics == pytest.approx(full_run.metrics, rel=1e-6)
+    a, b = load_run_model(run), load_run_model(full_run.run_dir)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(wa.numpy(), wb.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
+    with pytest.raises(InputError, match="already holds a run"):
+        train(small_config(), dataset.directory, full_run.run_dir, progress=False)
+    with pytest.raises(InputError, match="no checkpoint"):
+        train(small_config(), dataset.directory, str(tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
+    cfg = small_config()
+    day1 = train(cfg, dataset.directory, str(tmp_path / "day1"), windows=[0, 1, 2], progress=False)
+    warm = train(cfg, dataset.directory, str(tmp_path / "day2"), windows=[3], warm_start=day1.run_dir, progress=False)
+    cold = train(cfg, dataset.directory, str(tmp_path / "cold"), windows=[3], progress=False)
+    assert warm.examples == cold.examples == ROWS
+    assert warm.metrics["logloss"] < cold.metrics["logloss"] - 0.01
+    assert warm.metrics["auc"] > cold.metrics["auc"]
+
+
+def test_non_finite_loss_stops_naming_step_and_window_and_exports_nothing_more(dataset, tmp_path) -> None:
+    bad = write_dataset(tmp_path / "bad", windows=2, rows_per_window=300, shards_per_window=1, seed=3)
+    feats = dict(bad.features[1])
+    feats["n0"] = feats["n0"].copy()
+    feats["n0"][200] = np.inf
+    write_tfrecords(os.path.join(bad.directory, bad.manifest.windows[1].shards[0]), {**feats, "label": bad.labels[1]})
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"step 5 in window 'w001'.*nothing was exported"):
+        train(small_config(), bad.directory, run, progress=False)
+    exported = sorted(os.listdir(os.path.join(run, "models")))
+    assert exported == ["000000003.keras"]  # window w000 only (300 rows = 3 batches)
+    assert not os.path.exists(os.path.join(run, "model.keras"))
+    assert json.load(open(os.path.join(run, "run.json")))["status"] == "failed"
