@@ -69,7 +69,8 @@ class _ReadFile(beam.DoFn):
         log.info("ctrkit preprocess: read %s: %d rows, %d valid, %d rejected", path, n_valid + n_rejected,
                  n_valid, n_rejected)
         yield beam.pvalue.TaggedOutput("stats", {"file": path, "rows_read": n_valid + n_rejected,
-                                                 "rows_valid": n_valid, "rows_rejected": n_rejected})
+                                                 "rows_valid": n_valid, "rows_rejected": n_rejected,
+                                                 "pid": os.getpid()})
 
 
 class ReadRawLogs(beam.PTransform):

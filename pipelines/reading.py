@@ -114,18 +114,7 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
     first_line = 1
     if header:
         first_line = 2
-        file_names = _read_header(path, delim)
-        if file_names != names:
-            missing = [n for n in names if n not in file_names]
-            extra = [n for n in file_names if n not in names]
-            detail = []
-            if missing:
-                detail.append(f"missing columns {missing}")
-            if extra:
-                detail.append(f"unexpected columns {extra} (declare them with kind: ignore)")
-            if not detail:
-                detail.append(f"column order {file_names} differs from the config's {names}")
-            raise InputError(f"{path}: header does not match data.columns: {'; '.join(detail)}")
+        check_schema(path, config)
 
     bad: list = []
 
@@ -201,6 +190,43 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
         yield clean, rejected + more_rejected
     if bad:
         raise InputError(f"{path}: {len(bad)} refused rows after the last parsed block (reader out of sync)")
+
+
+def check_schema(path: str, config: DataConfig) -> None:
+    """Fail fast (before any Beam work) when a file's header / Parquet schema disagrees with the config.
+
+    Headerless formats are checked row by row instead (wrong field counts are rejected rows).
+    """
+    names = raw_columns(config)
+    if config.format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            file_names = pq.ParquetFile(path).schema_arrow.names
+        except FileNotFoundError as e:
+            raise InputError(f"input file {path} not found") from e
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: not a readable Parquet file ({e})") from e
+        missing = [n for n in names if n not in file_names]
+        extra = [n for n in file_names if n not in names]
+        if missing or extra:
+            raise InputError(f"{path}: Parquet columns do not match data.columns: "
+                             f"missing {missing}, unexpected {extra} (declare extra columns with kind: ignore)")
+        return
+    if not (config.format == "csv" and config.header):
+        return
+    file_names = _read_header(path, delimiter_of(config))
+    if file_names != names:
+        missing = [n for n in names if n not in file_names]
+        extra = [n for n in file_names if n not in names]
+        detail = []
+        if missing:
+            detail.append(f"missing columns {missing}")
+        if extra:
+            detail.append(f"unexpected columns {extra} (declare them with kind: ignore)")
+        if not detail:
+            detail.append(f"column order {file_names} differs from the config's {names}")
+        raise InputError(f"{path}: header does not match data.columns: {'; '.join(detail)}")
 
 
 def _read_header(path: str, delim: str) -> list[str]:

@@ -157,6 +157,11 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     files = expand_inputs(list(inputs))
     if all(("://" not in f and os.path.getsize(f) == 0) for f in files):
         raise InputError(f"input is empty: {len(files)} file(s), 0 bytes ({', '.join(files[:3])})")
+    from ctrkit.pipelines.reading import check_schema
+
+    for f in files:
+        if "://" not in f:
+            check_schema(f, config)
     if transform_fn_dir is not None:
         transform_fn_dir = _check_transform_fn_dir(transform_fn_dir, config)
     offsets = line_offsets(config, files)
@@ -356,6 +361,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
         config={"data": to_dict(config), "inputs": files, "transform_fn_from": transform_fn_dir,
                 "pipeline_args": pipeline_args, "pipeline_options": result.get("pipeline_options", {}),
                 "runner": result.get("runner"), "counters": result.get("counters", {}),
+                "driver_pid": result.get("driver_pid"), "reader_pids": sorted({s["pid"] for s in stats}),
                 "seconds": round(time.time() - started, 2)},
         ctrkit_version=__version__,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

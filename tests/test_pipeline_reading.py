@@ -1,0 +1,152 @@
+"""ctrkit.pipelines.reading and .analyzers: Arrow parsing, validation and vocabulary rules (no Beam run)."""
+from __future__ import annotations
+
+import collections
+import gzip
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ctrkit import synthetic
+from ctrkit.errors import InputError
+from ctrkit.pipelines.analyzers import EMPTY_VOCABULARY_DUMMY, VocabSpec, _CountAll, order_and_filter
+from ctrkit.pipelines.reading import check_schema, read_file
+from ctrkit.schema import ColumnSpec, DataConfig
+
+
+def _read_all(path, config):
+    clean, rejected = [], []
+    for batch, rej in read_file(path, 0, config):
+        clean.append(batch)
+        rejected.extend(rej)
+    table = pa.Table.from_batches(clean) if clean else None
+    return table, rejected
+
+
+def _good_lines(n, seed=0):
+    table = synthetic.generate(n, seed=seed, timestamp=False)
+    path_lines = []
+    for row in table.to_pylist():
+        fields = [row["label"]] + [row[c] for c in synthetic.NUMERIC] + [row[c] for c in synthetic.CATEGORICAL]
+        path_lines.append("\t".join("" if v is None else str(v) for v in fields))
+    return path_lines
+
+
+def _with_field(line: bytes, index: int, value: bytes) -> bytes:
+    fields = line.split(b"\t")
+    fields[index] = value
+    return b"\t".join(fields)
+
+
+@pytest.fixture(scope="module")
+def bad_tsv(tmp_path_factory):
+    """20 good rows with one bad row of each kind spliced in at known lines."""
+    lines = [ln.encode() for ln in _good_lines(30)]
+    bad = {
+        3: (lines[0] + b"\textra", "wrong number of fields: 41, expected 40"),
+        6: (_with_field(lines[1], 1, b"x7"), "field I1: 'x7' is not a valid number"),
+        9: (b"2" + lines[2][1:], "field label: label '2' is not 0 or 1"),
+        12: (_with_field(lines[3], 14, b"\xff\xfez"), "undecodable bytes (not UTF-8) in field C1"),
+        15: (b"", "empty line"),
+        18: (b"\t".join(lines[4].split(b"\t")[:30]), "wrong number of fields: 30, expected 40"),
+    }
+    out = []
+    good_iter = iter(lines[5:])
+    for ln in range(1, 27):
+        out.append(bad[ln][0] if ln in bad else next(good_iter))
+    path = tmp_path_factory.mktemp("bad") / "bad.tsv.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"\n".join(out) + b"\n")
+    return str(path), {ln: reason for ln, (_, reason) in bad.items()}
+
+
+@pytest.mark.parametrize("short_rows", ["reject", "pad"])
+def test_each_bad_row_is_rejected_with_line_and_reason(bad_tsv, short_rows):
+    path, expected = bad_tsv
+    table, rejected = _read_all(path, DataConfig(short_rows=short_rows))
+    if short_rows == "pad":
+        expected = {ln: r for ln, r in expected.items() if ln != 18}
+    got = {r.line: r.reason for r in rejected}
+    # The raw line is kept with the reason (for the undecodable row: bytes shown escaped).
+    assert got.keys() == expected.keys()
+    for ln, reason in expected.items():
+        assert got[ln].startswith(reason.split(":")[0]), (ln, got[ln])
+    assert got[3] == expected[3] and got[9] == expected[9] and got[15] == "empty line"
+    assert "x7" in got[6] and "I1" in got[6]
+    assert all(r.file == path for r in rejected)
+    assert [r.raw for r in rejected if r.line == 3][0].endswith("\textra")
+    # Nothing lost: every line is either clean or rejected, and clean rows keep their own line numbers.
+    assert table.num_rows + len(rejected) == 26
+    assert sorted(table["__line"].to_pylist() + list(got)) == list(range(1, 27))
+
+
+def test_padded_short_row_keeps_its_values(bad_tsv):
+    path, _ = bad_tsv
+    table, _ = _read_all(path, DataConfig(short_rows="pad"))
+    row = table.filter(pa.compute.equal(table["__line"], 18)).to_pylist()[0]
+    assert row["C16"] is not None and row["C17"] is None and row["C26"] is None
+
+
+def test_real_criteo_sample_every_row_accounted(criteo_sample):
+    padded, rej_pad = _read_all(criteo_sample, DataConfig(short_rows="pad"))
+    strict, rej_strict = _read_all(criteo_sample, DataConfig(short_rows="reject"))
+    assert padded.num_rows == 1000 and rej_pad == []
+    # The sample's README: 469 rows with 38 fields and 29 with 37 (stripped trailing empties).
+    counts = collections.Counter(r.reason for r in rej_strict)
+    assert counts == {"wrong number of fields: 38, expected 40": 469, "wrong number of fields: 37, expected 40": 29}
+    assert strict.num_rows == 502
+    assert sorted(strict["__line"].to_pylist() + [r.line for r in rej_strict]) == list(range(1, 1001))
+    assert int(padded["label"].to_numpy().sum()) == 205
+
+
+def test_csv_header_mismatch_is_a_one_line_input_error(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("label,I1,C9\n1,2,a\n")
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("I1", kind="numeric"),
+                                               ColumnSpec("C1")])
+    with pytest.raises(InputError, match=r"missing columns \['C1'\].*unexpected columns \['C9'\]"):
+        check_schema(str(path), config)
+
+
+def test_parquet_schema_mismatch(tmp_path):
+    table = synthetic.generate(50, seed=1, timestamp=True)
+    path = synthetic.write_parquet(table, str(tmp_path / "x.parquet"))
+    with pytest.raises(InputError, match=r"unexpected \['timestamp'\]"):
+        check_schema(path, DataConfig(format="parquet"))
+
+
+def test_parquet_and_tsv_read_identically(tmp_path):
+    table = synthetic.generate(300, seed=2, timestamp=False)
+    tsv = synthetic.write_tsv(table, str(tmp_path / "x.tsv"))
+    parquet = synthetic.write_parquet(table, str(tmp_path / "x.parquet"))
+    a, _ = _read_all(tsv, DataConfig())
+    b, _ = _read_all(parquet, DataConfig(format="parquet"))
+    assert a.equals(b)
+
+
+# -- vocabulary rules (the Arrow analyzer must match tft.vocabulary) ----------------------------------
+def _reference_vocab(tokens, top_k=None, threshold=1):
+    """Plain-Python statement of TFT's rules: drop empty/newline tokens, threshold, order, top_k."""
+    counts = collections.Counter(t for t in tokens if t and b"\n" not in t and b"\r" not in t)
+    items = [(c, t) for t, c in counts.items() if c >= threshold]
+    items.sort(reverse=True)  # count desc, then token bytes desc
+    vocab = [t for _, t in items][:top_k]
+    return vocab or [EMPTY_VOCABULARY_DUMMY]
+
+
+@pytest.mark.parametrize("top_k,threshold", [(None, 1), (5, 1), (None, 3), (4, 2), (3, 1000)])
+def test_arrow_vocabulary_matches_tft_rules(top_k, threshold):
+    rng = np.random.default_rng(top_k or 0)
+    pool = [b"", b"a\nb", b"x\r"] + [f"t{i:03d}".encode() for i in range(60)]
+    batches = [np.array([pool[j] for j in rng.zipf(1.3, size=400) % len(pool)], dtype=object) for _ in range(5)]
+    fn = _CountAll(1)
+    accs = []
+    for part in (batches[:2], batches[2:]):  # two workers' partial counts, merged
+        acc = fn.create_accumulator()
+        for b in part:
+            acc = fn.add_input(acc, [b])
+        accs.append(acc)
+    counts = fn.extract_output(fn.merge_accumulators(accs))[0]
+    got = order_and_filter(counts, VocabSpec("v", top_k, threshold))
+    assert got == _reference_vocab(np.concatenate(batches).tolist(), top_k, threshold)
