@@ -151,15 +151,19 @@ class ServingModule(tf.Module):
         self._parse_spec = serving_parse_spec(raw_spec, exclude & set(raw_spec))
         self._features = [(f.name, f.kind, f.multivalent) for f in manifest.features]
 
+        # autograph=False: the graph has no data-dependent Python control flow, and a contract violation
+        # should surface as our ExportError, not wrapped in an autograph StagingError.
         self.serve_examples = tf.function(
-            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_KEY)]
+            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_KEY)], autograph=False
         )
-        self.predict_raw = tf.function(self._predict_raw, input_signature=[_raw_input_signature(self._parse_spec)])
+        self.predict_raw = tf.function(
+            self._predict_raw, input_signature=[_raw_input_signature(self._parse_spec)], autograph=False
+        )
         self.classify = tf.function(
-            self._classify, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS_KEY)]
+            self._classify, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS_KEY)], autograph=False
         )
         self.regress = tf.function(
-            self._regress, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS_KEY)]
+            self._regress, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS_KEY)], autograph=False
         )
 
     @property

@@ -234,3 +234,62 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown, where a process that ran a TFT pipeline may crash
+
+
+# -- one pipeline output and one export per test process ----------------------------------------------
+_SESSION: dict[str, Any] = {}
+
+
+def session_dir() -> str:
+    """A temporary directory for this process, removed at exit."""
+    if "dir" not in _SESSION:
+        import atexit
+
+        _SESSION["dir"] = tempfile.mkdtemp(prefix="ctrkit-serving-tests-")
+        atexit.register(shutil.rmtree, _SESSION["dir"], True)
+    return _SESSION["dir"]
+
+
+def session_pipeline_output() -> str:
+    """The tiny pipeline output, built once per process (about 25 s)."""
+    if "pipeline" not in _SESSION:
+        _SESSION["pipeline"] = build_pipeline_output(os.path.join(session_dir(), "pipeline"))
+    return _SESSION["pipeline"]
+
+
+def session_model(manifest: Any) -> Any:
+    """ctrkit's own DCN-V2 (``ctrkit.model.build_model`` with the ``small`` config) for ``manifest``."""
+    if "model" not in _SESSION:
+        import keras
+
+        from ctrkit.config import load_config
+        from ctrkit.model import build_model
+
+        keras.utils.set_random_seed(0)
+        _SESSION["model"] = build_model(load_config("small"), manifest)
+    return _SESSION["model"]
+
+
+def session_export() -> dict[str, Any]:
+    """One validated export of :func:`session_model`: keys ``pipeline``, ``manifest``, ``model``,
+    ``base``, ``name``, ``path`` (the version directory), ``rows`` (raw rows)."""
+    if "export" not in _SESSION:
+        from ctrkit.manifest import Manifest
+        from ctrkit.serving.export import export_model
+
+        pipeline = session_pipeline_output()
+        manifest = Manifest.load(pipeline)
+        model = session_model(manifest)
+        rows = load_raw_rows(pipeline)
+        base = os.path.join(session_dir(), "models")
+        path = export_model(model, manifest, base, "ctr", warmup_examples=rows[:32])
+        _SESSION["export"] = {
+            "pipeline": pipeline,
+            "manifest": manifest,
+            "model": model,
+            "base": base,
+            "name": "ctr",
+            "path": path,
+            "rows": rows,
+        }
+    return _SESSION["export"]

@@ -1,0 +1,66 @@
+"""TF Serving's version layout: atomic publish, increasing versions, pruning (no TensorFlow needed)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ctrkit.serving import versions
+
+
+def _fake_savedmodel(d: str) -> str:
+    os.makedirs(os.path.join(d, "variables"), exist_ok=True)
+    for name in ("saved_model.pb", os.path.join("variables", "variables.index")):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"x")
+    return d
+
+
+def test_staged_exports_are_invisible_until_published(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    staged = _fake_savedmodel(versions.staging_dir(path))
+    assert versions.list_versions(path) == []  # a half-written export is not a version
+    v = versions.next_version(path)
+    final = versions.publish(staged, path, v)
+    assert versions.list_versions(path) == [v]
+    assert final == os.path.join(path, str(v)) and not os.path.exists(staged)
+
+
+def test_publish_refuses_incomplete_savedmodel(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    staged = versions.staging_dir(path)
+    with open(os.path.join(staged, "saved_model.pb"), "wb") as f:
+        f.write(b"x")  # no variables/variables.index yet
+    with pytest.raises(ValueError, match="not a complete SavedModel"):
+        versions.publish(staged, path, 1)
+    assert versions.list_versions(path) == []
+
+
+def test_versions_increase_even_after_pruning(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    seen = []
+    for _ in range(4):
+        v = versions.next_version(path)
+        versions.publish(_fake_savedmodel(versions.staging_dir(path)), path, v)
+        versions.prune(path, keep=2)
+        seen.append(v)
+    assert seen == sorted(set(seen))
+    assert versions.list_versions(path) == seen[-2:]
+    assert not [d for d in os.listdir(path) if d.startswith(versions.TMP_PREFIX)]
+
+
+def test_explicit_version_must_exceed_latest(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    versions.publish(_fake_savedmodel(versions.staging_dir(path)), path, 7)
+    with pytest.raises(ValueError, match="not above the latest version 7"):
+        versions.next_version(path, 7)
+    assert versions.next_version(path, 8) == 8
+
+
+def test_non_integer_entries_are_not_versions(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    for d in ("3", "10", "tmp", ".tmp-x", "2a"):
+        os.makedirs(os.path.join(path, d))
+    assert versions.list_versions(path) == [3, 10]
+    with pytest.raises(ValueError):
+        versions.model_dir(str(tmp_path), "../escape")
