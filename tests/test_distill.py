@@ -1,0 +1,97 @@
+"""Distillation: losses, unbiased teacher-guided selection, and a student that beats itself without a teacher."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ctrkit.calibrate import score_stream
+from ctrkit.config import Config, ConfigError
+from ctrkit.distill import load_teacher, selection_weights
+from ctrkit.errors import InputError
+from ctrkit.metrics import StreamingMetrics
+from ctrkit.testing import write_dataset
+from ctrkit.trainer import load_run_model, train
+
+VOCAB = 30
+STUDENT = {"embedding_dim": 4, "cross_layers": 1, "dnn_units": [16]}
+
+
+def _cfg(model: dict, distill: dict | None = None, **train_kw) -> Config:
+    return Config.from_dict({
+        "name": "d",
+        "model": model,
+        "train": {"batch_size": 128, "optimizer": "adam", "learning_rate": 0.01, "checkpoint_every_steps": 1000, **train_kw},
+        "distill": distill or {},
+    })
+
+
+def test_selection_weights_are_unbiased_and_keep_hard_examples() -> None:
+    rng = np.random.default_rng(0)
+    y = tf.constant((rng.random(512) < 0.3).astype(np.float32))
+    t = tf.constant(rng.normal(-1, 2, 512).astype(np.float32))
+    loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=t).numpy()
+    draws = np.stack([selection_weights(y, t, 0.25, tf.constant([0, i], tf.int64)).numpy() for i in range(400)])
+    kept = (draws > 0).mean(axis=0)
+    assert (draws > 0).sum(axis=1).mean() == pytest.approx(0.25 * 512, rel=0.15)
+    # Horvitz-Thompson: E[s_i] = 1 for every example, so the weighted loss is unbiased.
+    assert np.mean(draws @ loss) == pytest.approx(loss.sum(), rel=0.03)
+    hardest = np.argsort(loss)[-10:]
+    assert kept[hardest].min() > kept.mean()
+    np.testing.assert_array_equal(selection_weights(y, t, 1.0, tf.constant([0, 0], tf.int64)).numpy(), 1.0)
+
+
+def test_bad_teacher_path_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(InputError, match="neither a ctrkit run directory"):
+        load_teacher(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    # One ground truth (truth_seed), three independent streams: the teacher's big one, the student's small
+    # one, and a held-out test stream.
+    big = write_dataset(root / "big", windows=4, rows_per_window=6000, shards_per_window=1, seed=10, vocab_size=VOCAB)
+    small = write_dataset(root / "small", windows=2, rows_per_window=2000, shards_per_window=1, seed=11,
+                          vocab_size=VOCAB, teacher_logit=True)
+    test = write_dataset(root / "test", windows=1, rows_per_window=6000, shards_per_window=1, seed=12, vocab_size=VOCAB)
+    teacher = train(_cfg({"embedding_dim": 8, "cross_layers": 2, "dnn_units": [64, 32]}), big.directory,
+                    str(root / "teacher"), progress=False)
+    return root, small, test, teacher
+
+
+def _evaluate(run_dir: str, test) -> dict:
+    s = score_stream(load_run_model(run_dir), test.manifest)
+    m = StreamingMetrics()
+    m.update(s["probabilities"], s["labels"])
+    return m.result()
+
+
+@pytest.mark.slow
+def test_student_with_distillation_beats_the_same_student_without(streams) -> None:
+    root, small, test, teacher = streams
+    teacher_logloss = _evaluate(teacher.run_dir, test)["logloss"]
+    gains = []
+    for seed in (0, 1):
+        kw = {"seed": seed, "batch_size": 32, "learning_rate": 0.005}
+        plain = train(_cfg(STUDENT, **kw), small.directory, str(root / f"plain{seed}"), progress=False)
+        distilled = train(_cfg(STUDENT, {"enabled": True, "teacher": teacher.run_dir, "weight": 2.0}, **kw),
+                          small.directory, str(root / f"distilled{seed}"), progress=False)
+        p, d = _evaluate(plain.run_dir, test), _evaluate(distilled.run_dir, test)
+        print(f"seed {seed}: teacher {teacher_logloss:.4f}  student {p['logloss']:.4f} (AUC {p['auc']:.4f})  "
+              f"distilled {d['logloss']:.4f} (AUC {d['auc']:.4f})")
+        assert teacher_logloss < p["logloss"] - 0.03  # the bigger teacher is better
+        gains.append(p["logloss"] - d["logloss"])
+        assert d["auc"] > p["auc"]
+    # Measured here: 0.0069 and 0.0063 log-loss gain (AUC +0.014, +0.011).
+    assert min(gains) > 0.003 and np.mean(gains) > 0.005
+
+
+def test_teacher_column_selection_and_confidence_weighting_train(streams) -> None:
+    root, small, test, _ = streams
+    cfg = _cfg(STUDENT, {"enabled": True, "select_fraction": 0.5, "confidence_weighting": True, "temperature": 2.0})
+    result = train(cfg, small.directory, str(root / "column"), progress=False)
+    assert result.examples == small.manifest.rows_written
+    assert _evaluate(result.run_dir, test)["auc"] > 0.6
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        train(_cfg(STUDENT, {"enabled": True}), test.directory, str(root / "noteacher"), progress=False)
