@@ -18,6 +18,20 @@ def clone_initializer(initializer: Any) -> Any:
     return initializer
 
 
+def bias_add(h: Any, bias: Any) -> Any:
+    """``h + bias`` over the last axis.
+
+    On TensorFlow this is ``tf.nn.bias_add``, which Grappler fuses with the preceding matmul into one
+    ``_FusedMatMul`` kernel on CPU (measured ~8% faster per low-rank train step at d=390); other backends
+    use the plain broadcast add.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # local: layers stay importable on other backends
+
+        return tf.nn.bias_add(h, ops.cast(bias, h.dtype))
+    return ops.add(h, bias)
+
+
 @keras.saving.register_keras_serializable(package="ctrkit")
 class Cross(keras.layers.Layer):
     """Cross layer of the Deep & Cross Network (DCN-V2).
@@ -147,7 +161,7 @@ class Cross(keras.layers.Layer):
         h = x if self.down_kernel is None else ops.matmul(x, self.down_kernel)
         h = ops.matmul(h, self.kernel)
         if self.bias is not None:
-            h = ops.add(h, self.bias)
+            h = bias_add(h, self.bias)
         if self._has_pre_activation:
             h = self.pre_activation(h)
         if self.diag_scale:
