@@ -194,6 +194,9 @@ def examples_from_body(body: Mapping[str, Any], feature_dtypes: Mapping[str, Any
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict):
             raise RequestError(f"examples[{i}] must be an object, got {type(ex).__name__}")
+        both = sorted(set(context) & set(ex))
+        if both:
+            raise RequestError(f"examples[{i}]: feature(s) {both} appear in both 'context' and the example")
         merged = {**context, **ex}
         unknown = sorted(set(merged) - set(feature_dtypes) - ignored)
         if unknown:

@@ -277,7 +277,8 @@ class Handler:
     def _signature(self, lv: LoadedVersion, body: dict[str, Any], default: str) -> str:
         sig = body.get("signature_name") or default
         if not isinstance(sig, str) or sig not in lv.signatures:
-            raise NotFoundError(f"Serving signature name: \"{sig}\" not found in signature def")
+            # TF Serving answers INVALID_ARGUMENT (HTTP 400) for an unknown signature name.
+            raise RequestError(f"Serving signature name: \"{sig}\" not found in signature def")
         return sig
 
     def _check_batch(self, n: int) -> None:
