@@ -147,8 +147,8 @@ class CalibrationConfig:
     num_keypoints: int = 10  # piecewise only
     downsampling_rate: float | None = None  # closed-form correction q = p / (p + (1-p)/w)
     learning_rate: float = 0.05
-    epochs: int = 3  # passes over the held-out stream (the body is frozen, so this is cheap)
-    batch_size: int = 4096
+    steps: int = 500  # full-batch optimizer steps on the cached held-out logits (cheap: the body is not run)
+    batch_size: int = 4096  # scoring batch size of the held-out stream
 
     def __post_init__(self) -> None:
         _check(self.holdout_windows >= 1, "calibration.holdout_windows", f"must be >= 1, got {self.holdout_windows}")
@@ -158,7 +158,7 @@ class CalibrationConfig:
         _check(self.downsampling_rate is None or 0 < self.downsampling_rate <= 1, "calibration.downsampling_rate",
                f"must be in (0, 1] or null, got {self.downsampling_rate}")
         _check(self.learning_rate > 0, "calibration.learning_rate", f"must be > 0, got {self.learning_rate}")
-        _check(self.epochs >= 1, "calibration.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.steps >= 1, "calibration.steps", f"must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, "calibration.batch_size", f"must be >= 1, got {self.batch_size}")
 
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     n = len(manifest.windows)
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")
     model = load_run_model(args.run_dir)
-    report = fit_calibration(model, manifest, cal, windows, seed=config.train.seed)
+    report = fit_calibration(model, manifest, cal, windows)
     report["windows"] = [manifest.windows[i].name for i in windows]
     final = os.path.join(args.run_dir, RUN_MODEL)
     keep = os.path.join(args.run_dir, "model_uncalibrated.keras")

@@ -1,0 +1,105 @@
+"""Calibration with the body frozen: a negative-downsampled (mis-calibrated) model gets back to ratio ~1."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ctrkit.calibrate import apply_downsampling_correction, fit_calibration, score_stream
+from ctrkit.cli import main
+from ctrkit.config import CalibrationConfig, Config, ConfigError
+from ctrkit.metrics import StreamingMetrics, downsampling_correction
+from ctrkit.model import build_model
+from ctrkit.testing import write_dataset
+from ctrkit.trainer import load_run_model, train
+
+KEEP = 0.25  # negatives kept when training
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrate")
+    biased = write_dataset(root / "train", windows=3, rows_per_window=4000, shards_per_window=1, seed=20,
+                           negative_keep_rate=KEEP, vocab_size=20)
+    holdout = write_dataset(root / "holdout", windows=1, rows_per_window=8000, shards_per_window=1, seed=21, vocab_size=20)
+    test = write_dataset(root / "test", windows=1, rows_per_window=8000, shards_per_window=1, seed=22, vocab_size=20)
+    cfg = Config.from_dict({
+        "name": "cal",
+        "model": {"embedding_dim": 4, "cross_layers": 2, "dnn_units": [16]},
+        "train": {"batch_size": 128, "optimizer": "adam", "learning_rate": 0.01, "checkpoint_every_steps": 1000},
+    })
+    run = train(cfg, biased.directory, str(root / "run"), progress=False)
+    return root, run, holdout, test
+
+
+def _ratio(model, data) -> tuple[float, float]:
+    s = score_stream(model, data.manifest)
+    m = StreamingMetrics()
+    m.update(s["probabilities"], s["labels"])
+    r = m.result()
+    return r["calibration"], r["ece"]
+
+
+def test_fitted_calibration_brings_a_downsampled_model_back_to_ratio_one(setup) -> None:
+    _, run, holdout, test = setup
+    model = load_run_model(run.run_dir)
+    body_before = [w.numpy().copy() for w in model.weights if "calibration" not in w.path]
+    ratio_test_before, ece_test_before = _ratio(model, test)
+    report = fit_calibration(model, holdout.manifest, CalibrationConfig(kind="temperature"))
+    print(json.dumps(report, indent=1))
+    assert report["before"]["calibration"] > 1.5  # downsampling negatives inflates predictions
+    assert abs(report["after"]["calibration"] - 1) < 0.02
+    assert report["after"]["ece"] < report["before"]["ece"] / 3
+    # Only the calibration layer moved.
+    body_after = [w.numpy() for w in model.weights if "calibration" not in w.path]
+    for a, b in zip(body_before, body_after):
+        np.testing.assert_array_equal(a, b)
+    # And it generalizes to an independent stream (looser: ~2000 clicks there carry ±2% sampling noise).
+    ratio_test, ece_test = _ratio(model, test)
+    print(f"test stream: ratio {ratio_test_before:.3f} -> {ratio_test:.3f}, ECE {ece_test_before:.4f} -> {ece_test:.4f}")
+    assert abs(ratio_test - 1) < 0.06 and ece_test < ece_test_before / 3
+
+
+def test_closed_form_downsampling_correction_matches_the_formula(setup) -> None:
+    _, run, holdout, test = setup
+    model = load_run_model(run.run_dir)
+    p = score_stream(model, test.manifest)["probabilities"]
+    apply_downsampling_correction(model, KEEP)
+    q = score_stream(model, test.manifest)["probabilities"]
+    np.testing.assert_allclose(q, downsampling_correction(p, KEEP), rtol=1e-4, atol=1e-6)
+    ratio, _ = _ratio(model, test)
+    print(f"closed-form correction: test calibration ratio {ratio:.3f}")
+    assert abs(ratio - 1) < 0.1
+
+
+def test_piecewise_calibration_fits_and_stays_monotone(setup) -> None:
+    _, run, holdout, _ = setup
+    cfg = Config.from_dict({"model": {"embedding_dim": 4, "cross_layers": 2, "dnn_units": [16]},
+                            "calibration": {"kind": "piecewise", "num_keypoints": 12}})
+    model = build_model(cfg, holdout.manifest)
+    model.set_weights([w for w in load_run_model(run.run_dir).get_weights()[:-2]] + model.get_weights()[-1:])
+    report = fit_calibration(model, holdout.manifest, cfg.calibration)
+    assert abs(report["after"]["calibration"] - 1) < 0.05 < abs(report["before"]["calibration"] - 1)
+    s = score_stream(model, holdout.manifest)
+    order = np.argsort(s["logits"])
+    assert np.all(np.diff(s["probabilities"][order]) >= -1e-6)
+    with pytest.raises(ConfigError, match="temperature"):
+        apply_downsampling_correction(model, 0.5)
+
+
+def test_calibrate_command_replaces_the_model_and_keeps_the_original(setup, capsys) -> None:
+    root, run, holdout, _ = setup
+    import shutil
+
+    run_dir = str(root / "cli_run")
+    shutil.copytree(run.run_dir, run_dir)
+    assert main(["calibrate", run_dir, "--data", holdout.directory]) == 0
+    out = capsys.readouterr().out
+    assert "calibration ratio" in out
+    report = json.load(open(os.path.join(run_dir, "calibration.json")))
+    assert abs(report["after"]["calibration"] - 1) < 0.02 and report["windows"] == ["w000"]
+    assert os.path.exists(os.path.join(run_dir, "model_uncalibrated.keras"))
+    ratio, _ = _ratio(load_run_model(run_dir), holdout)
+    assert ratio == pytest.approx(report["after"]["calibration"], rel=1e-4)
