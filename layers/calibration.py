@@ -176,6 +176,9 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         frac = ops.clip((z - kp[:-1]) / (kp[1:] - kp[:-1]), 0.0, 1.0)  # (B, n-1)
         out = y[0] + ops.sum(frac * (y[1:] - y[:-1]), axis=-1, keepdims=True)
         if self.output_logit:
+            # Levels can sit within float32 rounding of 0 or 1; clip so the logit stays finite.
+            eps = keras.config.epsilon()
+            out = ops.clip(out, eps, 1.0 - eps)
             return ops.log(out) - ops.log1p(-out)
         return out
 

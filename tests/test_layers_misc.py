@@ -262,6 +262,9 @@ def test_piecewise_linear_calibration_formula_monotone_in_unit_interval():
     logit_layer(z)
     logit_layer.set_weights(layer.get_weights())
     np.testing.assert_allclose(np.asarray(logit_layer(z))[:, 0], np.log(expected / (1 - expected)), atol=1e-3)
+    # levels within float32 rounding of 0 and 1 still give finite logits
+    logit_layer.set_weights([np.array([-40, 0, 0, 0, 0, -40], "float32")])
+    assert np.all(np.isfinite(np.asarray(logit_layer(z))))
     with pytest.raises(ValueError, match="increasing"):
         PiecewiseLinearCalibration(keypoints=[0.0, 0.0, 1.0])
 
