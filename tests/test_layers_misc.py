@@ -212,6 +212,17 @@ def test_distillation_loss_matches_numpy(temperature, confidence):
     assert DistillationLoss.from_config(loss.get_config()).temperature == temperature
 
 
+def test_distillation_head_matches_numpy():
+    rng = np.random.default_rng(11)
+    h = rng.normal(size=(5, 6)).astype("float32")
+    head = DistillationHead(hidden_units=(4,), activation="smelu")
+    out = np.asarray(head(h))
+    k1, b1, k2, b2 = head.get_weights()
+    assert out.shape == (5, 1)
+    np.testing.assert_allclose(out, np_smelu(h @ k1 + b1) @ k2 + b2, rtol=1e-5, atol=1e-5)
+    assert DistillationHead.from_config(head.get_config()).get_config() == head.get_config()
+
+
 def test_distillation_head_learns_teacher_logits():
     rng = np.random.default_rng(7)
     h = rng.normal(size=(256, 5)).astype("float32")
