@@ -226,3 +226,43 @@ def test_export_fn_keeps_last_k_increasing_versions(exported, tmp_path):
     assert got[1] > got[0]
     assert versions.list_versions(str(tmp_path / "online")) == got[-1:]
     assert not os.path.exists(paths[0])
+
+
+def _cli(*args, timeout=600):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "ctrkit.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+
+
+def test_ctrkit_export_from_a_run_directory(exported, tmp_path):
+    """`ctrkit export RUN_DIR` on the trainer's run layout (run.json + model.keras). Validation is skipped
+    here to stay in the suite's time budget; the session export above ran it through export_model."""
+    import json
+
+    from ctrkit.serving import versions
+
+    run = tmp_path / "run"
+    run.mkdir()
+    exported["model"].save(run / "model.keras")
+    (run / "run.json").write_text(json.dumps({"data_dir": exported["pipeline"], "status": "finished"}))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in exported["rows"][:16]))
+    base = tmp_path / "models"
+    proc = _cli("export", str(run), "--base-path", str(base), "--model-name", "cli", "--version", "5",
+                "--warmup-rows", str(rows), "--no-validate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(base / "cli" / "5")
+    assert versions.list_versions(str(base / "cli")) == [5]
+    assert versions.is_complete(str(base / "cli" / "5"))
+
+
+def test_ctrkit_export_errors_are_one_line(tmp_path):
+    proc = _cli("export", str(tmp_path), "--base-path", str(tmp_path / "b"), "--model-name", "x", timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ctrkit export: error: {tmp_path} has no run.json: not a ctrkit run directory (or pass --model and --data)"
+    ]
