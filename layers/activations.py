@@ -116,3 +116,11 @@ def serialize(activation: Callable[..., Any]) -> Any:
     if activation is smelu:
         return "smelu"
     return keras.activations.serialize(activation)
+
+
+def serialize_identifier(identifier: Activation) -> Any:
+    """An activation identifier for ``get_config``: strings, ``None`` and dicts as given (so ``"smelu"``
+    round-trips by name), callables serialized."""
+    if isinstance(identifier, (str, type(None), dict)):
+        return identifier
+    return serialize(get(identifier))

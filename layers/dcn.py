@@ -34,6 +34,9 @@ class DCN(keras.layers.Layer):
             ``"cross_only"``; may be empty for ``"stacked"`` (then ``h`` is the cross output).
         dropout: dropout rate after each DNN activation, in ``[0, 1)``. Defaults to 0.
         activation: DNN activation; any Keras activation or ``"smelu"``. Defaults to ``"relu"``.
+        diag_scale: ``diag_scale`` of every cross layer (see :class:`Cross`). Defaults to 0.
+        gating: gating of mixture cross layers (see :class:`CrossMixture`). Defaults to ``"softmax"``.
+        expert_activation: nonlinearity of mixture experts. Defaults to ``"tanh"``.
         **kwargs: base layer arguments.
 
     Call arguments:
@@ -67,6 +70,9 @@ class DCN(keras.layers.Layer):
         dnn_units: Sequence[int] = (500, 500, 500),
         dropout: float = 0.0,
         activation: activations.Activation = "relu",
+        diag_scale: float = 0.0,
+        gating: str = "softmax",
+        expert_activation: activations.Activation = "tanh",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -88,6 +94,9 @@ class DCN(keras.layers.Layer):
         self.dnn_units = dnn_units
         self.dropout = float(dropout)
         self.activation = activation
+        self.diag_scale = diag_scale
+        self.gating = gating
+        self.expert_activation = expert_activation
         act = activations.get(activation)
         self.cross_network = CrossNetwork(
             num_layers=num_cross_layers,
@@ -95,6 +104,9 @@ class DCN(keras.layers.Layer):
             projection_dim=projection_dim,
             num_experts=num_experts,
             low_rank=low_rank,
+            diag_scale=diag_scale,
+            gating=gating,
+            expert_activation=expert_activation,
             dtype=self.dtype_policy,
             name="cross_network",
         )
@@ -148,6 +160,9 @@ class DCN(keras.layers.Layer):
             "low_rank": self.low_rank,
             "dnn_units": list(self.dnn_units),
             "dropout": self.dropout,
-            "activation": self.activation if isinstance(self.activation, (str, type(None), dict))
-            else activations.serialize(self.activation),
+            "activation": activations.serialize_identifier(self.activation),
+            "diag_scale": self.diag_scale,
+            "gating": self.gating,
+            "expert_activation": activations.serialize_identifier(self.expert_activation),
         }
+

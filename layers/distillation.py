@@ -169,7 +169,7 @@ class DistillationHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden_units = [check.positive_int("DistillationHead", "hidden_units[]", u) for u in hidden_units]
         act = activations.get(activation)
-        self.activation = activation if isinstance(activation, (str, type(None), dict)) else activations.serialize(act)
+        self.activation = activations.serialize_identifier(activation)
         self.kernel_initializer = keras.initializers.serialize(keras.initializers.get(kernel_initializer))
         self.hidden = [
             keras.layers.Dense(u, activation=act, kernel_initializer=keras.initializers.get(self.kernel_initializer),

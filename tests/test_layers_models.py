@@ -146,3 +146,16 @@ def test_subclassed_model_trains_and_restores_weights(tmp_path):
     fresh(batch)
     fresh.load_weights(tmp_path / "tiny.weights.h5")
     np.testing.assert_allclose(np.asarray(fresh(batch)), np.asarray(model(batch)), rtol=1e-6, atol=1e-6)
+
+
+def test_configs_with_callable_activations_are_json_serializable(tmp_path):
+    """Activations given as callables (not strings) must still save: get_config serializes them."""
+    x = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
+    inputs = keras.Input((8,))
+    h = DCN(structure="parallel", cross_kind="mixture", num_experts=2, low_rank=2, dnn_units=(4,),
+            activation=keras.activations.gelu, expert_activation=keras.activations.tanh)(inputs)
+    h = CrossNetwork(num_layers=1, pre_activation=keras.activations.relu)(h)
+    model = keras.Model(inputs, DistillationHead(hidden_units=(3,), activation=keras.activations.elu)(h))
+    model.save(tmp_path / "callables.keras")
+    loaded = keras.saving.load_model(tmp_path / "callables.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
