@@ -128,6 +128,7 @@ class DistillConfig:
     weight: float = 1.0
     confidence_weighting: bool = False
     select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
+    teacher_model: ModelConfig | None = None  # the teacher `ctrkit run` trains first; None: same as model
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
