@@ -43,7 +43,7 @@ from ctrkit.data import Position, iterate_batches
 from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
 
-__all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "RUN_MODEL"]
+__all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "make_optimizer", "make_train_step", "RUN_MODEL"]
 
 ExportFn = Callable[[Any, Manifest, int], str]
 RUN_MODEL = "model.keras"
@@ -235,6 +235,67 @@ def _make_loss(config: Config) -> Callable[..., Any]:
     return loss_fn
 
 
+def make_optimizer(config: Config, model: Any) -> Any:
+    """The trainer's optimizer: embedding tables of ``model`` sparse, everything else dense."""
+    from ctrkit.model import embedding_layer
+    from ctrkit.sparse import SparseOptimizer
+
+    tc = config.train
+    trainable = model.trainable_variables
+    tables = {id(t) for t in embedding_layer(model).embedding_tables.values()}
+    return SparseOptimizer(
+        tc.optimizer,
+        [v.value for v in trainable],
+        sparse_variables=[v.value for v in trainable if id(v) in tables],
+        learning_rate=tc.learning_rate,
+        sparse_learning_rate=tc.embedding_learning_rate,
+        beta_1=tc.adam_beta_1,
+        beta_2=tc.adam_beta_2,
+        epsilon=tc.epsilon,
+        initial_accumulator=tc.adagrad_initial_accumulator,
+    )
+
+
+def make_train_step(config: Config, model: Any, optimizer: Any, teacher_fn: Callable[..., Any] | None = None) -> Any:
+    """The compiled step ``(features, labels, teacher_logits, seed) -> (served probabilities, loss, parts)``.
+
+    The probabilities returned are the served ones, computed before this step's update (progressive
+    validation). A non-finite loss skips the update, so the model stays at its last finite state.
+    """
+    import tensorflow as tf
+
+    from ctrkit.distill import selection_weights
+
+    dc = config.distill
+    loss_fn = _make_loss(config)
+    tf_vars = optimizer.variables
+    needs_separate_eval = config.model.dropout > 0  # dropout makes training-mode outputs noisy predictions
+    select = dc.enabled and dc.select_fraction < 1.0
+
+    @tf.function(reduce_retracing=True)
+    def train_step(features, labels, teacher, seed):
+        if needs_separate_eval:
+            served = model(features, training=False)["probabilities"]
+        if teacher_fn is not None:
+            teacher = teacher_fn(features)
+        weights = selection_weights(labels, teacher, dc.select_fraction, seed) if select else tf.ones_like(labels)
+        with tf.GradientTape() as tape:
+            outputs = model(features, training=True)
+            loss, parts = loss_fn(outputs, labels, teacher, weights)
+        if not needs_separate_eval:
+            served = outputs["probabilities"]
+        grads = tape.gradient(loss, tf_vars)
+
+        def apply():
+            optimizer.apply(grads)
+            return tf.constant(True)
+
+        tf.cond(tf.math.is_finite(loss), apply, lambda: tf.constant(False))
+        return served, loss, parts
+
+    return train_step
+
+
 # -- the trainer -------------------------------------------------------------------------------------------
 def _default_export(run_dir: str) -> ExportFn:
     def export(model: Any, manifest: Manifest, step: int) -> str:
@@ -285,10 +346,9 @@ def train(
     import keras
     import tensorflow as tf
 
-    from ctrkit.distill import load_teacher, selection_weights
+    from ctrkit.distill import load_teacher
     from ctrkit.metrics import ProgressiveValidation
-    from ctrkit.model import build_model, embedding_layer
-    from ctrkit.sparse import SparseOptimizer
+    from ctrkit.model import build_model
 
     manifest = Manifest.load(data_dir)
     tc = config.train
@@ -323,21 +383,7 @@ def train(
 
     keras.utils.set_random_seed(tc.seed)
     model = build_model(config, manifest)
-    emb = embedding_layer(model)
-    trainable = model.trainable_variables
-    tables = {id(t) for t in emb.embedding_tables.values()}
-    tf_vars = [v.value for v in trainable]
-    optimizer = SparseOptimizer(
-        tc.optimizer,
-        tf_vars,
-        sparse_variables=[v.value for v in trainable if id(v) in tables],
-        learning_rate=tc.learning_rate,
-        sparse_learning_rate=tc.embedding_learning_rate,
-        beta_1=tc.adam_beta_1,
-        beta_2=tc.adam_beta_2,
-        epsilon=tc.epsilon,
-        initial_accumulator=tc.adagrad_initial_accumulator,
-    )
+    optimizer = make_optimizer(config, model)
     pv = ProgressiveValidation()
     state = _State(model, optimizer, pv)
 
@@ -381,32 +427,7 @@ def train(
         },
     )
 
-    loss_fn = _make_loss(config)
-    needs_separate_eval = config.model.dropout > 0  # dropout makes training-mode outputs noisy predictions
-    select = dc.enabled and dc.select_fraction < 1.0
-
-    @tf.function(reduce_retracing=True)
-    def train_step(features, labels, teacher, seed):
-        if needs_separate_eval:
-            served = model(features, training=False)["probabilities"]
-        if teacher_fn is not None:
-            teacher = teacher_fn(features)
-        weights = selection_weights(labels, teacher, dc.select_fraction, seed) if select else tf.ones_like(labels)
-        with tf.GradientTape() as tape:
-            outputs = model(features, training=True)
-            loss, parts = loss_fn(outputs, labels, teacher, weights)
-        if not needs_separate_eval:
-            served = outputs["probabilities"]
-        grads = tape.gradient(loss, tf_vars)
-        finite = tf.math.is_finite(loss)
-
-        def apply():
-            optimizer.apply(grads)
-            return tf.constant(True)
-
-        # Never apply a non-finite step: the model stays at its last finite state.
-        tf.cond(finite, apply, lambda: tf.constant(False))
-        return served, loss, parts
+    train_step = make_train_step(config, model, optimizer, teacher_fn)
 
     export = export_fn or _default_export(run_dir)
     tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
