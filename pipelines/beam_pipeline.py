@@ -209,8 +209,10 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
                                                           file_name_suffix=".jsonl")
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
         raw_metadata = tft.DatasetMetadata.from_feature_spec(raw_feature_spec(config))
-        _ = raw_metadata | "WriteRawMetadata" >> tft_beam.WriteMetadata(os.path.join(output_dir, "raw_metadata"),
-                                                                        pipeline)
+        # raw_metadata/ is the data contract's name; tft.TFTransformOutput.raw_feature_spec() reads
+        # metadata/ (its RAW_METADATA_DIR), so the same few-KB schema is written to both.
+        for sub in ("raw_metadata", "metadata"):
+            _ = raw_metadata | f"Write_{sub}" >> tft_beam.WriteMetadata(os.path.join(output_dir, sub), pipeline)
         _ = (read.rejected | "RejectedJson" >> beam.Map(json.dumps)
              | "WriteRejected" >> beam.io.WriteToText(os.path.join(output_dir, "rejected", "part"),
                                                       file_name_suffix=".jsonl"))

@@ -138,10 +138,10 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
                 quoted_strings_can_be_null=False, null_values=[""],
             ),
         )
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e):
             return  # an empty file has no rows; the driver decides whether *all* input is empty
-        raise InputError(f"{path}: cannot parse: {e}") from e
+        raise InputError(f"{path}: cannot read: {e}") from e
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
 
@@ -154,8 +154,8 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
             batch = reader.read_next_batch()
         except StopIteration:
             break
-        except pa.ArrowInvalid as e:
-            raise InputError(f"{path}: cannot parse near line {next_line}: {e}") from e
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: cannot read near line {next_line}: {e}") from e
         refused = sorted(bad)
         bad.clear()
         n_total = batch.num_rows + len(refused)

@@ -1,0 +1,366 @@
+"""End-to-end runs of ctrkit.pipelines (each configuration runs once per session: a TFT run costs ~30 s).
+
+Runs: the CLI on a small generated TSV with two worker processes; the same input through the textbook TFT
+vocabulary analyzers; CSV and Parquet copies; a later span through the saved transform_fn; a file of bad
+rows plus the real Criteo sample (short rows rejected); the Criteo sample with short rows padded.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+import yaml
+
+from ctrkit import synthetic
+from ctrkit.config import load_config
+from ctrkit.errors import InputError
+from ctrkit.manifest import Manifest
+from ctrkit.schema import ColumnSpec, DataConfig, criteo_columns
+
+pytestmark = pytest.mark.slow
+N_ROWS = 3000
+WINDOW_ROWS = 1500
+
+
+def _columns() -> list[ColumnSpec]:
+    cols = {c.name: c for c in criteo_columns()}
+    cols["I3"].zscore = False
+    cols["I5"].buckets = 4
+    cols["C1"].top_k = 3
+    cols["C2"].frequency_threshold = 40
+    cols["C25"].oov_buckets = 3
+    cols["C26"].encoding, cols["C26"].hash_buckets = "hash", 50
+    return list(cols.values())
+
+
+def _data_config(**kw) -> DataConfig:
+    return DataConfig(columns=_columns(), window_rows=WINDOW_ROWS, **kw)
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def raw(work):
+    table = synthetic.generate(N_ROWS, seed=11, timestamp=False)
+    later = synthetic.generate(800, seed=12, timestamp=False, vocab_scale=0.02)  # bigger vocab: unseen ids
+    paths = {
+        "tsv": synthetic.write_tsv(table, str(work / "span1.tsv")),
+        "csv": synthetic.write_csv(table, str(work / "span1.csv")),
+        "parquet": synthetic.write_parquet(table, str(work / "span1.parquet")),
+        "later": synthetic.write_tsv(later, str(work / "span2.tsv.gz"), gzip=True),
+    }
+    config = {"data": {"window_rows": WINDOW_ROWS,
+                       "columns": [{k: v for k, v in vars(c).items()} for c in _columns()]}}
+    paths["config"] = str(work / "config.yaml")
+    with open(paths["config"], "w") as f:
+        yaml.safe_dump(config, f)
+    return paths
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctrkit.cli", "preprocess", *args], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def cli_run(raw, work):
+    out = str(work / "out_cli")
+    proc = _cli("--config", raw["config"], "--input", raw["tsv"], "--output", out,
+                "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    return proc, out
+
+
+@pytest.fixture(scope="session")
+def tsv_out(cli_run):
+    proc, out = cli_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _run(work, name, inputs, config, **kw) -> str:
+    from ctrkit.pipelines import preprocess
+
+    out = str(work / name)
+    preprocess(config, inputs, out, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def textbook_out(raw, work):
+    return _run(work, "out_textbook", [raw["tsv"]], _data_config(), vocabulary="tft")
+
+
+@pytest.fixture(scope="session")
+def csv_out(raw, work):
+    return _run(work, "out_csv", [raw["csv"]], _data_config(format="csv"))
+
+
+@pytest.fixture(scope="session")
+def parquet_out(raw, work):
+    return _run(work, "out_parquet", [raw["parquet"]], _data_config(format="parquet"))
+
+
+@pytest.fixture(scope="session")
+def apply_out(raw, work, tsv_out):
+    return _run(work, "out_apply", [raw["later"]], _data_config(), transform_fn_dir=tsv_out)
+
+
+def decode(out: str) -> tuple[Manifest, dict[str, list]]:
+    """All transformed rows of an output, in manifest (time) order."""
+    import tensorflow as tf
+
+    m = Manifest.load(out)
+    spec = m.transformed_feature_spec()
+    rows: dict[str, list] = collections.defaultdict(list)
+    for w in m.windows:
+        for path in m.shard_paths(w):
+            for rec in tf.data.TFRecordDataset(path, compression_type="GZIP").batch(100_000):
+                parsed = tf.io.parse_example(rec, spec)
+                for k, v in parsed.items():
+                    if isinstance(v, tf.SparseTensor):
+                        rows[k].extend(tf.RaggedTensor.from_sparse(v).to_list())
+                    else:
+                        rows[k].extend(v.numpy().tolist())
+    return m, dict(rows)
+
+
+def _vocab(out: str, column: str) -> list[bytes]:
+    with open(os.path.join(out, "transform_fn", "assets", f"vocab_{column}"), "rb") as f:
+        return f.read().splitlines()
+
+
+def _raw_table(path: str) -> pa.Table:
+    names = ["label", *synthetic.NUMERIC, *synthetic.CATEGORICAL]
+    return pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=names),
+                          parse_options=pacsv.ParseOptions(delimiter="\t"),
+                          convert_options=pacsv.ConvertOptions(
+                              column_types={**{n: pa.float64() for n in names[:14]},
+                                            **{n: pa.string() for n in names[14:]}}, strings_can_be_null=True))
+
+
+# -- the contract ---------------------------------------------------------------------------------------
+def test_cli_exits_zero_and_writes_the_contract(cli_run, tsv_out, work):
+    proc, out = cli_run
+    assert "wrote" in proc.stdout and f"{N_ROWS} rows" in proc.stdout
+    assert "rows read" in proc.stderr  # progress: rows read / rejected per stage
+    m = Manifest.load(out)
+    for sub in ("transform_fn", "transformed_metadata", "raw_metadata", "rejected"):
+        assert os.path.isdir(os.path.join(out, sub)), sub
+    assert [w.name for w in m.windows] == ["w00000000", "w00000001"]
+    assert [w.rows for w in m.windows] == [WINDOW_ROWS, N_ROWS - WINDOW_ROWS]
+    assert m.rows_read == m.rows_written == N_ROWS and m.rows_rejected == 0
+    assert all(os.path.exists(p) for w in m.windows for p in m.shard_paths(w))
+    # No temporary directories left beside the output.
+    assert not [p for p in os.listdir(work) if p.startswith(".out_cli.tmp")]
+    assert not os.path.exists(os.path.join(out, "_shards")) and not os.path.exists(os.path.join(out, "_tft_tmp"))
+    names = {f.name: f for f in m.features}
+    assert names["C26"].vocab_size == 50 and names["I5_bucket"].vocab_size == 4
+    assert names["C1"].vocab_size == 3 + 1 and names["C25"].vocab_size == len(_vocab(out, "C25")) + 3
+
+
+def test_tft_output_readable_by_tft(tsv_out):
+    import tensorflow_transform as tft
+
+    tf_out = tft.TFTransformOutput(tsv_out)
+    assert set(tf_out.raw_feature_spec()) == {"label", *synthetic.NUMERIC, *synthetic.CATEGORICAL}
+    assert set(tf_out.transformed_feature_spec()) == set(Manifest.load(tsv_out).transformed_feature_spec())
+
+
+def test_pipeline_options_reach_beam(tsv_out):
+    m = Manifest.load(tsv_out)
+    opts = m.config["pipeline_options"]
+    assert opts["direct_num_workers"] == 2 and opts["direct_running_mode"] == "multi_processing"
+    assert m.config["runner"] == "FnApiRunner"
+    # multi_processing really happened: the reading DoFn ran in a worker process, not the driver.
+    assert m.config["reader_pids"] and m.config["driver_pid"] not in m.config["reader_pids"]
+
+
+# -- golden: the transforms against NumPy -----------------------------------------------------------------
+def _expected_vocab(values: list, top_k=None, threshold=1) -> list[bytes]:
+    counts = collections.Counter(v.encode() for v in values if v)
+    items = sorted(((c, t) for t, c in counts.items() if c >= threshold), reverse=True)
+    return [t for _, t in items][:top_k]
+
+
+def test_golden_against_numpy(raw, tsv_out):
+    t = _raw_table(raw["tsv"])
+    m, rows = decode(tsv_out)
+    # Vocabularies: exact, with top_k and frequency_threshold applied.
+    for col, top_k, threshold in (("C1", 3, 1), ("C2", None, 40), ("C7", None, 1), ("C3", None, 1)):
+        expected = _expected_vocab(t[col].to_pylist(), top_k, threshold)
+        assert _vocab(tsv_out, col) == expected, col
+        index = {tok.decode(): i for i, tok in enumerate(expected)}
+        ids = np.array(rows[col])
+        known = np.array([v in index for v in t[col].fill_null("").to_pylist()])
+        assert [index[v] for v in np.array(t[col].fill_null("").to_pylist())[known]] == ids[known].tolist()
+        assert np.all((ids[~known] >= len(expected)) & (ids[~known] < m.vocab_sizes()[col]))
+    # Numeric: fill 0, log1p(max(x, 0)), z-score with population statistics.
+    for col in ("I2", "I7"):
+        x = np.log1p(np.maximum(np.nan_to_num(t[col].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
+        np.testing.assert_allclose(rows[col], (x - x.mean()) / x.std(), rtol=1e-4, atol=1e-4)
+    x3 = np.log1p(np.maximum(np.nan_to_num(t["I3"].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
+    np.testing.assert_allclose(rows["I3"], x3, rtol=1e-6)  # zscore: false
+    # Quantile buckets: TFT's quantiles are approximate; bucket ids agree with NumPy's exact quartiles
+    # for nearly every row and never by more than one bucket.
+    x5 = np.log1p(np.maximum(np.nan_to_num(t["I5"].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
+    edges = np.quantile(x5, [0.25, 0.5, 0.75])
+    expected_b = np.searchsorted(edges, x5, side="right")
+    got_b = np.array(rows["I5_bucket"])
+    assert set(got_b.tolist()) == {0, 1, 2, 3}
+    assert np.abs(got_b - expected_b).max() <= 1 and np.mean(got_b == expected_b) > 0.97
+    # Hashing and the label.
+    assert 0 <= min(rows["C26"]) and max(rows["C26"]) < 50 and len(set(rows["C26"])) > 5
+    assert rows["label"] == t["label"].to_pylist()
+
+
+def test_same_output_as_textbook_tft_pipeline(tsv_out, textbook_out):
+    """The Arrow vocabulary pass writes what tft.compute_and_apply_vocabulary would, bit for bit."""
+    for col in ("C1", "C2", "C3", "C25"):
+        assert _vocab(tsv_out, col) == _vocab(textbook_out, col), col
+    m_fast, fast = decode(tsv_out)
+    m_ref, ref = decode(textbook_out)
+    assert m_fast.vocab_sizes() == m_ref.vocab_sizes()
+    assert fast.keys() == ref.keys()
+    for k in fast:
+        assert fast[k] == ref[k], k
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_csv_and_parquet_inputs_equal_tsv(request, tsv_out, fmt):
+    out = request.getfixturevalue(f"{fmt}_out")
+    _, a = decode(tsv_out)
+    _, b = decode(out)
+    assert a == b
+
+
+# -- apply mode -------------------------------------------------------------------------------------------
+def test_apply_mode_keeps_ids_and_maps_unseen_to_oov(raw, tsv_out, apply_out):
+    m1, m2 = Manifest.load(tsv_out), Manifest.load(apply_out)
+    assert m2.vocab_sizes() == m1.vocab_sizes()
+    later = _raw_table(raw["later"])
+    _, rows = decode(apply_out)
+    for col in ("C3", "C4", "C12"):
+        vocab = {tok.decode(): i for i, tok in enumerate(_vocab(tsv_out, col))}
+        assert _vocab(apply_out, col) == _vocab(tsv_out, col)
+        tokens = later[col].fill_null("").to_pylist()
+        ids = rows[col]
+        seen = [(i, vocab[v]) for v, i in zip(tokens, ids) if v in vocab]
+        unseen = [i for v, i in zip(tokens, ids) if v not in vocab]
+        assert seen and unseen, col  # the later span has both
+        assert all(i == expected for i, expected in seen)
+        assert all(len(vocab) <= i < m1.vocab_sizes()[col] for i in unseen)
+    # Numeric statistics are the analyzed span's, not the later span's.
+    first = _raw_table(raw["tsv"])
+    x1 = np.log1p(np.maximum(np.nan_to_num(first["I2"].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
+    x2 = np.log1p(np.maximum(np.nan_to_num(later["I2"].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
+    np.testing.assert_allclose(rows["I2"], (x2 - x1.mean()) / x1.std(), rtol=1e-4, atol=1e-4)
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def bad_run(work, criteo_sample):
+    good = synthetic.generate(200, seed=5, timestamp=False)
+    path = synthetic.write_tsv(good, str(work / "good.tsv"))
+    lines = open(path, "rb").read().split(b"\n")[:-1]
+    fields = lines[10].split(b"\t")
+    bad_lines = {
+        50: lines[0] + b"\textra",                                # too many fields
+        60: b"\t".join([fields[0], b"12x"] + fields[2:]),          # non-numeric integer
+        70: b"\t".join([b"3"] + fields[1:]),                       # label outside {0, 1}
+        80: b"\t".join(fields[:14] + [b"\xff\xfe"] + fields[15:]),  # undecodable bytes
+        90: b"\t".join(fields[:30]),                               # short row (rejected by config)
+    }
+    for ln in sorted(bad_lines):
+        lines.insert(ln - 1, bad_lines[ln])
+    bad_path = str(work / "bad.tsv.gz")
+    with gzip.open(bad_path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    out = _run(work, "out_bad", [bad_path, criteo_sample], DataConfig(short_rows="reject", window_rows=100_000))
+    return out, bad_path
+
+
+def test_bad_rows_rejected_counted_and_explained(bad_run, criteo_sample):
+    out, bad_path = bad_run
+    m = Manifest.load(out)
+    assert m.rows_read == 205 + 1000
+    rejected = [json.loads(line) for p in sorted(glob.glob(os.path.join(out, "rejected", "*"))) for line in open(p)]
+    assert len(rejected) == m.rows_rejected == 5 + 498
+    assert m.rows_written == m.rows_read - m.rows_rejected
+    ours = {r["line"]: r for r in rejected if r["file"] == bad_path}
+    assert ours[50]["reason"] == "wrong number of fields: 41, expected 40"
+    assert ours[60]["reason"] == "field I1: '12x' is not a valid number"
+    assert ours[70]["reason"] == "field label: label '3' is not 0 or 1"
+    assert ours[80]["reason"] == "undecodable bytes (not UTF-8) in field C1"
+    assert ours[90]["reason"] == "wrong number of fields: 30, expected 40"
+    assert ours[50]["raw"].endswith("\textra") and "12x" in ours[60]["raw"]
+    criteo = collections.Counter(r["reason"] for r in rejected if r["file"] == criteo_sample)
+    assert criteo == {"wrong number of fields: 38, expected 40": 469, "wrong number of fields: 37, expected 40": 29}
+
+
+def test_real_criteo_sample_padded(work, criteo_sample):
+    out = _run(work, "out_criteo_pad", [criteo_sample], DataConfig(short_rows="pad"))
+    m, rows = decode(out)
+    assert m.rows_read == m.rows_written == 1000 and m.rows_rejected == 0
+    assert int(sum(rows["label"])) == 205
+    assert len(m.windows) == 1 and m.windows[0].rows == 1000
+
+
+def test_failure_inside_the_job_leaves_no_output(work):
+    """A corrupt gzip file fails while Beam reads it: one-line InputError, nothing left behind."""
+    from ctrkit.pipelines import preprocess
+
+    path = work / "corrupt.tsv.gz"
+    path.write_bytes(gzip.compress(b"0\t1\n" * 100)[:-30] + b"garbage" * 10)
+    out = work / "out_corrupt"
+    with pytest.raises(InputError, match="corrupt.tsv.gz"):
+        preprocess(DataConfig(), [str(path)], str(out))
+    assert not out.exists()
+    assert not [p for p in os.listdir(work) if p.startswith(".out_corrupt.tmp")]
+
+
+# -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
+@pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty"])
+def test_cli_one_line_errors(raw, work, case):
+    empty = work / "empty.tsv"
+    empty.write_bytes(b"")
+    bad_header = work / "bad_header.csv"
+    bad_header.write_text("label,I1\n1,2\n")
+    csv_config = work / "csv.yaml"
+    csv_config.write_text("data:\n  format: csv\n")
+    blocker = work / "a_file"
+    blocker.write_text("x")
+    occupied = work / "occupied"
+    occupied.mkdir(exist_ok=True)
+    (occupied / "keep.txt").write_text("x")
+    args, message = {
+        "missing": (["--input", str(work / "nope*.tsv"), "--output", str(work / "o1")], "matches no files"),
+        "empty": (["--input", str(empty), "--output", str(work / "o2")], "input is empty"),
+        "unwritable": (["--input", raw["tsv"], "--output", str(blocker / "out")], "cannot write output directory"),
+        "header": (["--config", str(csv_config), "--input", str(bad_header), "--output", str(work / "o3")],
+                   "header does not match data.columns"),
+        "not_empty": (["--input", raw["tsv"], "--output", str(occupied)], "exists and is not empty"),
+    }[case]
+    if "--config" not in args:
+        args = ["--config", raw["config"], *args]
+    proc = _cli(*args)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], proc.stderr
+    assert err[0].startswith("ctrkit preprocess: error:")
+    assert (occupied / "keep.txt").exists()
+
+
+def test_config_yaml_round_trip(raw):
+    assert load_config(raw["config"]).data == _data_config()
