@@ -26,10 +26,12 @@ def _concrete(t: Any) -> np.ndarray | None:
     """The value of ``t`` as NumPy when it has one (eager), else ``None`` (symbolic or traced)."""
     if keras.backend.is_keras_tensor(t) or _is_tf_graph(t):
         return None
-    try:
-        return np.asarray(ops.convert_to_numpy(t))
-    except Exception:  # noqa: BLE001 - tracers of other backends have no value; checked at run time instead
-        return None
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if isinstance(t, jax.core.Tracer):
+            return None  # inside jax.jit there is no value to check (and no in-graph assertion)
+    return np.asarray(ops.convert_to_numpy(t))
 
 
 @keras.saving.register_keras_serializable(package="ctrkit")
@@ -45,7 +47,8 @@ class FeatureEmbedding(keras.layers.Layer):
     A multi-valued row with no valid id embeds to zeros. Ids must lie in ``[0, vocab_size)`` (``-1`` is
     padding for multi-valued columns only): an out-of-range id raises ``ValueError`` naming the feature
     and row when called eagerly, and fails a ``tf.debugging`` assertion inside a ``tf.function`` (TF
-    backend), instead of silently wrapping around or reading row 0.
+    backend), instead of silently wrapping around or reading row 0. (Under ``jax.jit`` ids cannot be
+    checked; that backend clamps them.)
 
     The lookup is ``keras.ops.take`` (``tf.gather`` on TensorFlow), so the gradient of each table is a
     ``tf.IndexedSlices`` touching only the looked-up rows: optimizers that support it apply sparse
