@@ -139,23 +139,35 @@ def export_model(
 
 
 def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> list[dict[str, Any]]:
-    """The first ``n`` raw rows of the data the pipeline read, for warmup requests.
+    """The first ``n`` clean raw rows the pipeline read, for warmup requests.
 
-    Uses the pipeline's own reader (``ctrkit.pipelines.read_raw_rows``) on the raw inputs recorded in
-    the manifest; raises :class:`ExportError` when either is unavailable, so the caller passes
-    ``warmup_examples`` explicitly instead of exporting without warmup unnoticed.
+    Reads the raw inputs recorded in the manifest (``config["inputs"]``, ``config["data"]``, as
+    ``ctrkit.pipelines.preprocess`` writes them) with the pipeline's own reader, so warmup rows are parsed
+    exactly as training rows were. Raises :class:`ExportError` when the manifest records no inputs or they
+    are gone, so the caller passes ``warmup_examples`` instead of exporting without warmup unnoticed.
     """
-    try:
-        from ctrkit.pipelines import read_raw_rows  # type: ignore[attr-defined]
-    except ImportError:
-        read_raw_rows = None
-    inputs = manifest.config.get("inputs") or manifest.config.get("input")
-    if read_raw_rows is None or not inputs:
-        raise ExportError(
-            "cannot find raw training rows for the warmup requests (the manifest records no raw inputs or "
-            "ctrkit.pipelines has no read_raw_rows): pass warmup_examples=[raw row dicts or serialized tf.Examples]"
-        )
-    return list(read_raw_rows(manifest, n))
+    from ctrkit.configio import from_dict
+    from ctrkit.schema import DataConfig
+
+    inputs = manifest.config.get("inputs")
+    data = manifest.config.get("data")
+    hint = "pass warmup_examples=[raw row dicts or serialized tf.Examples] (ctrkit export --warmup-rows)"
+    if not inputs or data is None:
+        raise ExportError(f"the manifest in {manifest.root} records no raw inputs to build warmup requests from: {hint}")
+    from ctrkit.pipelines import read_file
+
+    config = from_dict(DataConfig, data, "manifest.config.data")
+    rows: list[dict[str, Any]] = []
+    for i, path in enumerate(inputs):
+        if not os.path.exists(path) and "://" not in path:
+            raise ExportError(f"raw input {path} recorded in the manifest is gone: {hint}")
+        for batch, _rejected in read_file(path, i, config):
+            rows.extend(batch.slice(0, n - len(rows)).to_pylist())
+            if len(rows) >= n:
+                return rows
+    if not rows:
+        raise ExportError(f"the raw inputs {inputs} hold no clean rows: {hint}")
+    return rows
 
 
 def make_export_fn(

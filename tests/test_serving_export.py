@@ -266,3 +266,15 @@ def test_ctrkit_export_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"ctrkit export: error: {tmp_path} has no run.json: not a ctrkit run directory (or pass --model and --data)"
     ]
+
+
+def test_default_warmup_needs_recorded_raw_inputs(exported, tmp_path):
+    from ctrkit.serving.export import export_model
+    from ctrkit.serving.signatures import ExportError
+
+    # This manifest (like any not written by ctrkit.pipelines.preprocess) records no raw inputs.
+    with pytest.raises(ExportError, match="records no raw inputs.*warmup_examples"):
+        export_model(exported["model"], exported["manifest"], str(tmp_path), "w")
+    with pytest.raises(ExportError, match="warmup_examples is empty"):
+        export_model(exported["model"], exported["manifest"], str(tmp_path), "w", warmup_examples=[])
+    assert not os.path.exists(tmp_path / "w") or os.listdir(tmp_path / "w") == []
