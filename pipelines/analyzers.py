@@ -40,8 +40,8 @@ class VocabSpec:
     frequency_threshold: int = 1
 
 
-def _counts(values: np.ndarray) -> pa.Table:
-    arr = pa.array(values.ravel(), type=pa.binary()) if not isinstance(values, pa.Array) else values
+def _counts(values) -> pa.Table:
+    arr = values if isinstance(values, pa.Array) else pa.array(np.asarray(values).ravel(), type=pa.binary())
     vc = pc.value_counts(arr)
     return pa.table({"v": vc.field("values"), "c": vc.field("counts")})
 
@@ -53,18 +53,40 @@ def _merge(tables: list[pa.Table]) -> pa.Table:
     return merged.select(["v", "c_sum"]).rename_columns(["v", "c"])
 
 
-class _CountAll(beam.CombineFn):
-    """Accumulator: per column, a list of (token, count) Arrow tables, compacted as it grows."""
+def arrow_batch_counts(batch: pa.RecordBatch, columns: list[tuple[str, str | None]]) -> list[pa.Table]:
+    """(token, count) tables of the given columns of a TFT-layout batch (``large_list<binary>`` columns).
 
-    def __init__(self, n_columns: int):
+    ``columns`` holds ``(name, separator)``; multi-valued columns are split like the graph splits them
+    (empty tokens are dropped later by :func:`order_and_filter`, as TFT drops them). Missing values are
+    empty lists here and ``""`` in the graph; neither ever enters a vocabulary.
+    """
+    out = []
+    for name, sep in columns:
+        values = batch.column(name).flatten()
+        if sep is not None:
+            values = pc.list_flatten(pc.split_pattern(values, sep))
+        out.append(_counts(values))
+    return out
+
+
+class _CountAll(beam.CombineFn):
+    """Accumulator: per column, a list of (token, count) Arrow tables, compacted as it grows.
+
+    Inputs are either tuples of per-batch ndarrays (from TFT's analyzer inputs) or, with ``columns``,
+    TFT-layout Arrow record batches counted directly (no string tensors, no Python objects per token).
+    """
+
+    def __init__(self, n_columns: int, columns: list[tuple[str, str | None]] | None = None):
         self._n = n_columns
+        self._columns = columns
 
     def create_accumulator(self):
         return [[] for _ in range(self._n)]
 
     def add_input(self, acc, batch):
-        for i, values in enumerate(batch):
-            acc[i].append(_counts(values))
+        tables = arrow_batch_counts(batch, self._columns) if self._columns is not None else [_counts(v) for v in batch]
+        for i, table in enumerate(tables):
+            acc[i].append(table)
             if len(acc[i]) >= _COMPACT_EVERY:
                 acc[i] = [_merge(acc[i])]
         return acc
@@ -107,16 +129,34 @@ def write_vocabulary(path: str, tokens: list[bytes]) -> None:
         f.write(b"\n".join(tokens) + b"\n")
 
 
+class CountVocabularies(beam.PTransform):
+    """TFT-layout Arrow batches → one element: a (token, count) table per column, all columns in one pass.
+
+    Counting the Arrow columns directly skips what counting inside the TFT graph costs: string tensors
+    handed to Python as one bytes object per token.
+    """
+
+    def __init__(self, columns: list[tuple[str, str | None]]):
+        super().__init__()
+        self._columns = list(columns)
+
+    def expand(self, batches):
+        return batches | "CountTokens" >> beam.CombineGlobally(_CountAll(len(self._columns), self._columns))
+
+
 class ArrowVocabularies(tft_beam_experimental.PTransformAnalyzer):
     """PTransform for ``tft.experimental.ptransform_analyzer``: all vocabularies in one counting pass.
 
-    Input: a PCollection of tuples of per-batch ndarrays (one per vocabulary, in ``specs`` order).
+    Input: a PCollection of tuples of per-batch ndarrays (one per vocabulary, in ``specs`` order), which
+    are counted; or, when ``counts`` (the output of :class:`CountVocabularies` over the same analysis
+    data, in the same pipeline) is given, the input only triggers the analyzer and the counts are used.
     Output: a tuple of single-element PCollections, each the path of one vocabulary file.
     """
 
-    def __init__(self, specs: list[VocabSpec]):
+    def __init__(self, specs: list[VocabSpec], counts=None):
         super().__init__()
         self._specs = list(specs)
+        self._counts = counts
 
     def expand(self, pcoll):
         specs = self._specs
@@ -133,11 +173,12 @@ class ArrowVocabularies(tft_beam_experimental.PTransformAnalyzer):
                 paths.append(path.encode())
             return paths
 
-        paths = (
-            pcoll
-            | "CountTokens" >> beam.CombineGlobally(_CountAll(len(specs)))
-            | "OrderFilterWrite" >> beam.Map(write_all)
-        )
+        if self._counts is None:
+            tables = pcoll | "CountTokens" >> beam.CombineGlobally(_CountAll(len(specs)))
+        else:
+            tables = pcoll.pipeline | "Once" >> beam.Create([None]) | "Counts" >> beam.Map(
+                lambda _, counts: counts, counts=beam.pvalue.AsSingleton(self._counts))
+        paths = tables | "OrderFilterWrite" >> beam.Map(write_all)
         return tuple(
             paths | f"Path[{i}]" >> beam.Map(lambda ps, i=i: np.array(ps[i], dtype=object))
             for i in range(len(specs))

@@ -112,14 +112,22 @@ def to_tft_batch(clean: pa.RecordBatch, config: DataConfig, window: np.ndarray |
     return pa.RecordBatch.from_arrays(arrays, schema=tft_arrow_schema(config, window is not None))
 
 
-def make_preprocessing_fn(config: DataConfig, vocabulary: str = "arrow"):
+def vocabulary_count_columns(config: DataConfig) -> list[tuple[str, str | None]]:
+    """``(column, separator)`` of every vocabulary column, in the order the analyzer outputs them."""
+    return [(c.name, c.separator) for c in vocabulary_columns(config)]
+
+
+def make_preprocessing_fn(config: DataConfig, vocabulary: str = "arrow", token_counts=None):
     """Build ``preprocessing_fn`` for the config.
 
     Args:
         config: the ``data:`` section.
         vocabulary: ``"arrow"`` (one Arrow counting pass for all vocabularies, the default) or ``"tft"``
-            (textbook ``tft.compute_and_apply_vocabulary`` per column; same output, ~20× slower; kept as
+            (textbook ``tft.compute_and_apply_vocabulary`` per column; same output, much slower; kept as
             the reference the tests compare against).
+        token_counts: optional PCollection from ``CountVocabularies`` over the analysis batches (same
+            pipeline): the vocabularies are then built from those Arrow counts and the graph hands no
+            string tensors to Python. Without it the analyzer counts the graph's token tensors.
     """
     if vocabulary not in ("arrow", "tft"):
         raise ValueError(f"vocabulary must be 'arrow' or 'tft', got {vocabulary!r}")
@@ -174,9 +182,13 @@ def make_preprocessing_fn(config: DataConfig, vocabulary: str = "arrow"):
             names = list(tokens)
             specs = [VocabSpec(vocab_filename(n), next(c.top_k for c in columns if c.name == n),
                                next(c.frequency_threshold for c in columns if c.name == n)) for n in names]
+            assert names == [n for n, _ in vocabulary_count_columns(config)]
+            # With Arrow-side counts the analyzer input is only a trigger: one tiny tensor per batch.
+            analyzer_inputs = ([tokens[n][1] for n in names] if token_counts is None
+                               else [tf.shape(inputs[config.label], out_type=tf.int64)])
             paths = tft.experimental.ptransform_analyzer(
-                inputs=[tokens[n][1] for n in names],
-                ptransform=ArrowVocabularies(specs),
+                inputs=analyzer_inputs,
+                ptransform=ArrowVocabularies(specs, token_counts),
                 output_dtypes=[tf.string] * len(names),
                 output_shapes=[[]] * len(names),
                 output_asset_default_values=[b"__placeholder__"] * len(names),
