@@ -40,18 +40,18 @@ _ACTIVATIONS = ("relu", "smelu", "gelu", "swish", "tanh", "sigmoid", "elu", "sel
 class ModelConfig:
     """The network: FeatureEmbedding -> DCN-V2 (cross network + DNN) -> heads."""
 
-    embedding_dim: int = 10
+    embedding_dim: int = 10  # embedding width of every categorical feature
     embedding_dims: dict[str, int] = dataclasses.field(default_factory=dict)  # per-feature overrides
-    cross_kind: Literal["full", "low_rank", "mixture"] = "full"
-    cross_layers: int = 3
+    cross_kind: Literal["full", "low_rank", "mixture"] = "full"  # full-rank W, low-rank U Vᵀ, or mixture of low-rank experts
+    cross_layers: int = 3  # number of cross layers
     projection_dim: int | None = None  # low_rank only
     num_experts: int = 4  # mixture only
     low_rank: int = 32  # mixture only
-    structure: Literal["stacked", "parallel", "cross_only"] = "parallel"
-    dnn_units: list[int] = dataclasses.field(default_factory=lambda: [500, 500, 500])
-    dropout: float = 0.0
-    activation: str = "relu"
-    rank_head: bool = False
+    structure: Literal["stacked", "parallel", "cross_only"] = "parallel"  # cross → DNN, cross ∥ DNN, or no DNN
+    dnn_units: list[int] = dataclasses.field(default_factory=lambda: [500, 500, 500])  # DNN widths (ignored for cross_only)
+    dropout: float = 0.0  # DNN dropout; > 0 makes the trainer score batches in a separate inference pass
+    activation: str = "relu"  # DNN activation; "smelu" lowers run-to-run prediction difference
+    rank_head: bool = False  # add a rank head trained with an in-batch pairwise logistic loss
     rank_loss_weight: float = 0.1  # weight of the in-batch pairwise logistic loss of the rank head
 
     def __post_init__(self) -> None:
@@ -84,20 +84,20 @@ class ModelConfig:
 class TrainConfig:
     """The online trainer: optimizer, batching, checkpoints, logging."""
 
-    batch_size: int = 4096
-    optimizer: Literal["adagrad", "adam"] = "adagrad"
-    learning_rate: float = 0.01
+    batch_size: int = 4096  # examples per step (batches never straddle a shard)
+    optimizer: Literal["adagrad", "adam"] = "adagrad"  # sparse row-wise updates on embedding tables either way
+    learning_rate: float = 0.01  # step size of the dense body
     # Embedding tables often want a larger step than the dense body; None: same as learning_rate.
     embedding_learning_rate: float | None = None
-    adam_beta_1: float = 0.9
-    adam_beta_2: float = 0.999
-    epsilon: float = 1e-7
-    adagrad_initial_accumulator: float = 0.1
+    adam_beta_1: float = 0.9  # Adam first-moment decay
+    adam_beta_2: float = 0.999  # Adam second-moment decay
+    epsilon: float = 1e-7  # Adam / Adagrad denominator epsilon
+    adagrad_initial_accumulator: float = 0.1  # Adagrad's starting accumulator value
     epochs: int = 1  # online learning: each window is seen once
-    checkpoint_every_steps: int = 200
-    keep_checkpoints: int = 2
+    checkpoint_every_steps: int = 200  # also at every window end
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints
     log_every_steps: int = 50  # TensorBoard scalars for the cumulative metrics
-    seed: int = 0
+    seed: int = 0  # initial weights and selection sampling
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism (slower, bit-exact resumes)
 
     def __post_init__(self) -> None:
@@ -122,11 +122,11 @@ class TrainConfig:
 class DistillConfig:
     """Distillation from a teacher scoring each batch on the fly (or a teacher-logit column)."""
 
-    enabled: bool = False
+    enabled: bool = False  # add the distillation head and its loss
     teacher: str | None = None  # a ctrkit run directory or a SavedModel directory; None: manifest column
-    temperature: float = 1.0
-    weight: float = 1.0
-    confidence_weighting: bool = False
+    temperature: float = 1.0  # softens teacher and student logits (loss scaled by T²)
+    weight: float = 1.0  # weight of the distillation loss next to the click loss
+    confidence_weighting: bool = False  # weight each example by the teacher's confidence |2σ(t) − 1|
     select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
     teacher_model: ModelConfig | None = None  # the teacher `ctrkit run` trains first; None: same as model
 
@@ -141,13 +141,13 @@ class DistillConfig:
 class CalibrationConfig:
     """The calibration layer after the main logit, fitted by ``ctrkit calibrate`` with the body frozen."""
 
-    kind: Literal["none", "temperature", "piecewise", "bias"] = "temperature"
-    holdout_windows: int = 1
+    kind: Literal["none", "temperature", "piecewise", "bias"] = "temperature"  # calibration layer after the main logit
+    holdout_windows: int = 1  # ctrkit calibrate fits on the last N windows of --data by default
     segment_feature: str | None = None  # bias calibration only
     num_segments: int | None = None  # bias only; None: the segment feature's vocab size
     num_keypoints: int = 10  # piecewise only
     downsampling_rate: float | None = None  # closed-form correction q = p / (p + (1-p)/w)
-    learning_rate: float = 0.05
+    learning_rate: float = 0.05  # Adam step size of the calibration fit
     steps: int = 500  # full-batch optimizer steps on the cached held-out logits (cheap: the body is not run)
     batch_size: int = 4096  # scoring batch size of the held-out stream
 
