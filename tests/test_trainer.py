@@ -23,7 +23,7 @@ def small_config(**train_kw) -> Config:
             "name": "t",
             "model": {"embedding_dim": 4, "cross_layers": 2, "dnn_units": [16, 8]},
             "train": {"batch_size": BATCH, "optimizer": "adam", "learning_rate": 0.01, "checkpoint_every_steps": 5,
-                      "log_every_steps": 5, "deterministic": True, **train_kw},
+                      "log_every_steps": 5, **train_kw},
         }
     )
 
@@ -184,7 +184,15 @@ def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
     cfg = small_config()
     day1 = train(cfg, dataset.directory, str(tmp_path / "day1"), windows=[0, 1, 2], progress=False)
     warm = train(cfg, dataset.directory, str(tmp_path / "day2"), windows=[3], warm_start=day1.run_dir, progress=False)
-    cold = train(cfg, dataset.directory, str(tmp_path / "cold"), windows=[3], progress=False)
+    calls = []
+
+    def export_fn(model, manifest, step):  # what the serving exporter receives
+        calls.append((step, manifest.rows_written, sorted(model(dataset.features[3])) ))
+        return f"/exports/{step}"
+
+    cold = train(cfg, dataset.directory, str(tmp_path / "cold"), windows=[3], progress=False, export_fn=export_fn)
+    assert calls == [(cold.steps, dataset.manifest.rows_written, ["logits", "probabilities", "uncalibrated_logits"])]
+    assert cold.exports == [f"/exports/{cold.steps}"] and not os.path.exists(os.path.join(cold.run_dir, "models"))
     assert warm.examples == cold.examples == ROWS
     assert warm.metrics["logloss"] < cold.metrics["logloss"] - 0.01
     assert warm.metrics["auc"] > cold.metrics["auc"]
@@ -203,3 +211,18 @@ def test_non_finite_loss_stops_naming_step_and_window_and_exports_nothing_more(d
     assert exported == ["000000003.keras"]  # window w000 only (300 rows = 3 batches)
     assert not os.path.exists(os.path.join(run, "model.keras"))
     assert json.load(open(os.path.join(run, "run.json")))["status"] == "failed"
+
+
+def test_rank_head_and_dropout_train(dataset, tmp_path) -> None:
+    cfg = Config.from_dict({
+        "model": {"embedding_dim": 4, "cross_layers": 1, "dnn_units": [8], "dropout": 0.3, "rank_head": True},
+        "train": {"batch_size": BATCH, "optimizer": "adagrad", "learning_rate": 0.05},
+    })
+    result = train(cfg, dataset.directory, str(tmp_path / "rank"), windows=[0], progress=False)
+    assert result.examples == ROWS and np.isfinite(result.metrics["logloss"])
+    model = load_run_model(result.run_dir)
+    out = model({k: v[:8] for k, v in dataset.features[0].items()})
+    assert "rank_logits" in out
+    # Inference is deterministic although the model has dropout (progressive metrics use inference outputs).
+    again = model({k: v[:8] for k, v in dataset.features[0].items()})
+    np.testing.assert_array_equal(np.asarray(out["probabilities"]), np.asarray(again["probabilities"]))
