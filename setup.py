@@ -57,16 +57,15 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     # tfx-bsl 1.21 requires tensorflow-serving-api >=2.19,<2.20; its protos work with TF 2.21.
     "tensorflow-serving-api>=2.19,<2.20",
+    "matplotlib>=3.8",  # the report of `ctrkit run`, the README's main command
 ]
 
 EXTRAS = {
     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
-    "report": ["matplotlib>=3.8"],
 }
 EXTRAS["test"] = sorted(
     set(
         EXTRAS["serve"]
-        + EXTRAS["report"]
         + [
             "pytest>=8",
             "httpx>=0.27",
