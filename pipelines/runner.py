@@ -36,6 +36,55 @@ log = logging.getLogger("ctrkit.pipelines")
 RESULT_FILE = "_result.json"
 
 
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+class _FS:
+    """The few file operations the driver needs, on local paths (os) or remote ones (tf.io.gfile).
+
+    Remote outputs (gs://, hdfs://) cannot be renamed into place atomically; there the job writes into
+    the output directory itself and ``manifest.json``, written last, is what marks it complete.
+    """
+
+    def __init__(self, remote: bool):
+        self.gfile = None
+        if remote:
+            import tensorflow as tf
+
+            self.gfile = tf.io.gfile
+
+    def listdir(self, path: str) -> list[str]:
+        if self.gfile:
+            return [p.rstrip("/") for p in self.gfile.listdir(path)] if self.gfile.isdir(path) else []
+        return os.listdir(path) if os.path.isdir(path) else []
+
+    def exists(self, path: str) -> bool:
+        return self.gfile.exists(path) if self.gfile else os.path.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        if self.gfile:
+            with self.gfile.GFile(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write_text(self, path: str, text: str) -> None:
+        if self.gfile:
+            with self.gfile.GFile(path, "w") as f:
+                f.write(text)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+
+    def rmtree(self, path: str) -> None:
+        if self.gfile:
+            if self.gfile.exists(path):
+                self.gfile.rmtree(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Globs → sorted, de-duplicated file list (each pattern sorted; patterns kept in the given order)."""
     if not inputs:
@@ -54,10 +103,17 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return files
 
 
+def _open_binary(path: str):
+    if _remote(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.open(path)  # decompresses .gz by extension
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
 def _count_lines(path: str) -> int:
-    opener = gzip.open if path.endswith(".gz") else open
     n, last = 0, b"\n"
-    with opener(path, "rb") as f:
+    with _open_binary(path) as f:
         while chunk := f.read(1 << 24):
             n += chunk.count(b"\n")
             last = chunk[-1:]
@@ -102,7 +158,14 @@ def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> str:
-    """A fresh hidden temp dir beside ``output_dir`` (same filesystem, so the final rename is atomic)."""
+    """Where the job writes: a fresh hidden temp dir beside a local ``output_dir`` (same filesystem, so
+    the final rename is atomic), or the remote ``output_dir`` itself."""
+    if _remote(output_dir):
+        fs = _FS(True)
+        if fs.listdir(output_dir) and not overwrite:
+            raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
+        fs.rmtree(output_dir)
+        return output_dir
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
@@ -122,6 +185,7 @@ class _Spec:
     config: dict
     files: list
     work_dir: str
+    control_dir: str  # local: the spec and the child's result file
     transform_fn_dir: str | None
     pipeline_args: list
     vocabulary: str
@@ -166,20 +230,32 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
         transform_fn_dir = _check_transform_fn_dir(transform_fn_dir, config)
     offsets = line_offsets(config, files)
     work = _prepare_output(output_dir, overwrite)
+    fs = _FS(_remote(work))
+    control = tempfile.mkdtemp(prefix="ctrkit-preprocess-")
     started = time.time()
     try:
-        spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work,
+        spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work, control,
                      transform_fn_dir, list(pipeline_args or []), vocabulary)
         result = _run_isolated(spec) if isolate else run_job(spec)
-        manifest = _finish(config, files, work, result, transform_fn_dir, spec.pipeline_args, started)
-        final = os.path.abspath(output_dir)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(work, final)
+        _finish(config, files, work, result, transform_fn_dir, spec.pipeline_args, started, fs)
+        final = work if _remote(work) else os.path.abspath(output_dir)
+        if final != work:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.rename(work, final)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        fs.rmtree(work)
         raise
-    return Manifest.load(final)
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+    return _load_manifest(final, fs)
+
+
+def _load_manifest(directory: str, fs: _FS) -> Manifest:
+    if not _remote(directory):
+        return Manifest.load(directory)
+    data = json.loads(fs.read_bytes(os.path.join(directory, "manifest.json")))
+    return Manifest.from_dict(data, root=directory)
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -221,7 +297,7 @@ def run_job(spec: _Spec) -> dict[str, Any]:
 
 
 def _run_isolated(spec: _Spec) -> dict[str, Any]:
-    spec_path = os.path.join(spec.work_dir, "_spec.json")
+    spec_path = os.path.join(spec.control_dir, "_spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(spec), f)
     env = dict(os.environ)
@@ -229,7 +305,7 @@ def _run_isolated(spec: _Spec) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=env,
                           stdout=None, stderr=subprocess.PIPE, text=True, errors="replace")
     os.remove(spec_path)
-    result_path = os.path.join(spec.work_dir, RESULT_FILE)
+    result_path = os.path.join(spec.control_dir, RESULT_FILE)
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as f:
             result = json.load(f)
@@ -280,7 +356,7 @@ def _child_main(spec_path: str) -> int:
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         kind, message = _classify(e)
         result = {"ok": False, "error_type": kind, "error": message, "traceback": traceback.format_exc()}
-    path = os.path.join(spec.work_dir, RESULT_FILE)
+    path = os.path.join(spec.control_dir, RESULT_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(result, f, default=str)
     os.replace(path + ".tmp", path)
@@ -291,38 +367,36 @@ def _child_main(spec_path: str) -> int:
 
 
 # -- after the job: check, index, manifest -----------------------------------------------------------
-def _read_jsonl_dir(path: str) -> list[dict]:
+def _read_jsonl_dir(path: str, fs: _FS) -> list[dict]:
     out = []
-    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
-        with open(os.path.join(path, name), encoding="utf-8") as f:
-            out.extend(json.loads(line) for line in f if line.strip())
+    for name in sorted(fs.listdir(path)):
+        text = fs.read_bytes(os.path.join(path, name)).decode("utf-8")
+        out.extend(json.loads(line) for line in text.splitlines() if line.strip())
     return out
 
 
-def _vocab_sizes(config: DataConfig, work: str) -> dict[str, int]:
+def _vocab_sizes(config: DataConfig, work: str, fs: _FS) -> dict[str, int]:
     from ctrkit.pipelines.transform import vocab_filename, vocabulary_columns
 
     assets = os.path.join(work, "transform_fn", "assets")
     sizes = {}
     for c in vocabulary_columns(config):
         path = os.path.join(assets, vocab_filename(c.name))
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise RuntimeError(f"vocabulary asset for column {c.name!r} missing from transform_fn ({path})")
-        with open(path, "rb") as f:
-            sizes[c.name] = sum(1 for _ in f)
+        sizes[c.name] = len(fs.read_bytes(path).splitlines())
     return sizes
 
 
 def _finish(config: DataConfig, files: list[str], work: str, result: dict, transform_fn_dir: str | None,
-            pipeline_args: list[str], started: float) -> Manifest:
+            pipeline_args: list[str], started: float, fs: _FS) -> Manifest:
     from ctrkit._version import __version__
     from ctrkit.pipelines.beam_pipeline import SHARDS_DIR, STATS_DIR, window_name
     from ctrkit.pipelines.transform import transformed_features
 
-    stats = _read_jsonl_dir(os.path.join(work, STATS_DIR))
-    shards = _read_jsonl_dir(os.path.join(work, SHARDS_DIR))
-    rejected_dir = os.path.join(work, "rejected")
-    n_rejected_lines = sum(1 for _ in _read_jsonl_dir(rejected_dir))
+    stats = _read_jsonl_dir(os.path.join(work, STATS_DIR), fs)
+    shards = _read_jsonl_dir(os.path.join(work, SHARDS_DIR), fs)
+    n_rejected_lines = len(_read_jsonl_dir(os.path.join(work, "rejected"), fs))
     rows_read = sum(s["rows_read"] for s in stats)
     rows_rejected = sum(s["rows_rejected"] for s in stats)
     rows_written = sum(s["rows"] for s in shards)
@@ -334,7 +408,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
         raise RuntimeError(f"row accounting failed: read {rows_read}, written {rows_written}, rejected "
                            f"{rows_rejected} ({n_rejected_lines} in rejected/)")
     for d in (STATS_DIR, SHARDS_DIR, "_tft_tmp"):
-        shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+        fs.rmtree(os.path.join(work, d))
 
     by_window: dict[int, list[dict]] = {}
     for s in shards:
@@ -350,7 +424,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
         windows.append(Window(window_name(w), tuple(s["shard"] for s in ss), sum(s["rows"] for s in ss), start, end))
 
     manifest = Manifest(
-        features=tuple(transformed_features(config, _vocab_sizes(config, work))),
+        features=tuple(transformed_features(config, _vocab_sizes(config, work, fs))),
         label=config.label,
         windows=tuple(windows),
         rows_read=rows_read,
@@ -368,7 +442,13 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
     )
     log.info("ctrkit preprocess: %d rows read, %d written in %d windows, %d rejected (%.1f s)",
              rows_read, rows_written, len(windows), rows_rejected, time.time() - started)
-    manifest.save(work)  # last: the rename that follows publishes a complete directory
+    # Last: locally the rename that follows publishes a complete directory; remotely the manifest's
+    # presence is the completeness mark.
+    if _remote(work):
+        fs.write_text(os.path.join(work, "manifest.json"),
+                      json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    else:
+        manifest.save(work)
     return manifest
 
 
