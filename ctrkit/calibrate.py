@@ -129,7 +129,7 @@ def fit_calibration(
                 step(z_all, y_all, s_in)
         finally:
             set_calibration_trainable(model, False)
-        method = f"fitted {type(layer).__name__} with {config.steps} full-batch steps on {len(y)} examples"
+        method = f"fitted {type(layer).__name__} with {config.steps} full-batch steps"
 
     after_stream = score_stream(model, manifest, windows, config.batch_size)
     after = _summary(after_stream["probabilities"], after_stream["labels"])

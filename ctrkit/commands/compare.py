@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_a", metavar="RUN_A")
     p.add_argument("run_b", metavar="RUN_B")
     p.add_argument("--data", required=True, help="pipeline output directory to score")
-    p.add_argument("--windows", metavar="A:B", help="score a slice of the windows (default: all)")
+    p.add_argument("--windows", metavar="A:B", help="score a slice of the windows, e.g. --windows=-1: (default: all)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
