@@ -278,3 +278,26 @@ def test_default_warmup_needs_recorded_raw_inputs(exported, tmp_path):
     with pytest.raises(ExportError, match="warmup_examples is empty"):
         export_model(exported["model"], exported["manifest"], str(tmp_path), "w", warmup_examples=[])
     assert not os.path.exists(tmp_path / "w") or os.listdir(tmp_path / "w") == []
+
+
+def test_fixed_len_raw_columns_parse_when_missing():
+    """TF's parser fails on a FixedLenFeature without default that an Example lacks; serving must not."""
+    from ctrkit.serving.signatures import serving_parse_spec
+
+    raw = {
+        "label": tf.io.FixedLenFeature([], tf.float32),
+        "count": tf.io.FixedLenFeature([], tf.int64),
+        "city": tf.io.FixedLenFeature([], tf.string),
+        "pair": tf.io.FixedLenFeature([2], tf.float32),
+        "tags": tf.io.VarLenFeature(tf.string),
+    }
+    empty = tf.constant([tf.train.Example().SerializeToString()])
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.parse_example(empty, {k: v for k, v in raw.items() if k != "label"})
+    spec = serving_parse_spec(raw, exclude=["label"])
+    assert "label" not in spec and isinstance(spec["tags"], tf.io.VarLenFeature)
+    parsed = tf.io.parse_example(empty, spec)
+    assert parsed["count"].numpy().tolist() == [0]
+    assert parsed["city"].numpy().tolist() == [b""]
+    assert parsed["pair"].numpy().tolist() == [[0.0, 0.0]]
+    assert parsed["tags"].values.shape == (0,)
