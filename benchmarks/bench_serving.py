@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -306,6 +307,7 @@ def test_serving_latency_throughput_rest_and_load():
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
     ratios = {
         "b1_p50_ctrkit_over_reference": round(inproc["ctrkit"]["b1_p50_ms"] / inproc["reference"]["b1_p50_ms"], 3),
