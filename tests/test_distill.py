@@ -95,3 +95,22 @@ def test_teacher_column_selection_and_confidence_weighting_train(streams) -> Non
     assert _evaluate(result.run_dir, test)["auc"] > 0.6
     with pytest.raises(ConfigError, match="distill.teacher"):
         train(_cfg(STUDENT, {"enabled": True}), test.directory, str(root / "noteacher"), progress=False)
+
+
+def test_savedmodel_teacher_scores_like_the_run_it_was_exported_from(streams, tmp_path) -> None:
+    import keras
+
+    _, small, _, teacher = streams
+    model = load_run_model(teacher.run_dir)
+    spec = {f.name: tf.TensorSpec([None], tf.float32 if f.kind == "numeric" else tf.int64, name=f.name)
+            for f in small.manifest.features}
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serve", fn=lambda feats: model(feats, training=False), input_signature=[spec])
+    path = str(tmp_path / "teacher_sm")
+    archive.write_out(path)
+    feats = {k: tf.constant(v[:64]) for k, v in small.features[0].items()}
+    from_run = load_teacher(teacher.run_dir)(feats).numpy()
+    from_sm = load_teacher(path)(feats).numpy()
+    assert from_run.shape == (64,)
+    np.testing.assert_allclose(from_sm, from_run, rtol=1e-5, atol=1e-6)
