@@ -310,6 +310,22 @@ def _default_export(run_dir: str) -> ExportFn:
     return export
 
 
+def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[str]) -> None:
+    """A resume must continue the same run: same config, same data, same windows."""
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+        saved = Config.from_dict(yaml.safe_load(f), source=f"{run_dir}/config.yaml")
+    differ = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    if differ:
+        raise InputError(f"--resume: the config differs from the run's {run_dir}/config.yaml in section(s) {differ}")
+    with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    if os.path.abspath(data_dir) != info["data_dir"] or windows != info["windows"]:
+        raise InputError(
+            f"--resume: the run trained on {info['data_dir']} windows {info['windows']}, "
+            f"not {os.path.abspath(data_dir)} windows {windows}"
+        )
+
+
 def _save_final(model: Any, run_dir: str) -> str:
     path = os.path.join(run_dir, RUN_MODEL)
     tmp = os.path.join(run_dir, ".model.tmp.keras")
@@ -391,6 +407,7 @@ def train(
     windows_done = 0
     exports: list[str] = []
     if resume:
+        _check_same_run(run_dir, config, data_dir, [manifest.windows[i].name for i in selected])
         arrays, meta = _load_checkpoint(latest)
         if meta.get("finished"):
             info = json.load(open(run_json, encoding="utf-8"))

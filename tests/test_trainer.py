@@ -178,6 +178,10 @@ def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
         train(small_config(), dataset.directory, full_run.run_dir, progress=False)
     with pytest.raises(InputError, match="no checkpoint"):
         train(small_config(), dataset.directory, str(tmp_path / "empty"), resume=True, progress=False)
+    with pytest.raises(InputError, match=r"config differs .* \['train'\]"):
+        train(small_config(learning_rate=0.5), dataset.directory, full_run.run_dir, resume=True, progress=False)
+    with pytest.raises(InputError, match="the run trained on"):
+        train(small_config(), dataset.directory, full_run.run_dir, resume=True, windows=[0], progress=False)
 
 
 def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
