@@ -142,9 +142,9 @@ def iterate_batches(
                     f"window {manifest.windows[w].name!r}, shard {path}, near record {position}: "
                     f"cannot read transformed examples ({e.message.splitlines()[0]})"
                 ) from e
-            if offset and position == offset and offset > 0:
-                # Resuming inside a shard whose records are already all consumed is normal only when the
-                # offset is exactly the shard's length; a larger offset means the shard shrank.
+            if offset and position == offset:
+                # Nothing left after the resume offset: fine when it is exactly the shard's length (the
+                # checkpoint fell on the shard's last batch); a larger offset means the shard shrank.
                 n = sum(1 for _ in tf.data.TFRecordDataset(path, compression_type=compression))
                 if offset > n:
                     raise InputError(f"shard {path} has {n} records but the checkpoint is at record {offset}")

@@ -92,13 +92,6 @@ def _truncate_lines(path: str, keep: int) -> None:
     os.replace(tmp, path)
 
 
-def _count_lines(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f)
-
-
 def load_run_model(run_dir: str) -> Any:
     """Load the final model of a ctrkit run directory."""
     import keras
@@ -432,13 +425,15 @@ def train(
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
         for path in (batches_log, metrics_log):
             open(path, "w").close()
+    previous = json.load(open(run_json, encoding="utf-8")) if resume else {}
     _write_json_atomic(
         run_json,
         {
+            **previous,
             "data_dir": os.path.abspath(data_dir),
             "manifest": os.path.join(os.path.abspath(data_dir), "manifest.json"),
             "windows": [manifest.windows[i].name for i in selected],
-            "warm_start": os.path.abspath(warm_start) if warm_start else None,
+            "warm_start": previous.get("warm_start") if resume else (os.path.abspath(warm_start) if warm_start else None),
             "status": "running",
             "config": config.name,
         },
@@ -454,6 +449,8 @@ def train(
     bar = tqdm(total=total_rows, initial=examples, unit="ex", disable=not progress, dynamic_ncols=True)
     log_b = open(batches_log, "a", encoding="utf-8")
     log_m = open(metrics_log, "a", encoding="utf-8")
+    # Lines in the logs so far (after a resume: what the checkpoint kept); a checkpoint records them.
+    lines = {"batches": meta["batches_logged"], "metrics": meta["metrics_logged"]} if resume else {"batches": 0, "metrics": 0}
 
     def checkpoint(pos: Position, finished: bool = False) -> None:
         log_b.flush()
@@ -463,8 +460,8 @@ def train(
             "examples": examples,
             "windows_done": windows_done,
             "position": pos.to_dict(),
-            "batches_logged": _count_lines(batches_log),
-            "metrics_logged": _count_lines(metrics_log),
+            "batches_logged": lines["batches"],
+            "metrics_logged": lines["metrics"],
             "exports": exports,
             "finished": finished,
         }
@@ -476,6 +473,7 @@ def train(
         result = pv.end_window()
         line = {"type": "window", "window": manifest.windows[w].name, "step": step, **result}
         log_m.write(json.dumps(line) + "\n")
+        lines["metrics"] += 1
         with tb.as_default(step=step):
             for scope, values in result.items():
                 for k, v in values.items():
@@ -519,6 +517,7 @@ def train(
                 json.dumps({"step": step, "window": batch.window, "shard": batch.shard, "offset": batch.offset, "count": batch.count})
                 + "\n"
             )
+            lines["batches"] += 1
             bar.update(batch.count)
             if step % tc.log_every_steps == 0:
                 cum = pv.cumulative.result()
@@ -550,6 +549,7 @@ def train(
     model_path = ""
     if not stopped_early:
         log_m.write(json.dumps({"type": "final", "step": step, "cumulative": final}) + "\n")
+        lines["metrics"] += 1
         log_m.flush()
         model_path = _save_final(model, run_dir)
         if windows_done % config.export.every_windows != 0:  # the last window did not export already
