@@ -172,10 +172,13 @@ class WriteWindowShards(beam.PTransform):
 
 def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tuple[int, str, int]],
                    output_dir: str, temp_dir: str, transform_fn_dir: str | None = None,
-                   vocabulary: str = "arrow", tf_compat_v1: bool = True) -> None:
+                   vocabulary: str = "arrow", tf_compat_v1: bool = True,
+                   analyze_window_ids: list[int] | None = None) -> None:
     """Add the whole preprocessing job to ``pipeline``; outputs land under ``output_dir``.
 
-    ``files`` holds ``(file_index, path, line_offset)`` tuples (see ``runner.line_offsets``).
+    ``files`` holds ``(file_index, path, line_offset)`` tuples (see ``runner.line_offsets``);
+    ``analyze_window_ids`` the windows TFT analyzes when ``config.analyze_windows`` is set (row-count
+    windows default to the first N; see ``runner.analysis_windows``).
     """
     import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
@@ -200,15 +203,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
         if transform_fn_dir is None:
             to_analyze = batches
             if config.analyze_windows is not None:
-                first_n = (
-                    batches
-                    | "WindowsOfBatch" >> beam.FlatMap(_batch_windows)
-                    | "DistinctWindows" >> beam.Distinct()
-                    | "AllWindows" >> beam.combiners.ToList()
-                    | "FirstN" >> beam.Map(lambda ws, n=config.analyze_windows: set(sorted(ws)[:n]))
-                )
-                to_analyze = batches | "AnalysisSpan" >> beam.Filter(
-                    lambda b, keep: set(_batch_windows(b)) <= keep, keep=beam.pvalue.AsSingleton(first_n))
+                if analyze_window_ids is None:
+                    if config.timestamp is not None:
+                        raise ValueError("analyze_windows with a timestamp column needs analyze_window_ids "
+                                         "(see ctrkit.pipelines.runner.analysis_windows)")
+                    analyze_window_ids = list(range(config.analyze_windows))
+                keep = frozenset(analyze_window_ids)
+                to_analyze = batches | "AnalysisSpan" >> beam.Filter(lambda b: set(_batch_windows(b)) <= keep)
             counts = None
             if vocabulary == "arrow" and vocabulary_count_columns(config):
                 counts = to_analyze | "CountVocabularies" >> CountVocabularies(vocabulary_count_columns(config))

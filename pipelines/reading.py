@@ -229,6 +229,27 @@ def check_schema(path: str, config: DataConfig) -> None:
         raise InputError(f"{path}: header does not match data.columns: {'; '.join(detail)}")
 
 
+def read_timestamps(path: str, config: DataConfig) -> np.ndarray:
+    """Only the timestamp column of one file (valid integers; other rows are left to validation)."""
+    ts = config.timestamp
+    if config.format == "parquet":
+        import pyarrow.parquet as pq
+
+        col = pq.read_table(_open_stream(path) if "://" in path else path, columns=[ts])[ts]
+    else:
+        header = config.format == "csv" and config.header
+        col = pacsv.read_csv(
+            _open_stream(path),
+            read_options=pacsv.ReadOptions(column_names=raw_columns(config), skip_rows=1 if header else 0),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter_of(config), quote_char='"' if header else False,
+                                              invalid_row_handler=lambda row: "skip"),
+            convert_options=pacsv.ConvertOptions(include_columns=[ts], column_types={ts: pa.string()}),
+        )[ts]
+    col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+    ok = pc.fill_null(pc.match_substring_regex(col, _INTEGER), False)
+    return pc.cast(pc.utf8_trim_whitespace(col.filter(ok)), pa.int64()).to_numpy()
+
+
 def _read_header(path: str, delim: str) -> list[str]:
     with _open_stream(path) as s:
         first = b""

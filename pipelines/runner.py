@@ -180,12 +180,33 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
         raise InputError(f"cannot write output directory {output_dir}: {e.strerror or e}") from e
 
 
+def analysis_windows(config: DataConfig, files: list[str]) -> list[int] | None:
+    """Window ids TFT analyzes (``data.analyze_windows``); None = all.
+
+    Row-count windows are numbered from 0, so the first N are 0..N-1. Timestamp windows are epoch-aligned:
+    the first N distinct ones need the timestamps, read here in one cheap single-column pass. (Deciding
+    this inside the Beam job needs a side input that the FnApiRunner fails to schedule next to TFT's.)
+    """
+    n = config.analyze_windows
+    if n is None:
+        return None
+    if config.timestamp is None:
+        return list(range(n))
+    from ctrkit.pipelines.reading import read_timestamps
+
+    import numpy as np
+
+    windows = np.unique(np.concatenate([read_timestamps(f, config) // config.window_seconds for f in files]))
+    return [int(w) for w in windows[:n]]
+
+
 @dataclasses.dataclass
 class _Spec:
     config: dict
     files: list
     work_dir: str
     control_dir: str  # local: the spec and the child's result file
+    analyze_window_ids: list | None
     transform_fn_dir: str | None
     pipeline_args: list
     vocabulary: str
@@ -234,9 +255,14 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     control = tempfile.mkdtemp(prefix="ctrkit-preprocess-")
     started = time.time()
     try:
+        analyzed = analysis_windows(config, files) if transform_fn_dir is None else None
         spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work, control,
-                     transform_fn_dir, list(pipeline_args or []), vocabulary)
+                     analyzed, transform_fn_dir, list(pipeline_args or []), vocabulary)
         result = _run_isolated(spec) if isolate else run_job(spec)
+        c = result.get("counters", {})
+        if c:  # progress per stage, from the Beam counters (the files are checked again in _finish)
+            log.info("ctrkit preprocess: read stage: %s rows read, %s valid, %s rejected; write stage: %s rows "
+                     "written", c.get("rows_read"), c.get("rows_valid"), c.get("rows_rejected"), c.get("rows_written"))
         _finish(config, files, work, result, transform_fn_dir, spec.pipeline_args, started, fs)
         final = work if _remote(work) else os.path.abspath(output_dir)
         if final != work:
@@ -278,7 +304,7 @@ def run_job(spec: _Spec) -> dict[str, Any]:
     tmp = os.path.join(spec.work_dir, "_tft_tmp")
     pipeline = beam.Pipeline(runner=runner, options=options)
     build_pipeline(pipeline, config, [tuple(f) for f in spec.files], spec.work_dir, tmp, spec.transform_fn_dir,
-                   spec.vocabulary)
+                   spec.vocabulary, analyze_window_ids=spec.analyze_window_ids)
     result = pipeline.run()
     result.wait_until_finish()
     counters = {}
