@@ -15,7 +15,8 @@ back (``STEPS`` steps each, after warm-up), and ratios are taken within a repeat
     Keras 3 Adam, ``model.fit`` over the same in-memory batches
   * roofline: GFLOP/s of a 4096×1024 @ 1024×1024 float32 matmul; model cost from the config
     (≈ 6.9 MFLOP per example fwd+bwd for BARS)
-  * sparse proof: ctrkit at 1k, 100k and 1M rows per table, same batch
+  * sparse proof: ctrkit at 1M rows per table vs 1k, on the same batches (same rows touched); and the
+    optimizer alone from 1k to 4M rows (second test)
   * peak RSS of the process
 Numbers go to ``benchmarks/out/bench_trainer.json``. Targets are recorded, not asserted: a loaded 2-core
 machine must still produce a report.
@@ -42,12 +43,17 @@ DISTINCT_BATCHES = 4
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bench_trainer.json")
 
 
-def _batches(rows: int, seed: int = 0) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """Criteo-shaped ids: per field a skewed (Zipf-like) popularity over ``rows`` ids; ~25% CTR."""
+def _batches(rows: int, seed: int = 0, id_range: int | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Criteo-shaped ids: per field a skewed (Zipf-like) popularity over ``id_range`` (default ``rows``) ids.
+
+    The same ``seed`` and ``id_range`` give the same batches whatever the table size: that is how the
+    sparse proof grows the table "at the same batch" (same rows touched).
+    """
+    rows_used = id_range or rows
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(DISTINCT_BATCHES):
-        feats = {f"c{i:02d}": np.minimum((rows * rng.random(BATCH) ** 3).astype(np.int64), rows - 1) for i in range(FIELDS)}
+        feats = {f"c{i:02d}": np.minimum((rows_used * rng.random(BATCH) ** 3).astype(np.int64), rows - 1) for i in range(FIELDS)}
         logit = -1.1 + 0.5 * np.sin(feats["c00"] * 0.7) * np.cos(feats["c01"] * 1.3)
         labels = (rng.random(BATCH) < 1 / (1 + np.exp(-logit))).astype(np.float32)
         out.append((feats, labels))
@@ -100,7 +106,7 @@ def matmul_runner():
     return run
 
 
-def ctrkit_runner(rows: int, progressive: bool = True):
+def ctrkit_runner(rows: int, progressive: bool = True, id_range: int | None = None):
     """A callable timing ``STEPS`` steps of the ctrkit trainer's step at ``rows`` rows per table."""
     import keras
     import tensorflow as tf
@@ -113,7 +119,7 @@ def ctrkit_runner(rows: int, progressive: bool = True):
     keras.utils.set_random_seed(0)
     model = build_model(cfg, _manifest(rows))
     step = make_train_step(cfg, model, make_optimizer(cfg, model))
-    data = [({k: tf.constant(v) for k, v in f.items()}, tf.constant(y), y) for f, y in _batches(rows)]
+    data = [({k: tf.constant(v) for k, v in f.items()}, tf.constant(y), y) for f, y in _batches(rows, id_range=id_range)]
     zeros = tf.zeros([BATCH])
     seed = tf.constant([0, 0], tf.int64)
     pv = ProgressiveValidation()
@@ -200,7 +206,8 @@ def test_trainer_throughput_against_keras_rs_and_roofline() -> None:
         "keras_rs_fit_100k": keras_rs_runner(100_000),
     }
     results["peak_rss_mib_before_1m"] = peak_rss_mib()
-    runners["ctrkit_1000k"] = ctrkit_runner(1_000_000)
+    # Sparse proof: a 1000× bigger table at the same batch (ids drawn from the first 1k rows, as for 1k).
+    runners["ctrkit_1000k"] = ctrkit_runner(1_000_000, id_range=1_000)
     # The machine is shared: every repeat times each contestant back to back, and each ratio is taken within
     # a repeat (adjacent in time) before the median over repeats.
     times: dict[str, list[float]] = {k: [] for k in [*runners, "ctrkit_100k_no_pv"]}
@@ -221,7 +228,16 @@ def test_trainer_throughput_against_keras_rs_and_roofline() -> None:
     results["pv_ms_per_batch"] = pv_ms
     results["pv_overhead_direct"] = pv_ms / (med(times["ctrkit_100k"]) / STEPS * 1e3 - pv_ms)
     results["sparse_1m_vs_1k"] = med([a / b for a, b in zip(rate["ctrkit_1000k"], rate["ctrkit_1k"])])
-    results["sparse_100k_vs_1k"] = med([a / b for a, b in zip(rate["ctrkit_100k"], rate["ctrkit_1k"])])
+    # Not the same batch: Criteo-shaped ids over 100k rows touch ~3× more distinct rows than over 1k.
+    results["ctrkit_100k_vs_1k_natural_ids"] = med([a / b for a, b in zip(rate["ctrkit_100k"], rate["ctrkit_1k"])])
+    # Least-disturbed view on a shared machine: the fastest repeat of each contestant.
+    best = {k: min(v) for k, v in times.items()}
+    results["best_of_repeats"] = {
+        "speedup_vs_keras_rs": best["keras_rs_fit_100k"] / best["ctrkit_100k"],
+        "roofline_fraction": (STEPS * BATCH / best["ctrkit_100k"]) * flops / (2 * 4096 * 1024 * 1024 / best["matmul"]),
+        "sparse_1m_vs_1k": best["ctrkit_1k"] / best["ctrkit_1000k"],
+        "pv_overhead": best["ctrkit_100k"] / best["ctrkit_100k_no_pv"] - 1,
+    }
     results["raw_seconds"] = times
     results["peak_rss_mib"] = peak_rss_mib()
     results["targets"] = {
