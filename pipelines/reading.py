@@ -73,10 +73,6 @@ def clean_schema(config: DataConfig) -> pa.Schema:
     return pa.schema(fields + [pa.field(FILE_COLUMN, pa.int64()), pa.field(LINE_COLUMN, pa.int64())])
 
 
-def _display_path(path: str) -> str:
-    return path
-
-
 def _open_stream(path: str):
     """A pyarrow input stream, gzip decompressed by extension; remote paths through Beam's filesystems."""
     if "://" in path:
