@@ -116,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with open(args.write, encoding="utf-8") as f:
         text = f.read()
+    try:
+        updated = replace_section(text, reference)  # before opening for writing: a failure must not empty FILE
+    except ValueError as e:
+        print(f"{args.write}: {e}", file=sys.stderr)
+        return 1
     with open(args.write, "w", encoding="utf-8") as f:
-        f.write(replace_section(text, reference))
+        f.write(updated)
     return 0
 
 

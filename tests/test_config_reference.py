@@ -26,3 +26,13 @@ def test_readme_reference_is_current():
     assert replace_section(text, generate()) == text, (
         "README.md's config reference is stale: run `python3 -m ctrkit.config_reference --write README.md`"
     )
+
+
+def test_write_without_markers_leaves_the_file_alone(tmp_path, capsys):
+    from ctrkit.config_reference import main
+
+    target = tmp_path / "doc.md"
+    target.write_text("# no markers here\n")
+    assert main(["--write", str(target)]) == 1
+    assert target.read_text() == "# no markers here\n"
+    assert "markers not found" in capsys.readouterr().err
