@@ -129,12 +129,17 @@ class DistillConfig:
     confidence_weighting: bool = False  # weight each example by the teacher's confidence |2σ(t) − 1|
     select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
     teacher_model: ModelConfig | None = None  # the teacher `ctrkit run` trains first; None: same as model
+    # "previous_window": window w is scored by the teacher run's snapshot saved after window w-1, so a teacher
+    # trained on the same stream never hands the student labels from windows it has not reached yet
+    teacher_as_of: Literal["final", "previous_window"] = "final"
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
         _check(self.weight >= 0, "distill.weight", f"must be >= 0, got {self.weight}")
         _check(0 < self.select_fraction <= 1, "distill.select_fraction",
                f"must be in (0, 1], got {self.select_fraction}")
+        _check(self.teacher_as_of == "final" or self.teacher is not None, "distill.teacher_as_of",
+               "'previous_window' needs distill.teacher to be a ctrkit run directory")
 
 
 @dataclasses.dataclass

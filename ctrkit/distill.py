@@ -22,6 +22,7 @@ column.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ import tensorflow as tf
 
 from ctrkit.errors import InputError
 
-__all__ = ["distillation_loss", "selection_weights", "load_teacher"]
+__all__ = ["distillation_loss", "selection_weights", "load_teacher", "teacher_snapshots", "teacher_schedule"]
 
 
 def distillation_loss(
@@ -92,3 +93,39 @@ def load_teacher(path: str) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
     raise InputError(
         f"teacher {path!r} is neither a ctrkit run directory (with model.keras), a .keras file nor a SavedModel"
     )
+
+
+def teacher_snapshots(run_dir: str) -> dict[str, str]:
+    """Window name → the teacher model saved right after that window, from a ctrkit run directory.
+
+    The trainer logs each finished window with its step in ``metrics.jsonl`` and, without an exporter, saves
+    ``models/<step>.keras`` at export intervals; a teacher run meant for ``teacher_as_of: previous_window`` is
+    trained with ``export.every_windows: 1`` so every window has its snapshot.
+    """
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        raise InputError(f"teacher {run_dir!r} is not a ctrkit run directory (no metrics.jsonl)")
+    snapshots = {}
+    with open(metrics, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("type") != "window":
+                continue
+            path = os.path.join(run_dir, "models", f"{rec['step']:09d}.keras")
+            if os.path.exists(path):
+                snapshots[rec["name"]] = path
+    if not snapshots:
+        raise InputError(
+            f"teacher run {run_dir!r} saved no per-window models (models/<step>.keras): train it with "
+            "export.every_windows: 1 and no exporter, or use distill.teacher_as_of: final"
+        )
+    return snapshots
+
+
+def teacher_schedule(window_names: list[str], snapshots: dict[str, str]) -> list[str | None]:
+    """For each window, the teacher snapshot saved after the window right before it (None: no teacher yet).
+
+    The first window, and any window whose predecessor the teacher never finished, gets None: the student then
+    trains on clicks alone there rather than on a teacher that has seen the window's labels.
+    """
+    return [snapshots.get(window_names[i - 1]) if i > 0 else None for i in range(len(window_names))]

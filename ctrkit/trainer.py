@@ -10,7 +10,7 @@ Run directory::
     RUN/
       config.yaml          the resolved config of this run
       run.json             data dir, manifest path, windows, status, steps, examples, final model path
-      metrics.jsonl        one line per window: window and cumulative metrics; a last "final" line
+      metrics.jsonl        one line per window: its name, step, window and cumulative metrics; a last "final" line
       batches.jsonl        one line per trained batch: step, window, shard, offset, count
       checkpoints/ckpt-<step>/  weights, optimizer slots, metric state (state.npz) + position (meta.json)
       checkpoints/LATEST   name of the newest complete checkpoint
@@ -197,7 +197,9 @@ def _load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 # -- the loss ----------------------------------------------------------------------------------------------
-def _make_loss(config: Config) -> Callable[..., Any]:
+def _make_loss(config: Config, distill_scale: Any = None) -> Callable[..., Any]:
+    """The training loss; ``distill_scale`` (a scalar variable, default 1) switches the distillation term off
+    where there is no teacher yet, without retracing the step."""
     import tensorflow as tf
 
     from ctrkit.distill import distillation_loss
@@ -214,7 +216,8 @@ def _make_loss(config: Config) -> Callable[..., Any]:
         if d.enabled:
             dl = distillation_loss(outputs["distill_logits"], teacher, d.temperature, d.confidence_weighting)
             parts["distill_loss"] = tf.reduce_sum(sample_weights * dl) / n
-            total += d.weight * parts["distill_loss"]
+            scale = 1.0 if distill_scale is None else distill_scale
+            total += d.weight * scale * parts["distill_loss"]
         if m.rank_head:
             s = tf.reshape(outputs["rank_logits"], [-1])
             pos, neg = tf.boolean_mask(s, y > 0.5), tf.boolean_mask(s, y <= 0.5)
@@ -249,7 +252,13 @@ def make_optimizer(config: Config, model: Any) -> Any:
     )
 
 
-def make_train_step(config: Config, model: Any, optimizer: Any, teacher_fn: Callable[..., Any] | None = None) -> Any:
+def make_train_step(
+    config: Config,
+    model: Any,
+    optimizer: Any,
+    teacher_fn: Callable[..., Any] | None = None,
+    distill_scale: Any = None,
+) -> Any:
     """The compiled step ``(features, labels, teacher_logits, seed) -> (served probabilities, loss, parts)``.
 
     The probabilities returned are the served ones, computed before this step's update (progressive
@@ -260,7 +269,7 @@ def make_train_step(config: Config, model: Any, optimizer: Any, teacher_fn: Call
     from ctrkit.distill import selection_weights
 
     dc = config.distill
-    loss_fn = _make_loss(config)
+    loss_fn = _make_loss(config, distill_scale)
     tf_vars = optimizer.variables
     needs_separate_eval = config.model.dropout > 0  # dropout makes training-mode outputs noisy predictions
     select = dc.enabled and dc.select_fraction < 1.0
@@ -439,7 +448,30 @@ def train(
         },
     )
 
-    train_step = make_train_step(config, model, optimizer, teacher_fn)
+    # With teacher_as_of "previous_window" the teacher model's weights are swapped at each window boundary
+    # (set_weights: no retrace) and the distillation term is off where the teacher has no earlier snapshot.
+    distill_scale = tf.Variable(1.0, trainable=False, dtype=tf.float32)
+    schedule = None
+    if teacher_fn is not None and dc.teacher_as_of == "previous_window":
+        from ctrkit.distill import teacher_schedule, teacher_snapshots
+
+        schedule = teacher_schedule([w.name for w in manifest.windows], teacher_snapshots(dc.teacher))
+    snapshot_weights: dict[str, list[Any]] = {}
+    teacher_window = [None]
+
+    def use_teacher_for(w: int) -> None:
+        path = schedule[w]
+        teacher_window[0] = w
+        if path is None:
+            distill_scale.assign(0.0)
+            return
+        if path not in snapshot_weights:
+            snapshot_weights.clear()  # one window at a time: keep memory flat
+            snapshot_weights[path] = keras.saving.load_model(path, compile=False).get_weights()
+        teacher_fn.model.set_weights(snapshot_weights[path])
+        distill_scale.assign(1.0)
+
+    train_step = make_train_step(config, model, optimizer, teacher_fn, distill_scale)
 
     export = export_fn or _default_export(run_dir)
     tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
@@ -471,7 +503,8 @@ def train(
         nonlocal windows_done, now
         windows_done += 1
         result = pv.end_window()
-        line = {"type": "window", "window": manifest.windows[w].name, "step": step, **result}
+        # result holds the "window" and "cumulative" metric dicts; "name" says which window this was.
+        line = {"type": "window", "name": manifest.windows[w].name, "step": step, **result}
         log_m.write(json.dumps(line) + "\n")
         lines["metrics"] += 1
         with tb.as_default(step=step):
@@ -499,6 +532,8 @@ def train(
             if max_steps is not None and step >= max_steps:
                 stopped_early = True
                 break
+            if schedule is not None and teacher_window[0] != batch.window:
+                use_teacher_for(batch.window)
             teacher = batch.teacher_logits if batch.teacher_logits is not None else tf.zeros_like(batch.labels)
             seed = tf.constant([tc.seed, step], tf.int64)
             served, loss, parts = train_step(batch.features, batch.labels, teacher, seed)

@@ -1,0 +1,80 @@
+"""distill.teacher_as_of: previous_window — the student never distills from a teacher that saw the window."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctrkit.config import Config, ConfigError
+from ctrkit.distill import teacher_schedule, teacher_snapshots
+from ctrkit.errors import InputError
+from ctrkit.testing import write_dataset
+from ctrkit.trainer import load_run_model, train
+
+MODEL = {"embedding_dim": 4, "cross_layers": 1, "dnn_units": [8]}
+
+
+def _cfg(distill: dict | None = None, every_windows: int = 1) -> Config:
+    return Config.from_dict({
+        "name": "t",
+        "model": MODEL,
+        "train": {"batch_size": 200, "optimizer": "adam", "learning_rate": 0.01, "checkpoint_every_steps": 1000},
+        "distill": distill or {},
+        "export": {"every_windows": every_windows},
+    })
+
+
+def test_schedule_uses_the_snapshot_after_the_previous_window():
+    snaps = {"w0": "m/3.keras", "w1": "m/6.keras", "w2": "m/9.keras"}
+    assert teacher_schedule(["w0", "w1", "w2", "w3"], snaps) == [None, "m/3.keras", "m/6.keras", "m/9.keras"]
+    # A window whose predecessor the teacher never finished gets no teacher, not a later snapshot.
+    assert teacher_schedule(["w0", "w1", "w2"], {"w0": "a"}) == [None, "a", None]
+
+
+def test_previous_window_needs_a_teacher_run():
+    with pytest.raises(ConfigError, match="teacher_as_of"):
+        _cfg({"enabled": True, "teacher_as_of": "previous_window"})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("asof")
+    data = write_dataset(root / "data", windows=3, rows_per_window=1000, shards_per_window=1, seed=3)
+    train(_cfg(), data.directory, str(root / "teacher"), progress=False)
+    return root, data.directory
+
+
+def test_teacher_snapshots_one_per_window(teacher_run):
+    root, data = teacher_run
+    from ctrkit.manifest import Manifest
+
+    snaps = teacher_snapshots(str(root / "teacher"))
+    assert sorted(snaps) == [w.name for w in Manifest.load(data).windows]
+    assert all(path.endswith(".keras") for path in snaps.values())
+
+
+def test_teacher_without_per_window_models_is_refused(teacher_run, tmp_path):
+    root, data = teacher_run
+    train(_cfg(every_windows=10), data, str(tmp_path / "coarse"), progress=False, windows=[0])
+    (tmp_path / "coarse" / "models").exists() and [p.unlink() for p in (tmp_path / "coarse" / "models").iterdir()]
+    with pytest.raises(InputError, match="saved no per-window models"):
+        teacher_snapshots(str(tmp_path / "coarse"))
+
+
+def _weights(run_dir) -> list[np.ndarray]:
+    return load_run_model(str(run_dir)).get_weights()
+
+
+def test_first_window_trains_without_teacher_and_later_ones_with_it(teacher_run, tmp_path):
+    root, data = teacher_run
+    as_of = {"enabled": True, "teacher": str(root / "teacher"), "teacher_as_of": "previous_window", "weight": 5.0}
+    silent = {**as_of, "weight": 0.0}  # same model (with its distillation head), teacher ignored
+    # Window 0: no snapshot precedes it, so the student must equal one whose teacher has weight 0.
+    train(_cfg(as_of), data, str(tmp_path / "a0"), progress=False, windows=[0])
+    train(_cfg(silent), data, str(tmp_path / "b0"), progress=False, windows=[0])
+    for wa, wb in zip(_weights(tmp_path / "a0"), _weights(tmp_path / "b0")):
+        np.testing.assert_allclose(wa, wb, rtol=0, atol=1e-6)
+    # Windows 0-1: in window 1 the teacher's snapshot after window 0 is used, so the students differ.
+    train(_cfg(as_of), data, str(tmp_path / "a1"), progress=False, windows=[0, 1])
+    train(_cfg(silent), data, str(tmp_path / "b1"), progress=False, windows=[0, 1])
+    diff = max(float(np.abs(wa - wb).max()) for wa, wb in zip(_weights(tmp_path / "a1"), _weights(tmp_path / "b1")))
+    assert diff > 1e-3
