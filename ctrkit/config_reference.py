@@ -25,19 +25,28 @@ END = "<!-- config-reference:end -->"
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing comments of ``name: type = default  # comment`` lines in the class body."""
+    """A field's description: its trailing ``# comment``, else the comment lines right above it."""
     comments: dict[str, str] = {}
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return comments
     current = None
+    above: list[str] = []
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("# ").strip()
+            if current is not None:
+                comments.setdefault(current, text)
+            elif tok.start[1] == 4:
+                above.append(text)
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
             current = tok.string
-        elif tok.type == tokenize.COMMENT and current is not None:
-            comments.setdefault(current, tok.string.lstrip("# ").strip())
+            if above:
+                comments[current] = " ".join(above)
         if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            if tok.type == tokenize.NEWLINE or current is not None:
+                above = [] if current is not None else above
             current = None
     return comments
 

@@ -32,7 +32,11 @@ class ReliabilityCurve:
     counts: list[int]
 
     @classmethod
-    def from_predictions(cls, probabilities: Sequence[float], labels: Sequence[float], bins: int = 10) -> ReliabilityCurve:
+    def from_predictions(
+        cls, probabilities: Sequence[float], labels: Sequence[float], bins: int = 10, min_count: int = 1
+    ) -> ReliabilityCurve:
+        """Equal-width bins; bins with fewer than ``min_count`` examples are left out (their observed rate is
+        noise, and a plot would draw it as a miscalibration)."""
         p = np.asarray(probabilities, dtype=np.float64).ravel()
         y = np.asarray(labels, dtype=np.float64).ravel()
         if p.shape != y.shape:
@@ -42,7 +46,7 @@ class ReliabilityCurve:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_p = np.bincount(idx, weights=p, minlength=bins) / counts
             rate = np.bincount(idx, weights=y, minlength=bins) / counts
-        keep = counts > 0
+        keep = counts >= max(min_count, 1)
         return cls(mean_p[keep].tolist(), rate[keep].tolist(), counts[keep].astype(int).tolist())
 
 

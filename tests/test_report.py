@@ -43,6 +43,8 @@ def test_reliability_bins_match_numpy():
     assert c.counts == [2, 1, 2]
     np.testing.assert_allclose(c.mean_predicted, [0.06, 0.15, 0.97])
     np.testing.assert_allclose(c.observed_rate, [0.5, 0.0, 1.0])
+    sparse = ReliabilityCurve.from_predictions(p, y, bins=10, min_count=2)
+    assert sparse.counts == [2, 2]  # the single-example bin is left out
     with pytest.raises(ValueError, match="3 predictions but 2 labels"):
         ReliabilityCurve.from_predictions([0.1, 0.2, 0.3], [0, 1])
 
