@@ -32,10 +32,17 @@ def test_layers_import_only_keras_numpy_and_themselves():
         assert "tf.keras" not in text, f"layers/{name} mentions tf.keras (Keras 2 under TFT); use `import keras`"
 
 
+def _fresh_user_env() -> dict[str, str]:
+    # Importing tensorflow_transform (earlier tests in this process do) sets TF_USE_LEGACY_KERAS=1 in
+    # os.environ; a user's fresh process does not have it, and with it TensorFlow itself loads tf_keras.
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    return {**env, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def test_importing_layers_pulls_in_no_beam_or_tft():
     code = ("import sys, ctrkit.layers; bad = [m for m in ('apache_beam', 'tensorflow_transform', 'tf_keras') "
             "if m in sys.modules]; print('BAD', bad) if bad else print('CLEAN')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
+                          env=_fresh_user_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("CLEAN"), proc.stdout
