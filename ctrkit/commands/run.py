@@ -210,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 9. report
     stages.start("report", "writing the report")
-    stages.finish()
     paths = _write_run_report(run_dir, config, manifest, teacher, student, baseline, pd_result, calibration,
                               reliability, stages.seconds, exported)
+    stages.finish()
     print(f"report: {paths['html']}", flush=True)
     print(f"serve it: ctrkit serve {base_path} --model-name {config.export.model_name} --port 8501", flush=True)
     return 0
