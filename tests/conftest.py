@@ -18,3 +18,30 @@ def criteo_sample() -> str:
     if not os.path.exists(CRITEO_SAMPLE):
         pytest.skip(f"real Criteo sample not present at {CRITEO_SAMPLE}")
     return CRITEO_SAMPLE
+
+
+# -- shared by the serving tests: one real export (TFT graph + ctrkit model) per test module --
+
+@pytest.fixture(scope="module")
+def exported():
+    from ctrkit.serving import testing
+
+    return testing.session_export()
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    import tensorflow as tf
+
+    return tf.saved_model.load(exported["path"])
+
+
+@pytest.fixture(scope="module")
+def serving_spec(exported):
+    """The raw tf.Example parse spec the export serves (label excluded)."""
+    import tensorflow_transform as tft
+
+    from ctrkit.serving.signatures import read_raw_feature_spec, serving_parse_spec
+
+    raw = read_raw_feature_spec(tft.TFTransformOutput(exported["pipeline"]))
+    return serving_parse_spec(raw, exclude=[exported["manifest"].label])

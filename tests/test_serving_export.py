@@ -16,33 +16,11 @@ tf = pytest.importorskip("tensorflow")
 
 
 @pytest.fixture(scope="module")
-def exported():
-    from ctrkit.serving import testing
-
-    return testing.session_export()
-
-
-@pytest.fixture(scope="module")
-def loaded(exported):
-    return tf.saved_model.load(exported["path"])
-
-
-@pytest.fixture(scope="module")
 def shown(exported):
     """``saved_model_cli show --all`` of the export, parsed."""
     from ctrkit.serving.validate import parse_show_all, saved_model_cli_show
 
     return parse_show_all(saved_model_cli_show(exported["path"]))
-
-
-@pytest.fixture(scope="module")
-def serving_spec(exported):
-    import tensorflow_transform as tft
-
-    from ctrkit.serving.signatures import read_raw_feature_spec, serving_parse_spec
-
-    raw = read_raw_feature_spec(tft.TFTransformOutput(exported["pipeline"]))
-    return serving_parse_spec(raw, exclude=[exported["manifest"].label])
 
 
 def _serialize(rows, spec):

@@ -29,28 +29,6 @@ httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
-def exported():
-    from ctrkit.serving import testing
-
-    return testing.session_export()
-
-
-@pytest.fixture(scope="module")
-def loaded(exported):
-    return tf.saved_model.load(exported["path"])
-
-
-@pytest.fixture(scope="module")
-def spec(exported):
-    import tensorflow_transform as tft
-
-    from ctrkit.serving.signatures import read_raw_feature_spec, serving_parse_spec
-
-    raw = read_raw_feature_spec(tft.TFTransformOutput(exported["pipeline"]))
-    return serving_parse_spec(raw, exclude=[exported["manifest"].label])
-
-
-@pytest.fixture(scope="module")
 def client(exported):
     from fastapi.testclient import TestClient
 
@@ -66,10 +44,10 @@ def version(exported):
     return int(os.path.basename(exported["path"]))
 
 
-def _serialized(rows, spec):
+def _serialized(rows, serving_spec):
     from ctrkit.serving.warmup import serialize_rows
 
-    return serialize_rows(rows, spec)
+    return serialize_rows(rows, serving_spec)
 
 
 def _b64(data: bytes) -> dict:
@@ -111,8 +89,8 @@ def test_model_metadata(client, version):
 
 
 # -- predict -------------------------------------------------------------------------------------------
-def test_predict_row_format_b64_examples(client, exported, loaded, spec):
-    ex = _serialized(exported["rows"][:5], spec)
+def test_predict_row_format_b64_examples(client, exported, loaded, serving_spec):
+    ex = _serialized(exported["rows"][:5], serving_spec)
     r = client.post("/v1/models/ctr:predict", json={"instances": [_b64(e) for e in ex]})
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
@@ -123,8 +101,8 @@ def test_predict_row_format_b64_examples(client, exported, loaded, spec):
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), got, atol=1e-6)
 
 
-def test_predict_named_instances_and_columnar_format_agree(client, exported, loaded, spec, version):
-    ex = _serialized(exported["rows"][5:9], spec)
+def test_predict_named_instances_and_columnar_format_agree(client, exported, loaded, serving_spec, version):
+    ex = _serialized(exported["rows"][5:9], serving_spec)
     named = client.post(
         f"/v1/models/ctr/versions/{version}:predict",
         json={"signature_name": "serving_default", "instances": [{"examples": _b64(e)} for e in ex]},
@@ -140,12 +118,12 @@ def test_predict_named_instances_and_columnar_format_agree(client, exported, loa
     np.testing.assert_allclose([p["probabilities"][0] for p in named.json()["predictions"]], want, atol=1e-6)
 
 
-def test_predict_raw_features_with_missing_values(client, exported, loaded, spec):
+def test_predict_raw_features_with_missing_values(client, exported, loaded, serving_spec):
     rows = exported["rows"][:6]
     instances = []
     for row in rows:
         inst = {}
-        for name, feat in spec.items():
+        for name, feat in serving_spec.items():
             v = row[name]
             inst[name] = ("" if v is None else v) if feat.dtype == tf.string else (float("nan") if v is None else v)
         instances.append(inst)
@@ -156,11 +134,11 @@ def test_predict_raw_features_with_missing_values(client, exported, loaded, spec
     r = client.post("/v1/models/ctr:predict", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
     got = [p["probabilities"][0] for p in r.json()["predictions"]]
-    np.testing.assert_allclose(got, _expected(loaded, _serialized(rows, spec)), atol=1e-6)
+    np.testing.assert_allclose(got, _expected(loaded, _serialized(rows, serving_spec)), atol=1e-6)
 
 
 # -- classify / regress ----------------------------------------------------------------------------------
-def test_classify_with_context(client, exported, loaded, spec):
+def test_classify_with_context(client, exported, loaded, serving_spec):
     rows = [_present(r) for r in exported["rows"][10:14]]
     shared = {"C3": "c3_1"}
     examples = [{k: v for k, v in r.items() if k != "C3"} for r in rows]
@@ -173,17 +151,17 @@ def test_classify_with_context(client, exported, loaded, spec):
     for pairs in result:
         assert [label for label, _ in pairs] == ["0", "1"]
         assert sum(score for _, score in pairs) == pytest.approx(1.0, abs=1e-6)
-    want = _expected(loaded, _serialized([{**e, **shared} for e in examples], spec))
+    want = _expected(loaded, _serialized([{**e, **shared} for e in examples], serving_spec))
     np.testing.assert_allclose([pairs[1][1] for pairs in result], want, atol=1e-6)
 
 
-def test_regress(client, exported, loaded, spec):
+def test_regress(client, exported, loaded, serving_spec):
     rows = [_present(r) for r in exported["rows"][20:23]] + [{}]  # the last example has no features at all
     r = client.post("/v1/models/ctr:regress", json={"signature_name": "regress", "examples": rows})
     assert r.status_code == 200, r.text
     result = r.json()["result"]
     assert len(result) == 4 and all(isinstance(v, float) for v in result)
-    np.testing.assert_allclose(result, _expected(loaded, _serialized(rows, spec)), atol=1e-6)
+    np.testing.assert_allclose(result, _expected(loaded, _serialized(rows, serving_spec)), atol=1e-6)
 
 
 # -- bad requests: 4xx with {"error": ...}, and the server keeps serving ----------------------------------
@@ -205,16 +183,16 @@ def test_regress(client, exported, loaded, spec):
         ("/v1/models/ctr/versions/1:predict", b'{"instances": ["x"]}', 404),
     ],
 )
-def test_bad_requests(client, exported, spec, path, body, status):
+def test_bad_requests(client, exported, serving_spec, path, body, status):
     r = client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert set(r.json()) == {"error"} and r.json()["error"]
-    ok = client.post("/v1/models/ctr:predict", json={"instances": [_b64(_serialized([{}], spec)[0])]})
+    ok = client.post("/v1/models/ctr:predict", json={"instances": [_b64(_serialized([{}], serving_spec)[0])]})
     assert ok.status_code == 200
 
 
-def test_oversized_batch_and_unknown_model_status(client, spec):
-    ex = _b64(_serialized([{"I1": 1.0}], spec)[0])
+def test_oversized_batch_and_unknown_model_status(client, serving_spec):
+    ex = _b64(_serialized([{"I1": 1.0}], serving_spec)[0])
     r = client.post("/v1/models/ctr:predict", json={"instances": [ex] * 101})
     assert r.status_code == 400 and "exceeds" in r.json()["error"]
     assert client.get("/v1/models/other").status_code == 404
@@ -231,7 +209,7 @@ def _wait_for(predicate, timeout=60.0):
     return False
 
 
-def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, spec, tmp_path):
+def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, serving_spec, tmp_path):
     from fastapi.testclient import TestClient
 
     from ctrkit.serving.server import ModelRegistry, create_app
@@ -239,7 +217,7 @@ def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, spec,
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     shutil.copytree(exported["path"], model_dir / "1")
-    ex = {"instances": [_b64(_serialized([{"I1": 2.0}], spec)[0])]}
+    ex = {"instances": [_b64(_serialized([{"I1": 2.0}], serving_spec)[0])]}
     with TestClient(create_app(ModelRegistry(str(tmp_path), "m", poll_seconds=0.2))) as c:
         status = lambda: [s["version"] for s in c.get("/v1/models/m").json().get("model_version_status", [])]  # noqa: E731
         assert status() == ["1"]
@@ -270,7 +248,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ctrkit_serve_under_short_load(exported, spec):
+def test_ctrkit_serve_under_short_load(exported, serving_spec):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctrkit.cli", "serve", exported["base"], "--model-name", "ctr", "--port", str(port)],
@@ -286,7 +264,7 @@ def test_ctrkit_serve_under_short_load(exported, spec):
                 return False
 
         assert _wait_for(up, timeout=120)
-        ex = _serialized(exported["rows"][:64], spec)
+        ex = _serialized(exported["rows"][:64], serving_spec)
         bodies = [{"instances": [_b64(ex[0])]}, {"instances": [_b64(e) for e in ex]}]
         errors, done = [], []
 
