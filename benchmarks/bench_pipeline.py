@@ -5,7 +5,7 @@ Reports rows/s per size, the ratio to the pyarrow read, and linearity (time(1M) 
 
 Run:  python3 -m pytest -m benchmark benchmarks/bench_pipeline.py -s
 Env:  CTRKIT_BENCH_SIZES=100000,1000000   sizes to run (default both)
-      CTRKIT_BENCH_REPEATS=1               pipeline runs per size (median reported)
+      CTRKIT_BENCH_REPEATS=3               pipeline runs per size (median reported)
       CTRKIT_BENCH_BEAM_ARGS="--direct_num_workers=2 --direct_running_mode=multi_processing"
 Writes benchmarks/out/pipeline.json.
 """
@@ -43,7 +43,7 @@ def test_pipeline_throughput(tmp_path):
     from ctrkit.pipelines import preprocess
 
     sizes = [int(s) for s in os.environ.get("CTRKIT_BENCH_SIZES", "100000,1000000").split(",")]
-    repeats = int(os.environ.get("CTRKIT_BENCH_REPEATS", "1"))
+    repeats = int(os.environ.get("CTRKIT_BENCH_REPEATS", "3"))
     beam_args = os.environ.get("CTRKIT_BENCH_BEAM_ARGS", "").split()
     results = []
     for n in sizes:
