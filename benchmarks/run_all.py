@@ -1,7 +1,8 @@
 """Run every benchmark and write ``benchmarks/results.md``.
 
     python3 benchmarks/run_all.py            # all benchmarks (layers, pipeline, trainer, serving)
-    python3 benchmarks/run_all.py layers     # only bench_layers.py
+    python3 benchmarks/run_all.py layers     # only bench_layers.py (the others' last results are kept)
+    python3 benchmarks/run_all.py --render-only   # rebuild results.md from benchmarks/out/ without running
 
 Each ``bench_*.py`` is a pytest module marked ``benchmark`` that writes its measurements as JSON to
 ``benchmarks/out/<name>.json``; this script runs them one at a time (they would distort each other's timings on
@@ -95,6 +96,7 @@ def render(results: dict[str, dict], runs: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("only", nargs="*", help="benchmark names (bench_NAME.py); default: all")
+    parser.add_argument("--render-only", action="store_true", help="rebuild results.md from benchmarks/out/")
     args = parser.parse_args(argv)
     os.makedirs(OUT, exist_ok=True)
     modules = sorted(glob.glob(os.path.join(HERE, "bench_*.py")))
@@ -104,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
         names = [n for n in names if n in args.only]
+    runs_file = os.path.join(OUT, "_runs.json")  # command, exit code and time of each benchmark's last run
     runs = {}
+    if os.path.exists(runs_file):
+        with open(runs_file, encoding="utf-8") as f:
+            runs = json.load(f)
+    if args.render_only:
+        names = []
     for name in names:
         cmd = [sys.executable, "-m", "pytest", "-m", "benchmark", "-s", "-q", os.path.join(HERE, f"bench_{name}.py")]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
@@ -112,15 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.call(cmd, cwd=os.path.dirname(HERE))
         runs[name] = {"command": " ".join(["python3", *cmd[1:]]).replace(os.path.dirname(HERE) + "/", ""),
                       "returncode": rc, "seconds": time.perf_counter() - t0}
+        with open(runs_file, "w", encoding="utf-8") as f:
+            json.dump(runs, f, indent=2)
     results = {}
-    for path in sorted(glob.glob(os.path.join(OUT, "*.json"))):
+    for path in sorted(glob.glob(os.path.join(OUT, "[!_]*.json"))):
         with open(path, encoding="utf-8") as f:
             results[os.path.basename(path)[:-5]] = json.load(f)
     target = os.path.join(HERE, "results.md")
     with open(target, "w", encoding="utf-8") as f:
         f.write(render(results, runs))
     print(f"wrote {target}")
-    return 0 if all(r["returncode"] == 0 for r in runs.values()) else 1
+    return 0 if all(runs[n]["returncode"] == 0 for n in names) else 1
 
 
 if __name__ == "__main__":
