@@ -11,6 +11,7 @@ import keras
 import keras_rs
 import numpy as np
 import pytest
+from gradcheck import assert_weight_grads_match
 import tensorflow as tf
 
 from ctrkit.layers import Cross, smelu
@@ -117,20 +118,7 @@ def test_cross_gradient_matches_finite_differences(projection_dim):
             numeric = (f(plus) - f(minus)) / (2 * eps)
             assert abs(numeric - grad.numpy()[idx]) < 1e-6 * max(1.0, abs(numeric))
     # weights
-    for var, grad in zip(layer.trainable_variables, grads[2:]):
-        base = var.numpy()
-        flat_idx = [0, base.size // 2, base.size - 1]
-        for fi in flat_idx:
-            idx = np.unravel_index(fi, base.shape)
-            vals = []
-            for sign in (1, -1):
-                w = base.copy()
-                w[idx] += sign * eps
-                var.assign(w)
-                vals.append(float(loss()))
-            var.assign(base)
-            numeric = (vals[0] - vals[1]) / (2 * eps)
-            assert abs(numeric - grad.numpy()[idx]) < 1e-6 * max(1.0, abs(numeric)), (var.name, idx)
+    assert_weight_grads_match(loss, layer.trainable_variables, grads[2:], eps=eps)
 
 
 @pytest.mark.parametrize("projection_dim", [None, 4])
