@@ -89,6 +89,13 @@ def fit_calibration(
 
     Returns a report with the calibration ratio Σp/Σy, ECE, log loss and AUC on that stream before and after.
     """
+    return fit_calibration_scored(model, manifest, config, windows)[0]
+
+
+def fit_calibration_scored(
+    model: Any, manifest: Manifest, config: CalibrationConfig, windows: Sequence[int] | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`fit_calibration`, also returning the scored streams before and after (for reliability plots)."""
     import keras
     import tensorflow as tf
 
@@ -133,4 +140,5 @@ def fit_calibration(
 
     after_stream = score_stream(model, manifest, windows, config.batch_size)
     after = _summary(after_stream["probabilities"], after_stream["labels"])
-    return {"method": method, "kind": config.kind, "examples": int(len(y)), "before": before, "after": after}
+    report = {"method": method, "kind": config.kind, "examples": int(len(y)), "before": before, "after": after}
+    return report, stream, after_stream

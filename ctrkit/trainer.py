@@ -456,7 +456,6 @@ def train(
         from ctrkit.distill import teacher_schedule, teacher_snapshots
 
         schedule = teacher_schedule([w.name for w in manifest.windows], teacher_snapshots(dc.teacher))
-    snapshot_weights: dict[str, list[Any]] = {}
     teacher_window = [None]
 
     def use_teacher_for(w: int) -> None:
@@ -465,10 +464,7 @@ def train(
         if path is None:
             distill_scale.assign(0.0)
             return
-        if path not in snapshot_weights:
-            snapshot_weights.clear()  # one window at a time: keep memory flat
-            snapshot_weights[path] = keras.saving.load_model(path, compile=False).get_weights()
-        teacher_fn.model.set_weights(snapshot_weights[path])
+        teacher_fn.model.set_weights(keras.saving.load_model(path, compile=False).get_weights())
         distill_scale.assign(1.0)
 
     train_step = make_train_step(config, model, optimizer, teacher_fn, distill_scale)

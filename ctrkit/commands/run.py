@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -180,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     pd_result = compare_runs(student_dir, seed_dir, data_dir, windows=holdout_windows or None)
 
     # 7. calibration on held-out data, body frozen
-    from ctrkit.calibrate import fit_calibration, score_stream
+    from ctrkit.calibrate import fit_calibration_scored
     from ctrkit.report import ReliabilityCurve
     from ctrkit.trainer import load_run_model
 
@@ -189,9 +188,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = None
     if holdout:
         stages.start("calibrate", f"fitting {config.calibration.kind} calibration on held-out window(s) {holdout_windows}")
-        before = score_stream(model, manifest, holdout_windows, config.calibration.batch_size)
-        calibration = fit_calibration(model, manifest, config.calibration, holdout_windows)
-        after = score_stream(model, manifest, holdout_windows, config.calibration.batch_size)
+        calibration, before, after = fit_calibration_scored(model, manifest, config.calibration, holdout_windows)
         reliability = {
             "before calibration": ReliabilityCurve.from_predictions(before["probabilities"], before["labels"], min_count=50),
             "after calibration": ReliabilityCurve.from_predictions(after["probabilities"], after["labels"], min_count=50),
@@ -270,6 +267,3 @@ def _write_run_report(run_dir, config, manifest, teacher, student, baseline, pd_
                    "stage_seconds": seconds, "exported": exported}, f, indent=2, default=str)
     return write_report(run_dir, data)
 
-
-if __name__ == "__main__":
-    sys.exit(0)
