@@ -115,6 +115,20 @@ def test_feature_embedding_rejects_out_of_range_ids_in_tf_function():
         fn({**good, "a_cat": tf.constant([0, -3], tf.int64)})
 
 
+def test_feature_embedding_graph_check_names_only_the_bad_univalent_features():
+    from ctrkit.layers import FeatureEmbedding
+
+    names = [f"C{i}" for i in range(1, 6)]
+    layer = FeatureEmbedding({n: 4 for n in names}, embedding_dim=2)
+    fn = tf.function(lambda d: layer(d))
+    good = {n: tf.constant([0, 3], tf.int32 if n == "C2" else tf.int64) for n in names}
+    assert fn(good).shape == (2, 10)
+    np.testing.assert_allclose(fn(good).numpy(), layer({n: v.numpy() for n, v in good.items()}).numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"feature\(s\).*\[?\"?C2\"? \"?C4\"?\]?") as err:
+        fn({**good, "C2": tf.constant([0, 4], tf.int32), "C4": tf.constant([-1, 0], tf.int64)})
+    assert "C1" not in str(err.value).split("feature(s)")[1].split("(vocab sizes")[0]
+
+
 def test_feature_embedding_gradient_is_sparse_indexed_slices():
     layer = make_embedding()
     inputs = {"a_cat": np.array([1, 1, 3]), "b_multi": np.array([[0, -1], [2, 4], [-1, -1]]),
