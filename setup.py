@@ -61,7 +61,15 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+    # httptools and uvloop are the C HTTP parser and event loop uvicorn picks when they are installed
+    # (what uvicorn[standard] would add, without its reload/websocket extras).
+    "serve": [
+        "starlette>=0.37",
+        "uvicorn>=0.29",
+        "orjson>=3.9",
+        "httptools>=0.6",
+        "uvloop>=0.19; sys_platform != 'win32'",
+    ],
 }
 EXTRAS["test"] = sorted(
     set(

@@ -24,13 +24,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 tf = pytest.importorskip("tensorflow")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
 def client(exported):
-    from fastapi.testclient import TestClient
+    from starlette.testclient import TestClient
 
     from ctrkit.serving.server import ModelRegistry, create_app
 
@@ -210,7 +210,7 @@ def _wait_for(predicate, timeout=60.0):
 
 
 def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, serving_spec, tmp_path):
-    from fastapi.testclient import TestClient
+    from starlette.testclient import TestClient
 
     from ctrkit.serving.server import ModelRegistry, create_app
 

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"model base path {args.base_path} is not a directory")
     try:
         from ctrkit.serving.server import serve
-        import fastapi  # noqa: F401
+        import orjson  # noqa: F401
+        import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise InputError(f"ctrkit serve needs the 'serve' extra: pip install 'ctrkit[serve]' ({e})") from e
