@@ -207,12 +207,14 @@ class FeatureEmbedding(keras.layers.Layer):
         stacked = tf.stack([tf.cast(ids_by_name[n], tf.int64) for n in univalent], axis=1)  # (B, F)
         vocab = tf.constant([self.vocab_sizes[n] for n in univalent], tf.int64)
         bad = tf.reduce_any(tf.logical_or(stacked < 0, stacked >= vocab), axis=0)  # (F,)
+        # Data stays string constants + an int32 flag vector (no string ops on tensors, no cond): the
+        # check compiles under XLA, where the Assert itself is dropped.
         check = tf.debugging.Assert(
             tf.logical_not(tf.reduce_any(bad)),
-            ["FeatureEmbedding: ids outside [0, vocab_size) for feature(s)",
-             tf.boolean_mask(tf.constant(univalent), bad),
-             "(vocab sizes " + ", ".join(f"{n}={self.vocab_sizes[n]}" for n in univalent) + "): the ids must "
-             "come from the same transform (vocabulary) the layer was sized for"],
+            ["FeatureEmbedding: ids outside [0, vocab_size); 1 flags the offending feature(s) among ["
+             + ", ".join(f"{n} (vocab {self.vocab_sizes[n]})" for n in univalent) + "]:",
+             tf.cast(bad, tf.int32),
+             "the ids must come from the same transform (vocabulary) the layer was sized for"],
             summarize=len(univalent))
         with tf.control_dependencies([check]):
             stacked = tf.identity(stacked)
