@@ -199,7 +199,7 @@ class FeatureEmbedding(keras.layers.Layer):
         the assertion names the offending features.
         """
         univalent = [n for n, ids in ids_by_name.items() if len(ids.shape) == 1]
-        if len(univalent) < 2 or not _is_tf_graph(ids_by_name[univalent[0]]):
+        if not univalent or not _is_tf_graph(ids_by_name[univalent[0]]):
             return {n: self._check_ids(n, ids, multivalued=len(ids.shape) == 2) for n, ids in ids_by_name.items()}
         import tensorflow as tf
 
