@@ -156,4 +156,8 @@ class SparseOptimizer:
         m.scatter_update(tf.IndexedSlices(m_rows, unique))
         v.scatter_update(tf.IndexedSlices(v_rows, unique))
         step = lr * tf.sqrt(1 - tf.pow(b2, t)) / (1 - tf.pow(b1, t))
-        var.scatter_sub(tf.IndexedSlices(step * m_rows / (tf.sqrt(v_rows) + eps), unique))
+        # Gather, subtract, scatter_update: TF's CPU ResourceScatterSub costs ~5x a gather plus a
+        # ResourceScatterUpdate of the same rows (39 tables × ~3.5k rows: 35 vs 12 CPU-ms per step).
+        # The ids are unique here, so the two forms compute the same rows.
+        var_rows = tf.gather(var, unique) - step * m_rows / (tf.sqrt(v_rows) + eps)
+        var.scatter_update(tf.IndexedSlices(var_rows, unique))
