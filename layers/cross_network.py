@@ -121,9 +121,9 @@ class CrossNetwork(keras.layers.Layer):
             layer.build(x0_shape)
 
     def call(self, x0: Any) -> Any:
-        x = x0
+        x = None  # the first layer crosses x0 with itself (Cross folds its residual then)
         for layer in self.cross_layers:
-            x = layer(x0, x)
+            x = layer(x0) if x is None else layer(x0, x)
         return x
 
     def compute_output_shape(self, x0_shape: Any) -> Any:

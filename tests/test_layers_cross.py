@@ -121,6 +121,28 @@ def test_cross_gradient_matches_finite_differences(projection_dim):
     assert_weight_grads_match(loss, layer.trainable_variables, grads[2:], eps=eps)
 
 
+
+@pytest.mark.parametrize("projection_dim", [None, 2])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("diag_scale", [0.0, 0.3])
+def test_cross_on_itself_gradient_matches_finite_differences(projection_dim, use_bias, diag_scale):
+    """``Cross()(x0)`` computes x0 ⊙ (h + 1) rather than x0 ⊙ h + x0; x0's gradient must still be exact."""
+    rng = np.random.default_rng(3)
+    x0 = tf.Variable(rng.normal(size=(3, 5)), dtype=tf.float64)
+    layer = Cross(projection_dim=projection_dim, use_bias=use_bias, diag_scale=diag_scale, dtype="float64")
+    layer(x0)
+    layer.set_weights([rng.normal(size=w.shape) * 0.5 for w in layer.get_weights()])
+    expected = np_cross(x0.numpy(), x0.numpy(), layer.get_weights(), projection_dim, use_bias, diag_scale)
+    np.testing.assert_allclose(np.asarray(layer(x0)), expected, rtol=1e-12)
+
+    def loss():
+        return tf.reduce_sum(tf.sin(layer(x0)))
+
+    with tf.GradientTape() as tape:
+        value = loss()
+    variables = [x0] + layer.trainable_variables
+    assert_weight_grads_match(loss, variables, tape.gradient(value, variables))
+
 @pytest.mark.parametrize("projection_dim", [None, 4])
 @pytest.mark.parametrize("diag_scale", [0.0, 0.5])
 def test_weights_interchange_with_keras_rs_feature_cross(projection_dim, diag_scale):
