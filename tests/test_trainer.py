@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from ctrkit.config import Config
 from ctrkit.errors import InputError
-from ctrkit.sparse import SparseOptimizer
+from ctrkit.sparse import SparseOptimizer, _sum_duplicates
 from ctrkit.testing import write_dataset, write_tfrecords
 from ctrkit.trainer import TrainingError, _load_checkpoint, _latest_checkpoint, load_run_model, train
 
@@ -83,6 +83,19 @@ def test_lazy_sparse_adam_matches_reference_and_leaves_other_rows_alone() -> Non
     np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(opt.slot_variables()[1].numpy()[[0, 2, 3]], 0)
 
+
+
+@pytest.mark.parametrize("row_shape", [(4,), (2, 3)])
+def test_duplicate_ids_are_summed_once_per_id_in_first_seen_order(row_shape) -> None:
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 50, size=300)  # ~6 repeats per id
+    rows = rng.normal(size=(300, *row_shape)).astype(np.float32)
+    unique, summed = tf.function(_sum_duplicates)(tf.constant(ids), tf.constant(rows))
+    _, first = np.unique(ids, return_index=True)
+    expected_ids = ids[np.sort(first)]
+    np.testing.assert_array_equal(unique.numpy(), expected_ids)
+    expected = np.stack([rows[ids == i].sum(axis=0) for i in expected_ids])
+    np.testing.assert_allclose(summed.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 def test_dense_gradient_for_a_table_is_refused() -> None:
     var = tf.Variable(tf.zeros([4, 2]))
