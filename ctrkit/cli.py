@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from ctrkit._version import __version__
+from ctrkit.runtime import configure_process
 
 # Order = order in --help.
 COMMAND_MODULES = ("run", "preprocess", "train", "calibrate", "compare", "export", "serve", "demo")
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_process()  # before any command imports TensorFlow: its allocator reads the environment once
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -1,0 +1,49 @@
+"""The CLI switches TensorFlow to its BFC CPU allocator before TensorFlow starts, unless told otherwise."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ctrkit.runtime import TF_PROCESS_ENV, configure_process
+
+# A fresh process goes through the CLI entry point, then starts TensorFlow and asks its CPU allocator for
+# statistics, which only the BFC allocator keeps (the default allocator raises ValueError).
+PROBE = textwrap.dedent(
+    """
+    from ctrkit import cli
+    try:
+        cli.main(["--version"])
+    except SystemExit:
+        pass
+    import tensorflow as tf
+    tf.ones([256, 256])
+    try:
+        print("BFC", tf.config.experimental.get_memory_info("CPU:0")["peak"] > 0)
+    except ValueError:
+        print("DEFAULT")
+    """
+)
+
+
+def _probe(extra_env: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in TF_PROCESS_ENV}
+    env.update(extra_env)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_configure_process_sets_defaults_but_keeps_what_the_user_set() -> None:
+    env: dict[str, str] = {}
+    assert configure_process(env) == {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
+    env = {"TF_CPU_ALLOCATOR_USE_BFC": "false"}
+    assert configure_process(env) == {"TF_CPU_ALLOCATOR_USE_BFC": "false"}
+
+
+@pytest.mark.parametrize("user_setting, expected", [({}, "BFC True"), ({"TF_CPU_ALLOCATOR_USE_BFC": "false"}, "DEFAULT")])
+def test_cli_entry_point_configures_tensorflow_before_it_starts(user_setting, expected) -> None:
+    assert _probe(user_setting) == expected
