@@ -33,7 +33,7 @@ is ctrkit as its command runs against model.fit as a plain script runs; ``speedu
   * sparse proof: ctrkit at 1M rows per table vs 1k, on the same batches (same rows touched); and the
     optimizer alone from 1k to 4M rows (second test)
   * peak RSS of the ctrkit worker (and of the reference worker)
-Numbers go to ``benchmarks/out/bench_trainer.json``. Targets are recorded, not asserted: a loaded 2-core
+Numbers go to ``benchmarks/out/trainer.json`` (and ``trainer_sparse.json``). Targets are recorded, not asserted: a loaded 2-core
 machine must still produce a report.
 """
 from __future__ import annotations
@@ -52,10 +52,10 @@ pytestmark = pytest.mark.benchmark
 FIELDS = 39
 BATCH = 4096
 EMBED = 10
-STEPS = int(os.environ.get("CTRKIT_BENCH_STEPS", "4"))
-REPEATS = int(os.environ.get("CTRKIT_BENCH_REPEATS", "5"))
+STEPS = int(os.environ.get("CTRKIT_BENCH_STEPS", "8"))
+REPEATS = int(os.environ.get("CTRKIT_BENCH_REPEATS", "7"))
 DISTINCT_BATCHES = 4
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bench_trainer.json")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "trainer.json")  # named after the run: results.md files it under "trainer"
 
 
 def _batches(rows: int, seed: int = 0, id_range: int | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:

@@ -61,6 +61,8 @@ def _flatten(d: object, prefix: str = "") -> list[tuple[str, object]]:
         for k, v in d.items():
             rows += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
         return rows
+    if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):  # e.g. one dict per measured shape
+        return [row for i, x in enumerate(d) for row in _flatten(x, f"{prefix}[{i}]")]
     return [(prefix, d)]
 
 
