@@ -8,11 +8,18 @@ train ...`` opts out.
 
 * ``TF_CPU_ALLOCATOR_USE_BFC=true``: TensorFlow's best-fit-with-coalescing allocator for CPU tensors,
   instead of plain ``malloc``. A training step allocates and frees tens of MB of activations and
-  gradients; with ``malloc`` those blocks are ``mmap``-ed fresh every step, so each step pays page
-  faults and kernel page zeroing (45 ms of system time per BARS step here). The BFC pool keeps and reuses
-  them: the BARS step went from 323 to 277 ms on this 2-core machine (sys time 45.5 -> 4.0 ms per step;
-  ``benchmarks/bench_trainer.py`` measures it against ``model.fit`` each way). Cost: memory freed by
-  TensorFlow stays in the process's pool (peak RSS of the trainer benchmark 6.9 vs 6.7 GiB).
+  gradients. Where ``malloc`` hands those blocks back to the kernel and ``mmap``-s them fresh, every step
+  pays page faults and kernel page zeroing; the BFC pool keeps and reuses them. How much that is worth
+  depends on the machine (``benchmarks/bench_trainer.py`` reports it as ``bfc_gain_ctrkit``):
+
+  - on a 2-core AMD EPYC (AVX2) VM, system time per BARS step fell from 45.5 to 4.0 ms (one probe run;
+    wall 323 -> 277 ms), but two trainer-benchmark runs there gave wall-clock gains of 1.11x and 0.96x;
+  - on a 2-core Intel Xeon (AVX-512) VM, ``malloc`` cost only 2-4 ms of system time per step, and four
+    alternating process pairs (median of 7 x 8 steps each) gave BFC/default step-time ratios of 1.02,
+    1.01, 0.97 and 1.03: no difference.
+
+  So it removes a cost some machines have and others do not; it is not a reliable speed-up. Cost: memory
+  freed by TensorFlow stays in the process's pool (peak RSS of the trainer benchmark 6.9 vs 6.7 GiB).
 """
 from __future__ import annotations
 
