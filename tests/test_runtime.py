@@ -11,7 +11,9 @@ import pytest
 from ctrkit.runtime import TF_PROCESS_ENV, configure_process
 
 # A fresh process goes through the CLI entry point, then starts TensorFlow and asks its CPU allocator for
-# statistics, which only the BFC allocator keeps (the default allocator raises ValueError).
+# statistics, which the BFC allocator keeps and the plain default allocator does not (ValueError). With oneDNN
+# on (TensorFlow's default on CPUs with AVX-512 VNNI/BF16 or AMX) the default is oneDNN's own pooling
+# allocator, which keeps statistics too, so the probe turns oneDNN off to see the plain default on any CPU.
 PROBE = textwrap.dedent(
     """
     from ctrkit import cli
@@ -31,6 +33,7 @@ PROBE = textwrap.dedent(
 
 def _probe(extra_env: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if k not in TF_PROCESS_ENV}
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     env.update(extra_env)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
