@@ -14,12 +14,15 @@ train ...`` opts out.
 
   - on a 2-core AMD EPYC (AVX2) VM, system time per BARS step fell from 45.5 to 4.0 ms (one probe run;
     wall 323 -> 277 ms), but two trainer-benchmark runs there gave wall-clock gains of 1.11x and 0.96x;
-  - on a 2-core Intel Xeon (AVX-512) VM, ``malloc`` cost only 2-4 ms of system time per step, and four
-    alternating process pairs (median of 7 x 8 steps each) gave BFC/default step-time ratios of 1.02,
-    1.01, 0.97 and 1.03: no difference.
+  - on a 2-core Intel Xeon (AVX-512, AMX) VM, four alternating process pairs (median of 7 x 8 steps each)
+    gave BFC/default step-time ratios of 1.02, 1.01, 0.97 and 1.03: no difference, and only 2-4 ms of
+    system time per step either way. The reason: TensorFlow turns oneDNN on by default on such CPUs, and
+    with oneDNN on its default CPU allocator is already oneDNN's pooling ``MklCPUAllocator``
+    (``TF_ENABLE_ONEDNN_OPTS=0`` brings the plain one back).
 
-  So it removes a cost some machines have and others do not; it is not a reliable speed-up. Cost: memory
-  freed by TensorFlow stays in the process's pool (peak RSS of the trainer benchmark 6.9 vs 6.7 GiB).
+  So the setting matters where TensorFlow's default CPU allocator is plain ``malloc`` (oneDNN off, e.g.
+  AVX2-only CPUs) and is harmless elsewhere. Cost: memory freed by TensorFlow stays in the process's pool
+  (peak RSS of the trainer benchmark 6.9 vs 6.7 GiB on the AMD VM).
 """
 from __future__ import annotations
 
