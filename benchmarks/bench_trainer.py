@@ -33,8 +33,8 @@ is ctrkit as its command runs against model.fit as a plain script runs; ``speedu
   * sparse proof: ctrkit at 1M rows per table vs 1k, on the same batches (same rows touched); and the
     optimizer alone from 1k to 4M rows (second test)
   * peak RSS of the ctrkit worker (and of the reference worker)
-Numbers go to ``benchmarks/out/trainer.json`` (and ``trainer_sparse.json``). Targets are recorded, not asserted: a loaded 2-core
-machine must still produce a report.
+Numbers go to ``benchmarks/out/trainer.json`` (and ``trainer_sparse.json``). Targets are recorded, not
+asserted: a loaded 2-core machine must still produce a report.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ EMBED = 10
 STEPS = int(os.environ.get("CTRKIT_BENCH_STEPS", "8"))
 REPEATS = int(os.environ.get("CTRKIT_BENCH_REPEATS", "7"))
 DISTINCT_BATCHES = 4
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "trainer.json")  # named after the run: results.md files it under "trainer"
+# Named after the run ("trainer"), so run_all.py files these numbers under that run's command in results.md.
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "trainer.json")
 
 
 def _batches(rows: int, seed: int = 0, id_range: int | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
