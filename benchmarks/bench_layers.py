@@ -7,8 +7,9 @@ Both layers get identical weights and inputs and run the same compiled ``tf.func
 layer's weights *and of its input* (in a DCN the cross layer always backpropagates into the embeddings
 below it). The function returns ``y`` and every gradient, so nothing of either pass is pruned, and nothing
 else is timed: no loss, no optimizer update (an earlier version timed an SGD step on the 4096 × d input
-too, which is harness work that both layers share and which diluted both ratios). The timed repeats
-alternate between the two layers (and swap which goes first) so drift in machine load hits both.
+too, which is harness work that both layers share and which diluted both ratios). At each width the
+timed repeats cycle through all four contestants (ctrkit and keras-rs, full rank and r = d/4, rotating
+which goes first), so drift in machine load hits the library ratio and the low-rank/full-rank ratio alike.
 
 Two clocks: wall-clock throughput (examples/s), and process CPU seconds per step, which is what the step
 costs independent of other tenants of a shared machine (this box has 2 cores shared by several people;
@@ -63,7 +64,12 @@ def _time(step, n: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
 
-def measure(d: int, projection_dim: int | None) -> dict:
+def measure(d: int) -> list[dict]:
+    """Times full rank and r = d/4 for both layers at width ``d``, all four interleaved in each repeat.
+
+    Interleaving all four (not just the two libraries at one rank) gives the low-rank/full-rank cost
+    ratio the same protection against drift in machine load as the ctrkit/keras-rs ratio.
+    """
     import keras
     import keras_rs
     import tensorflow as tf
@@ -73,41 +79,50 @@ def measure(d: int, projection_dim: int | None) -> dict:
     rng = np.random.default_rng(0)
     x0 = tf.constant(rng.normal(size=(BATCH, d)).astype("float32"))
     upstream = tf.constant(rng.normal(size=(BATCH, d)).astype("float32"))
-    ours = Cross(projection_dim=projection_dim)
-    theirs = keras_rs.layers.FeatureCross(projection_dim=projection_dim)
-    ours(x0)
-    theirs(x0)
-    theirs.set_weights(ours.get_weights())
-    steps = {"ctrkit": _forward_backward(ours, x0, upstream), "keras_rs": _forward_backward(theirs, x0, upstream)}
+    ranks = (None, d // 4)
+    steps, n = {}, {}
+    for projection_dim in ranks:
+        ours = Cross(projection_dim=projection_dim)
+        theirs = keras_rs.layers.FeatureCross(projection_dim=projection_dim)
+        ours(x0)
+        theirs(x0)
+        theirs.set_weights(ours.get_weights())
+        for name, layer in (("ctrkit", ours), ("keras_rs", theirs)):
+            steps[projection_dim, name] = _forward_backward(layer, x0, upstream)
+        n[projection_dim] = _steps_per_timing(d, projection_dim)
     for step in steps.values():  # trace and warm up
         step()
         step()
-    n = _steps_per_timing(d, projection_dim)
-    wall: dict[str, list[float]] = {"ctrkit": [], "keras_rs": []}
-    cpu: dict[str, list[float]] = {"ctrkit": [], "keras_rs": []}
-    for r in range(REPEATS):
-        order = ["ctrkit", "keras_rs"] if r % 2 == 0 else ["keras_rs", "ctrkit"]
-        for name in order:
-            w, c = _time(steps[name], n)
-            wall[name].append(w)
-            cpu[name].append(c)
+    wall: dict[tuple, list[float]] = {key: [] for key in steps}
+    cpu: dict[tuple, list[float]] = {key: [] for key in steps}
+    order = list(steps)
+    for _ in range(REPEATS):
+        for key in order:
+            w, c = _time(steps[key], n[key[0]])
+            wall[key].append(w)
+            cpu[key].append(c)
+        order = order[1:] + order[:1]  # rotate so no contestant always runs first or last
     keras.backend.clear_session()
-    med_wall = {k: statistics.median(v) for k, v in wall.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    return {
-        "d": d,
-        "projection_dim": projection_dim,
-        "batch": BATCH,
-        "steps_per_timing": n,
-        "repeats": REPEATS,
-        "wall_seconds_per_step": {k: [round(s, 5) for s in v] for k, v in wall.items()},
-        "cpu_seconds_per_step": {k: [round(s, 5) for s in v] for k, v in cpu.items()},
-        "median_wall_seconds_per_step": med_wall,
-        "median_cpu_seconds_per_step": med_cpu,
-        "examples_per_second": {k: BATCH / v for k, v in med_wall.items()},
-        "throughput_ratio_ctrkit_over_keras_rs": med_wall["keras_rs"] / med_wall["ctrkit"],
-        "cpu_cost_ratio_keras_rs_over_ctrkit": med_cpu["keras_rs"] / med_cpu["ctrkit"],
-    }
+    results = []
+    for projection_dim in ranks:
+        names = ("ctrkit", "keras_rs")
+        med_wall = {k: statistics.median(wall[projection_dim, k]) for k in names}
+        med_cpu = {k: statistics.median(cpu[projection_dim, k]) for k in names}
+        results.append({
+            "d": d,
+            "projection_dim": projection_dim,
+            "batch": BATCH,
+            "steps_per_timing": n[projection_dim],
+            "repeats": REPEATS,
+            "wall_seconds_per_step": {k: [round(s, 5) for s in wall[projection_dim, k]] for k in names},
+            "cpu_seconds_per_step": {k: [round(s, 5) for s in cpu[projection_dim, k]] for k in names},
+            "median_wall_seconds_per_step": med_wall,
+            "median_cpu_seconds_per_step": med_cpu,
+            "examples_per_second": {k: BATCH / v for k, v in med_wall.items()},
+            "throughput_ratio_ctrkit_over_keras_rs": med_wall["keras_rs"] / med_wall["ctrkit"],
+            "cpu_cost_ratio_keras_rs_over_ctrkit": med_cpu["keras_rs"] / med_cpu["ctrkit"],
+        })
+    return results
 
 
 @pytest.mark.benchmark
@@ -116,10 +131,9 @@ def test_cross_throughput_vs_keras_rs():
 
     results = []
     for d in (390, 1024):
-        for projection_dim in (None, d // 4):
-            res = measure(d, projection_dim)
+        for res in measure(d):
             results.append(res)
-            print(f"d={d:5d} r={str(projection_dim):>5}: ctrkit {res['examples_per_second']['ctrkit']:8.0f} ex/s, "
+            print(f"d={d:5d} r={str(res['projection_dim']):>5}: ctrkit {res['examples_per_second']['ctrkit']:8.0f} ex/s, "
                   f"keras-rs {res['examples_per_second']['keras_rs']:8.0f} ex/s (wall ratio "
                   f"{res['throughput_ratio_ctrkit_over_keras_rs']:.3f}); CPU s/step ctrkit "
                   f"{res['median_cpu_seconds_per_step']['ctrkit']:.4f}, keras-rs "
