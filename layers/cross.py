@@ -32,6 +32,23 @@ def bias_add(h: Any, bias: Any) -> Any:
     return ops.add(h, bias)
 
 
+def project_down(x: Any, kernel: Any) -> Any:
+    """``x @ kernel`` for a tall, narrow ``kernel`` (d × r, r < d): the low-rank down-projection.
+
+    On TensorFlow this multiplies by the transposed transpose, ``tf.matmul(x, kernelᵀ, transpose_b=True)``:
+    same result, but the kernel's gradient then comes out as ``(duᵀ x)ᵀ``, with the narrow (batch × r)
+    operand transposed, instead of ``xᵀ du``; both oneDNN and Eigen run that orientation faster. Whole Cross
+    forward + backward, CPU time old/new (median of 9-15 interleaved repeats per run, 2-core Xeon): 1.06-1.18
+    at d=1024, r=256 with oneDNN (4 runs), 1.02-1.05 with oneDNN off (3 runs); 0.94-1.07 at d=390, r=97,
+    i.e. noise. Other backends use the plain matmul.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # local: layers stay importable on other backends
+
+        return tf.matmul(x, ops.cast(ops.transpose(kernel), x.dtype), transpose_b=True)
+    return ops.matmul(x, kernel)
+
+
 @keras.saving.register_keras_serializable(package="ctrkit")
 class Cross(keras.layers.Layer):
     """Cross layer of the Deep & Cross Network (DCN-V2).
@@ -159,7 +176,7 @@ class Cross(keras.layers.Layer):
             x = x0
         else:
             check.same_shape("Cross", x0, x)
-        h = x if self.down_kernel is None else ops.matmul(x, self.down_kernel)
+        h = x if self.down_kernel is None else project_down(x, self.down_kernel)
         h = ops.matmul(h, self.kernel)
         # With x = x0 the residual folds into the product, x0 ⊙ h + x0 = x0 ⊙ (h + 1), and the "+ 1" into
         # the bias that the matmul kernel adds anyway: one full (batch, d) pass fewer forward and one
