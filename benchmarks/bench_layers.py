@@ -133,7 +133,8 @@ def test_cross_throughput_vs_keras_rs():
     for d in (390, 1024):
         for res in measure(d):
             results.append(res)
-            print(f"d={d:5d} r={str(res['projection_dim']):>5}: ctrkit {res['examples_per_second']['ctrkit']:8.0f} ex/s, "
+            print(f"d={d:5d} r={str(res['projection_dim']):>5}: "
+                  f"ctrkit {res['examples_per_second']['ctrkit']:8.0f} ex/s, "
                   f"keras-rs {res['examples_per_second']['keras_rs']:8.0f} ex/s (wall ratio "
                   f"{res['throughput_ratio_ctrkit_over_keras_rs']:.3f}); CPU s/step ctrkit "
                   f"{res['median_cpu_seconds_per_step']['ctrkit']:.4f}, keras-rs "

@@ -22,7 +22,8 @@ train ...`` opts out.
 
   So the setting matters where TensorFlow's default CPU allocator is plain ``malloc`` (oneDNN off, e.g.
   AVX2-only CPUs) and is harmless elsewhere. Cost: memory freed by TensorFlow stays in the process's pool
-  (peak RSS of the trainer benchmark 6.9 vs 6.7 GiB on the AMD VM).
+  (peak RSS 6.9 vs 6.7 GiB on the AMD VM, for a benchmark worker that then held the 1k-, 100k- and 1M-row
+  BARS models together).
 """
 from __future__ import annotations
 
