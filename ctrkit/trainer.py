@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -130,6 +131,19 @@ class _State:
     def names(self) -> list[str]:
         return [w.path for w in self.model.weights]
 
+    def non_finite(self) -> list[str]:
+        """Names of the weights and optimizer slots holding a NaN or Inf.
+
+        The step already refuses an update whose loss is not finite, but a finite loss can still overflow
+        an optimizer slot (Adam's v = g² for a huge gradient) and poison the weights one step later; this is
+        the check run before anything is exported or checkpointed.
+        """
+        import tensorflow as tf
+
+        named = [(w.path, w.value) for w in self.model.weights]
+        named += [(f"optimizer/{v.name}", v) for v in self.optimizer.slot_variables()]
+        return [n for n, v in named if v.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))]
+
     def restore(self, arrays: dict[str, np.ndarray], names: list[str], where: str, metrics: bool = True) -> None:
         weights = self.model.weights
         if names != self.names():
@@ -152,9 +166,25 @@ class _State:
             self.pv.load_state(arrays)
 
 
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)(?:-(\d+))?$")
+
+
+def _checkpoint_key(name: str) -> tuple[int, int] | None:
+    """(step, save number at that step) of a checkpoint directory name; None for anything else."""
+    match = _CHECKPOINT_NAME.match(name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
+
+
 def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: int) -> str:
     os.makedirs(ckpt_dir, exist_ok=True)
+    # A step can be saved more than once (a window's last batch, then the run's final save). Each save gets
+    # a new directory, so LATEST always names a complete checkpoint: replacing one in place would leave a
+    # moment where LATEST points at nothing, and a kill there would make the run unresumable.
     name = f"ckpt-{meta['step']:09d}"
+    repeat = 0
+    while os.path.exists(os.path.join(ckpt_dir, name)):
+        repeat += 1
+        name = f"ckpt-{meta['step']:09d}-{repeat}"
     final = os.path.join(ckpt_dir, name)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -165,15 +195,15 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
         os.fsync(f.fileno())
     with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
         json.dump({**meta, "weight_names": state.names()}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest = os.path.join(ckpt_dir, "LATEST")
     with open(latest + ".tmp", "w", encoding="utf-8") as f:
         f.write(name + "\n")
     os.replace(latest + ".tmp", latest)
-    existing = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-    for old in existing[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    complete = sorted((k, d) for d in os.listdir(ckpt_dir) if (k := _checkpoint_key(d)) is not None)
+    for _, old in complete[:-keep]:
+        if old != name:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     return final
 
 
@@ -280,7 +310,14 @@ def make_train_step(
             served = model(features, training=False)["probabilities"]
         if teacher_fn is not None:
             teacher = teacher_fn(features)
-        weights = selection_weights(labels, teacher, dc.select_fraction, seed) if select else tf.ones_like(labels)
+        weights = tf.ones_like(labels)
+        if select:
+            weights = selection_weights(labels, teacher, dc.select_fraction, seed)
+            if distill_scale is not None:
+                # Where the schedule has no teacher snapshot (the first window with teacher_as_of
+                # "previous_window") the loaded teacher has already seen these labels: it must not pick
+                # the examples either, so every example trains with weight 1 there.
+                weights = tf.where(distill_scale > 0, weights, tf.ones_like(weights))
         with tf.GradientTape() as tape:
             outputs = model(features, training=True)
             loss, parts = loss_fn(outputs, labels, teacher, weights)
@@ -480,7 +517,18 @@ def train(
     # Lines in the logs so far (after a resume: what the checkpoint kept); a checkpoint records them.
     lines = {"batches": meta["batches_logged"], "metrics": meta["metrics_logged"]} if resume else {"batches": 0, "metrics": 0}
 
-    def checkpoint(pos: Position, finished: bool = False) -> None:
+    def require_finite(window: int, action: str) -> None:
+        bad = state.non_finite()
+        if bad:
+            raise TrainingError(
+                f"after step {step} in window {manifest.windows[min(window, len(manifest.windows) - 1)].name!r} the model holds NaN/Inf in "
+                f"{len(bad)} variable(s) ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) although the loss "
+                f"was finite: an update overflowed. Nothing was {action} from this state. Lower "
+                "train.learning_rate or check the data for extreme numeric values."
+            )
+
+    def checkpoint(pos: Position, window: int, finished: bool = False) -> None:
+        require_finite(window, "checkpointed")
         log_b.flush()
         log_m.flush()
         meta = {
@@ -509,9 +557,10 @@ def train(
                     if isinstance(v, float):
                         _scalar(f"window/{k}" if scope == "window" else f"cumulative/{k}", v)
         if windows_done % config.export.every_windows == 0:
+            require_finite(w, "exported")
             exports.append(export(model, manifest, step))
         now = Position(w + 1, 0, 0)
-        checkpoint(now)
+        checkpoint(now, w)
 
     now = position  # the position after the last trained batch
     started = time.perf_counter()
@@ -562,7 +611,7 @@ def train(
                             _scalar(f"cumulative/{k}", v)
             now = batch.end
             if step % tc.checkpoint_every_steps == 0:
-                checkpoint(now)
+                checkpoint(now, batch.window)
             if step_delay:
                 time.sleep(step_delay)
         if not stopped_early and pv.window.count:
@@ -582,12 +631,13 @@ def train(
         log_m.write(json.dumps({"type": "final", "step": step, "cumulative": final}) + "\n")
         lines["metrics"] += 1
         log_m.flush()
+        require_finite(current_window, "saved")
         model_path = _save_final(model, run_dir)
         if windows_done % config.export.every_windows != 0:  # the last window did not export already
             exports.append(export(model, manifest, step))
-        checkpoint(Position(len(manifest.windows), 0, 0), finished=True)
+        checkpoint(Position(len(manifest.windows), 0, 0), current_window, finished=True)
     else:
-        checkpoint(now)
+        checkpoint(now, current_window)
     log_b.close()
     log_m.close()
     tb.flush()

@@ -78,3 +78,35 @@ def test_first_window_trains_without_teacher_and_later_ones_with_it(teacher_run,
     train(_cfg(silent), data, str(tmp_path / "b1"), progress=False, windows=[0, 1])
     diff = max(float(np.abs(wa - wb).max()) for wa, wb in zip(_weights(tmp_path / "a1"), _weights(tmp_path / "b1")))
     assert diff > 1e-3
+
+
+def test_without_a_teacher_snapshot_the_teacher_selects_no_examples_either(teacher_run):
+    """In the first window the loaded teacher has seen the labels; it must not pick or reweight examples."""
+    import keras
+    import tensorflow as tf
+
+    from ctrkit.data import iterate_batches
+    from ctrkit.manifest import Manifest
+    from ctrkit.model import build_model
+    from ctrkit.trainer import make_optimizer, make_train_step
+
+    _, data = teacher_run
+    manifest = Manifest.load(data)
+    batch = next(iter(iterate_batches(manifest, 200)))
+    teacher = tf.constant(np.random.default_rng(0).normal(0, 3, batch.count), tf.float32)
+
+    def weights_after_one_step(select_fraction: float, scale: float) -> list[np.ndarray]:
+        cfg = _cfg({"enabled": True, "select_fraction": select_fraction})
+        keras.utils.set_random_seed(0)
+        model = build_model(cfg, manifest)
+        step = make_train_step(cfg, model, make_optimizer(cfg, model), None, tf.Variable(scale))
+        step(batch.features, batch.labels, teacher, tf.constant([0, 0], tf.int64))
+        return [w.numpy() for w in model.weights]
+
+    plain = weights_after_one_step(1.0, 0.0)
+    for a, b in zip(weights_after_one_step(0.3, 0.0), plain):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # With the teacher in use, selection does change the update (so the comparison above can fail).
+    taught = weights_after_one_step(1.0, 1.0)
+    selected = weights_after_one_step(0.3, 1.0)
+    assert any(not np.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(selected, taught))

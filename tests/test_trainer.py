@@ -243,3 +243,51 @@ def test_rank_head_and_dropout_train(dataset, tmp_path) -> None:
     # Inference is deterministic although the model has dropout (progressive metrics use inference outputs).
     again = model({k: v[:8] for k, v in dataset.features[0].items()})
     np.testing.assert_array_equal(np.asarray(out["probabilities"]), np.asarray(again["probabilities"]))
+
+
+def test_an_overflowed_update_with_a_finite_loss_is_not_exported(tmp_path) -> None:
+    # n0 = 1e12 keeps the loss finite but overflows Adam's v = g² slot; one step later the weights are NaN.
+    data = write_dataset(tmp_path / "data", windows=2, rows_per_window=300, shards_per_window=1, seed=3)
+    feats = dict(data.features[0])
+    feats["n0"] = feats["n0"].copy()
+    feats["n0"][5] = 1e12
+    write_tfrecords(os.path.join(data.directory, data.manifest.windows[0].shards[0]), {**feats, "label": data.labels[0]})
+    cfg = small_config(batch_size=512)  # one batch per window: the overflow happens on the window's last step
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"after step 1 in window 'w000' .*NaN/Inf.*Nothing was exported"):
+        train(cfg, data.directory, run, progress=False)
+    assert not os.path.exists(os.path.join(run, "models")) or not os.listdir(os.path.join(run, "models"))
+    assert _latest_checkpoint(run) is None
+    assert json.load(open(os.path.join(run, "run.json")))["status"] == "failed"
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL at one exact point (a real kill cannot be aimed that precisely)."""
+
+
+def test_a_kill_while_a_step_is_saved_again_leaves_a_resumable_run(dataset, tmp_path, monkeypatch) -> None:
+    import re
+
+    import ctrkit.trainer as trainer_module
+
+    run = str(tmp_path / "run")
+    ckpts = os.path.join(run, "checkpoints")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        # The run's last save repeats the step of its last window-end checkpoint; die while publishing it.
+        latest = os.path.join(ckpts, "LATEST")
+        if src.endswith(".tmp") and os.path.isdir(src) and os.path.exists(latest):
+            step = lambda name: re.match(r"ckpt-(\d+)", os.path.basename(name)).group(1)  # noqa: E731
+            if step(dst) == step(open(latest).read().strip()):
+                raise _Killed()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(trainer_module.os, "replace", replace)
+    with pytest.raises(_Killed):
+        train(small_config(), dataset.directory, run, progress=False)
+    monkeypatch.setattr(trainer_module.os, "replace", real_replace)
+    assert _latest_checkpoint(run) is not None  # LATEST still names a complete checkpoint
+    done = train(small_config(), dataset.directory, run, resume=True, progress=False)
+    assert done.examples == WINDOWS * ROWS
+    assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
