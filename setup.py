@@ -45,43 +45,45 @@ for pkg, folder in PACKAGE_DIRS.items():
     for sub in subpackages:
         package_dir[sub] = os.path.join(folder, *sub.split(".")[len(pkg.split(".")):])
 
-# Versions that resolve together on Python 3.11 (checked with a fresh `pip install -e ".[test]"`).
+# Versions that resolve together on Python 3.11 (checked with a fresh `pip install -e ".[test]"`). The stack
+# TensorFlow builds on is pinned exactly; every other requirement is capped below its next major version (for a
+# 0.x package: 1.0) above the one tested, so a fresh install cannot pick up a breaking release.
 INSTALL_REQUIRES = [
     "tensorflow==2.21.0",
     "keras==3.15.1",
     "tensorflow-transform==1.21.0",
     "apache-beam==2.77.0",
     "pyarrow==25.0.1",
-    "numpy>=1.26",
-    "pyyaml>=6",
-    "tqdm>=4.66",
+    "numpy>=1.26,<3",
+    "pyyaml>=6,<7",
+    "tqdm>=4.66,<5",
     # tfx-bsl 1.21 requires tensorflow-serving-api >=2.19,<2.20; its protos work with TF 2.21.
     "tensorflow-serving-api>=2.19,<2.20",
-    "matplotlib>=3.8",  # the report of `ctrkit run`, the README's main command
+    "matplotlib>=3.8,<4",  # the report of `ctrkit run`, the README's main command
 ]
 
 EXTRAS = {
     # httptools and uvloop are the C HTTP parser and event loop uvicorn picks when they are installed
     # (what uvicorn[standard] would add, without its reload/websocket extras).
     "serve": [
-        "starlette>=0.37",
-        "uvicorn>=0.29",
-        "orjson>=3.9",
-        "httptools>=0.6",
-        "uvloop>=0.19; sys_platform != 'win32'",
+        "starlette>=0.37,<2",
+        "uvicorn>=0.29,<1",
+        "orjson>=3.9,<4",
+        "httptools>=0.6,<1",
+        "uvloop>=0.19,<1; sys_platform != 'win32'",
     ],
 }
 EXTRAS["test"] = sorted(
     set(
         EXTRAS["serve"]
         + [
-            "pytest>=8",
-            "httpx>=0.27",
+            "pytest>=8,<10",
+            "httpx>=0.27,<1",
             "keras-rs==0.4.0",
             "tensorflow-recommenders==0.7.7",
             "tf-keras==2.21.0",
-            "build>=1.0",
-            "setuptools>=69",  # the wheel test builds without isolation
+            "build>=1.0,<2",
+            "setuptools>=69,<85",  # the wheel test builds without isolation
         ]
     )
 )

@@ -1,17 +1,21 @@
 """Experiment configuration: one YAML file = one reproducible run.
 
 Sections: ``data`` (:class:`ctrkit.schema.DataConfig`), ``model``, ``train``, ``distill``,
-``calibration``, ``export``. Unknown keys and bad values raise :class:`ConfigError` naming the key.
+``calibration``, ``export``. Unknown keys and bad values raise :class:`ConfigError` naming the key, and so
+does a setting that the rest of the config would make ineffective (e.g. ``model.projection_dim`` with
+``cross_kind: full``): nothing in a config is silently ignored.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Any, Literal
 
 import yaml
 
-from ctrkit.configio import ConfigError, from_dict, to_dict
+from ctrkit.configio import ConfigError, from_dict, load_yaml, to_dict
 from ctrkit.schema import DataConfig
 
 __all__ = [
@@ -33,6 +37,39 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every float field of ``section`` is finite (``.inf`` / ``.nan`` would poison training silently)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}.{f.name}: must be a finite number, got {value}")
+
+
+def _field_default(section: Any, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(section) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _check_used(section: Any, prefix: str, name: str, used: bool, because: str, fix: str) -> None:
+    """A field set away from its default where the rest of the config makes it ineffective is an error.
+
+    ``because`` names the other setting that makes it so; ``fix`` says how to make it take effect.
+    """
+    value = getattr(section, name)
+    if not used and value != _field_default(section, name):
+        raise ConfigError(f"{prefix}.{name}: {value!r} would be ignored because {because}; remove it or {fix}")
+
+
+# A directory name that is also safe in a URL path (TF Serving's /v1/models/NAME:predict) and a Keras name.
+_DIR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _check_dir_name(value: str, key: str) -> None:
+    _check(bool(_DIR_NAME.fullmatch(value)), key,
+           f"must be a plain directory name (letters, digits, '_', '-', '.'; not starting with '.' or '-'), "
+           f"got {value!r}")
+
+
 _ACTIVATIONS = ("relu", "smelu", "gelu", "swish", "tanh", "sigmoid", "elu", "selu", "linear")
 
 
@@ -43,27 +80,34 @@ class ModelConfig:
     embedding_dim: int = 10  # embedding width of every categorical feature
     embedding_dims: dict[str, int] = dataclasses.field(default_factory=dict)  # per-feature overrides
     cross_kind: Literal["full", "low_rank", "mixture"] = "full"  # full-rank W, low-rank U Vᵀ, or mixture of low-rank experts
-    cross_layers: int = 3  # number of cross layers
-    projection_dim: int | None = None  # low_rank only
+    cross_layers: int = 3  # number of cross layers (every structure has a cross network)
+    projection_dim: int | None = None  # rank of the cross layers; low_rank only (and required there)
     num_experts: int = 4  # mixture only
-    low_rank: int = 32  # mixture only
+    low_rank: int = 32  # rank of each expert; mixture only
     structure: Literal["stacked", "parallel", "cross_only"] = "parallel"  # cross → DNN, cross ∥ DNN, or no DNN
-    dnn_units: list[int] = dataclasses.field(default_factory=lambda: [500, 500, 500])  # DNN widths (ignored for cross_only)
+    dnn_units: list[int] = dataclasses.field(default_factory=lambda: [500, 500, 500])  # DNN widths (none for cross_only)
     dropout: float = 0.0  # DNN dropout; > 0 makes the trainer score batches in a separate inference pass
     activation: str = "relu"  # DNN activation; "smelu" lowers run-to-run prediction difference
     rank_head: bool = False  # add a rank head trained with an in-batch pairwise logistic loss
-    rank_loss_weight: float = 0.1  # weight of the in-batch pairwise logistic loss of the rank head
+    rank_loss_weight: float = 0.1  # weight of the in-batch pairwise logistic loss of the rank head (rank_head only)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model")
         _check(self.embedding_dim >= 1, "model.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
         for name, dim in self.embedding_dims.items():
             _check(dim >= 1, f"model.embedding_dims.{name}", f"must be >= 1, got {dim}")
-        _check(self.cross_layers >= 0, "model.cross_layers", f"must be >= 0, got {self.cross_layers}")
+        _check(self.cross_layers >= 1, "model.cross_layers",
+               f"must be >= 1 (every structure has a cross network), got {self.cross_layers}")
         _check(
             self.cross_kind != "low_rank" or (self.projection_dim or 0) >= 1,
             "model.projection_dim",
             "cross_kind 'low_rank' needs projection_dim >= 1",
         )
+        kind = f"model.cross_kind is {self.cross_kind!r}"
+        _check_used(self, "model", "projection_dim", self.cross_kind == "low_rank", kind,
+                    "set model.cross_kind: low_rank")
+        for name in ("num_experts", "low_rank"):
+            _check_used(self, "model", name, self.cross_kind == "mixture", kind, "set model.cross_kind: mixture")
         _check(self.num_experts >= 1, "model.num_experts", f"must be >= 1, got {self.num_experts}")
         _check(self.low_rank >= 1, "model.low_rank", f"must be >= 1, got {self.low_rank}")
         _check(all(u >= 1 for u in self.dnn_units), "model.dnn_units", f"every width must be >= 1, got {self.dnn_units}")
@@ -72,12 +116,18 @@ class ModelConfig:
             "model.dnn_units",
             f"structure {self.structure!r} needs at least one DNN layer",
         )
-        _check(self.structure != "cross_only" or self.cross_layers >= 1, "model.cross_layers",
-               "structure 'cross_only' needs at least one cross layer")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.activation in _ACTIVATIONS, "model.activation",
                f"{self.activation!r} is not one of {', '.join(_ACTIVATIONS)}")
         _check(self.rank_loss_weight >= 0, "model.rank_loss_weight", f"must be >= 0, got {self.rank_loss_weight}")
+        no_dnn = "model.structure is 'cross_only' (no DNN)"
+        dnn = self.structure != "cross_only"
+        _check(dnn or not self.dnn_units or self.dnn_units == _field_default(self, "dnn_units"), "model.dnn_units",
+               f"{self.dnn_units!r} would be ignored because {no_dnn}; remove it or choose another model.structure")
+        for name in ("dropout", "activation"):
+            _check_used(self, "model", name, dnn, no_dnn, "choose another model.structure")
+        _check_used(self, "model", "rank_loss_weight", self.rank_head, "model.rank_head is false",
+                    "set model.rank_head: true")
 
 
 @dataclasses.dataclass
@@ -101,6 +151,7 @@ class TrainConfig:
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism (slower, bit-exact resumes)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
         _check(self.embedding_learning_rate is None or self.embedding_learning_rate > 0,
@@ -116,13 +167,23 @@ class TrainConfig:
                f"must be >= 1, got {self.checkpoint_every_steps}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {self.log_every_steps}")
+        optimizer = f"train.optimizer is {self.optimizer!r}"
+        for name in ("adam_beta_1", "adam_beta_2"):
+            _check_used(self, "train", name, self.optimizer == "adam", optimizer, "set train.optimizer: adam")
+        _check_used(self, "train", "adagrad_initial_accumulator", self.optimizer == "adagrad", optimizer,
+                    "set train.optimizer: adagrad")
+
+
+# The distill options that apply only while distill.enabled is true. Not teacher_model: `ctrkit run` reads it
+# (and turns distillation on for its student) whatever distill.enabled says.
+_DISTILL_ENABLED_ONLY = ("teacher", "temperature", "weight", "confidence_weighting", "select_fraction", "teacher_as_of")
 
 
 @dataclasses.dataclass
 class DistillConfig:
     """Distillation from a teacher scoring each batch on the fly (or a teacher-logit column)."""
 
-    enabled: bool = False  # add the distillation head and its loss
+    enabled: bool = False  # add the distillation head and its loss; the options below except teacher_model need it
     teacher: str | None = None  # a ctrkit run directory or a SavedModel directory; None: manifest column
     temperature: float = 1.0  # softens teacher and student logits (loss scaled by T²)
     weight: float = 1.0  # weight of the distillation loss next to the click loss
@@ -134,12 +195,20 @@ class DistillConfig:
     teacher_as_of: Literal["final", "previous_window"] = "final"
 
     def __post_init__(self) -> None:
+        _check_finite(self, "distill")
         _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
         _check(self.weight >= 0, "distill.weight", f"must be >= 0, got {self.weight}")
         _check(0 < self.select_fraction <= 1, "distill.select_fraction",
                f"must be in (0, 1], got {self.select_fraction}")
+        for name in _DISTILL_ENABLED_ONLY:
+            _check_used(self, "distill", name, self.enabled, "distill.enabled is false", "set distill.enabled: true")
         _check(self.teacher_as_of == "final" or self.teacher is not None, "distill.teacher_as_of",
                "'previous_window' needs distill.teacher to be a ctrkit run directory")
+
+    def disabled(self) -> DistillConfig:
+        """This section with distillation off: the options that apply only while it is on back at their
+        defaults (``teacher_model`` is kept). ``dataclasses.replace(d, enabled=False)`` would be refused."""
+        return DistillConfig(teacher_model=self.teacher_model)
 
 
 @dataclasses.dataclass
@@ -151,31 +220,50 @@ class CalibrationConfig:
     segment_feature: str | None = None  # bias calibration only
     num_segments: int | None = None  # bias only; None: the segment feature's vocab size
     num_keypoints: int = 10  # piecewise only
-    downsampling_rate: float | None = None  # closed-form correction q = p / (p + (1-p)/w)
-    learning_rate: float = 0.05  # Adam step size of the calibration fit
-    steps: int = 500  # full-batch optimizer steps on the cached held-out logits (cheap: the body is not run)
+    downsampling_rate: float | None = None  # closed-form correction q = p / (p + (1-p)/w); temperature or bias only
+    learning_rate: float = 0.05  # Adam step size of the calibration fit (not with downsampling_rate)
+    steps: int = 500  # full-batch optimizer steps on the cached held-out logits (not with downsampling_rate)
     batch_size: int = 4096  # scoring batch size of the held-out stream
 
     def __post_init__(self) -> None:
+        _check_finite(self, "calibration")
         _check(self.holdout_windows >= 1, "calibration.holdout_windows", f"must be >= 1, got {self.holdout_windows}")
         _check(self.kind != "bias" or bool(self.segment_feature), "calibration.segment_feature",
                "kind 'bias' needs a segment_feature")
+        _check(self.num_segments is None or self.num_segments >= 1, "calibration.num_segments",
+               f"must be >= 1 or null, got {self.num_segments}")
         _check(self.num_keypoints >= 2, "calibration.num_keypoints", f"must be >= 2, got {self.num_keypoints}")
         _check(self.downsampling_rate is None or 0 < self.downsampling_rate <= 1, "calibration.downsampling_rate",
                f"must be in (0, 1] or null, got {self.downsampling_rate}")
         _check(self.learning_rate > 0, "calibration.learning_rate", f"must be > 0, got {self.learning_rate}")
         _check(self.steps >= 1, "calibration.steps", f"must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, "calibration.batch_size", f"must be >= 1, got {self.batch_size}")
+        kind = f"calibration.kind is {self.kind!r}"
+        if self.kind == "none":  # no calibration layer: nothing is held out, scored or fitted
+            for name in ("holdout_windows", "downsampling_rate", "learning_rate", "steps", "batch_size"):
+                _check_used(self, "calibration", name, False, kind, "choose a calibration.kind")
+        for name in ("segment_feature", "num_segments"):
+            _check_used(self, "calibration", name, self.kind == "bias", kind, "set calibration.kind: bias")
+        _check_used(self, "calibration", "num_keypoints", self.kind == "piecewise", kind,
+                    "set calibration.kind: piecewise")
+        _check_used(self, "calibration", "downsampling_rate", self.kind in ("temperature", "bias"),
+                    f"{kind} (the closed-form correction needs 'temperature' or 'bias')",
+                    "set calibration.kind: temperature")
+        for name in ("learning_rate", "steps"):  # the closed-form correction fits nothing
+            _check_used(self, "calibration", name, self.downsampling_rate is None,
+                        "calibration.downsampling_rate is set (closed-form correction, no fit)",
+                        "remove calibration.downsampling_rate")
 
 
 @dataclasses.dataclass
 class ExportConfig:
     base_path: str | None = None
-    model_name: str = "ctrkit"
+    model_name: str = "ctrkit"  # TF Serving model name and directory under base_path (letters, digits, _ - .)
     keep_versions: int = 5
     every_windows: int = 1
 
     def __post_init__(self) -> None:
+        _check_dir_name(self.model_name, "export.model_name")
         _check(self.keep_versions >= 1, "export.keep_versions", f"must be >= 1, got {self.keep_versions}")
         _check(self.every_windows >= 1, "export.every_windows", f"must be >= 1, got {self.every_windows}")
 
@@ -189,6 +277,9 @@ class Config:
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        _check_dir_name(self.name, "name")  # runs/<name>-<time> and the Keras model's name
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -220,9 +311,15 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"config file {path} not found")
     with open(path, encoding="utf-8") as f:
         try:
-            raw = yaml.safe_load(f)
+            raw = load_yaml(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return Config.from_dict(raw, source=os.path.basename(path))
+    source = os.path.basename(path)
+    try:
+        return Config.from_dict(raw, source=source)
+    except ConfigError as e:
+        if str(e).startswith(source):  # a type error already carries the file in its dotted path
+            raise
+        raise ConfigError(f"{source}: {e}") from e  # a section's own checks name the key only

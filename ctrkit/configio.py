@@ -7,15 +7,40 @@ config file fails loudly instead of silently falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union
+from typing import IO, Any, Literal, TypeVar, Union
+
+import yaml
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config file or dict does not match the expected schema."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3``, ``5E-4``, ``+1e3`` and ``1.0e3`` as floats.
+
+    PyYAML follows YAML 1.1, whose float needs a dot and a signed exponent, so those common spellings of a
+    learning rate would arrive as strings. Everything else resolves exactly as with ``yaml.safe_load``.
+    """
+
+
+# add_implicit_resolver copies SafeLoader's table into ConfigLoader first, so SafeLoader is left unchanged.
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream: str | IO[str]) -> Any:
+    """Parse config YAML (a string or an open file) with :class:`ConfigLoader`; use it for every config file."""
+    return yaml.load(stream, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
@@ -101,7 +126,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")

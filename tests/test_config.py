@@ -1,13 +1,24 @@
 """Config sections of the core (model/train/distill/calibration/export): validation names the key."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import yaml
 
-from ctrkit.config import Config, ConfigError, builtin_config_path, load_config
+from ctrkit.config import (
+    Config,
+    ConfigError,
+    DistillConfig,
+    ModelConfig,
+    TrainConfig,
+    builtin_config_path,
+    load_config,
+)
 
 
-@pytest.mark.parametrize("name", ["bars_criteo", "dcn_mix", "small"])
+@pytest.mark.parametrize("name", ["bars_criteo", "dcn_mix", "quickstart", "small"])
 def test_builtin_configs_load_and_round_trip(name: str) -> None:
     cfg = load_config(name)
     assert Config.from_dict(cfg.to_dict()) == cfg
@@ -50,3 +61,150 @@ def test_unknown_key_is_refused(tmp_path) -> None:
     path.write_text(yaml.safe_dump({"train": {"learning_rat": 0.1}}))
     with pytest.raises(ConfigError, match="learning_rat"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "text, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("+1e3", 1e3), ("1.0e3", 1e3), ("2.5e-3", 2.5e-3)]
+)
+def test_exponent_floats_load_as_numbers(tmp_path, text: str, value: float) -> None:
+    # PyYAML's YAML 1.1 resolver reads 1e-3 (no dot) and 1.0e3 (unsigned exponent) as strings.
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"train:\n  learning_rate: {text}\n  embedding_learning_rate: {text}\n")
+    train = load_config(str(path)).train
+    assert train.learning_rate == value and isinstance(train.learning_rate, float)
+    assert train.embedding_learning_rate == value  # float | None
+
+
+def test_negative_exponent_float_is_read_as_a_number(tmp_path) -> None:
+    path = tmp_path / "neg.yaml"
+    path.write_text("train:\n  learning_rate: -2e-1\n")
+    with pytest.raises(ConfigError, match=r"neg\.yaml: train\.learning_rate: must be > 0, got -0\.2$"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "section, key, text",
+    [
+        ("train", "learning_rate", ".inf"),
+        ("train", "adam_beta_1", ".nan"),
+        ("train", "embedding_learning_rate", ".inf"),  # float | None
+        ("model", "rank_loss_weight", ".inf"),
+        ("model", "dropout", ".nan"),
+        ("distill", "temperature", "-.inf"),
+        ("calibration", "downsampling_rate", ".NaN"),
+        ("data", "window_seconds", ".inf"),  # an int field: not a number of the right kind either
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_file_and_key(tmp_path, section: str, key: str, text: str) -> None:
+    path = tmp_path / "nf.yaml"
+    path.write_text(f"{section}:\n  {key}: {text}\n")
+    expected = "an integer" if section == "data" else "a finite number"
+    with pytest.raises(ConfigError, match=rf"nf\.yaml\.{section}\.{key}: expected {expected}, got -?(inf|nan)"):
+        load_config(str(path))
+
+
+def test_non_finite_numbers_are_refused_in_code_too() -> None:
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: must be a finite number, got inf"):
+        TrainConfig(learning_rate=math.inf)
+    with pytest.raises(ConfigError, match=r"model\.rank_loss_weight: must be a finite number, got inf"):
+        ModelConfig(rank_head=True, rank_loss_weight=math.inf)
+    with pytest.raises(ConfigError, match=r"distill\.weight: must be a finite number, got nan"):
+        DistillConfig(enabled=True, weight=math.nan)
+
+
+# A setting the rest of the config makes ineffective is refused, naming it and the setting that makes it so.
+IGNORED = [
+    ({"model": {"cross_kind": "full", "projection_dim": 16}}, "model.projection_dim", "model.cross_kind"),
+    ({"model": {"cross_kind": "mixture", "projection_dim": 16}}, "model.projection_dim", "model.cross_kind"),
+    ({"model": {"cross_kind": "full", "num_experts": 8}}, "model.num_experts", "model.cross_kind"),
+    ({"model": {"cross_kind": "low_rank", "projection_dim": 8, "low_rank": 8}}, "model.low_rank", "model.cross_kind"),
+    ({"model": {"structure": "cross_only", "dnn_units": [64]}}, "model.dnn_units", "model.structure"),
+    ({"model": {"structure": "cross_only", "dnn_units": [], "dropout": 0.2}}, "model.dropout", "model.structure"),
+    ({"model": {"structure": "cross_only", "activation": "smelu"}}, "model.activation", "model.structure"),
+    ({"model": {"rank_loss_weight": 0.5}}, "model.rank_loss_weight", "model.rank_head"),
+    ({"train": {"optimizer": "adagrad", "adam_beta_1": 0.8}}, "train.adam_beta_1", "train.optimizer"),
+    ({"train": {"adam_beta_2": 0.99}}, "train.adam_beta_2", "train.optimizer"),
+    ({"train": {"optimizer": "adam", "adagrad_initial_accumulator": 0.5}},
+     "train.adagrad_initial_accumulator", "train.optimizer"),
+    ({"distill": {"select_fraction": 0.5}}, "distill.select_fraction", "distill.enabled"),
+    ({"distill": {"teacher": "runs/teacher"}}, "distill.teacher", "distill.enabled"),
+    ({"distill": {"enabled": False, "temperature": 2.0}}, "distill.temperature", "distill.enabled"),
+    ({"distill": {"weight": 0.5}}, "distill.weight", "distill.enabled"),
+    ({"distill": {"confidence_weighting": True}}, "distill.confidence_weighting", "distill.enabled"),
+    ({"calibration": {"kind": "temperature", "segment_feature": "C1"}},
+     "calibration.segment_feature", "calibration.kind"),
+    ({"calibration": {"kind": "piecewise", "num_segments": 8}}, "calibration.num_segments", "calibration.kind"),
+    ({"calibration": {"kind": "bias", "segment_feature": "C1", "num_keypoints": 20}},
+     "calibration.num_keypoints", "calibration.kind"),
+    ({"calibration": {"kind": "piecewise", "downsampling_rate": 0.1}},
+     "calibration.downsampling_rate", "calibration.kind"),
+    ({"calibration": {"kind": "none", "holdout_windows": 2}}, "calibration.holdout_windows", "calibration.kind"),
+    ({"calibration": {"kind": "none", "steps": 100}}, "calibration.steps", "calibration.kind"),
+    ({"calibration": {"downsampling_rate": 0.1, "learning_rate": 0.1}},
+     "calibration.learning_rate", "calibration.downsampling_rate"),
+    ({"calibration": {"downsampling_rate": 0.1, "steps": 50}}, "calibration.steps", "calibration.downsampling_rate"),
+]
+
+
+@pytest.mark.parametrize("config, key, other", IGNORED, ids=[key for _, key, _ in IGNORED])
+def test_ineffective_settings_are_refused_naming_both_keys(tmp_path, config: dict, key: str, other: str) -> None:
+    path = tmp_path / "ign.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    message = str(e.value)
+    assert message.startswith(f"ign.yaml: {key}: ") and "would be ignored because" in message, message
+    assert other in message.split(": ", 2)[2], message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model": {"cross_kind": "low_rank", "projection_dim": 16}},
+        {"model": {"cross_kind": "mixture", "num_experts": 8, "low_rank": 16}},
+        {"model": {"structure": "cross_only", "dnn_units": []}},
+        {"model": {"structure": "cross_only"}},  # the default dnn_units: nothing was set
+        {"model": {"rank_head": True, "rank_loss_weight": 0.5}},
+        {"model": {"dropout": 0.2, "activation": "smelu"}},
+        {"train": {"optimizer": "adam", "adam_beta_1": 0.8, "adam_beta_2": 0.99}},
+        {"train": {"optimizer": "adagrad", "adagrad_initial_accumulator": 0.5}},
+        {"distill": {"enabled": True, "teacher": "t", "select_fraction": 0.5, "temperature": 2.0, "weight": 0.5,
+                     "confidence_weighting": True, "teacher_as_of": "previous_window"}},
+        {"distill": {"teacher_model": {"embedding_dim": 16}}},  # `ctrkit run` trains it whatever distill.enabled is
+        {"calibration": {"kind": "bias", "segment_feature": "C1", "num_segments": 8, "downsampling_rate": 0.1}},
+        {"calibration": {"kind": "piecewise", "num_keypoints": 20, "learning_rate": 0.1, "steps": 50}},
+        {"calibration": {"kind": "none"}},
+    ],
+)
+def test_settings_that_take_effect_are_accepted(config: dict) -> None:
+    Config.from_dict(config)
+
+
+def test_disabled_distill_keeps_only_the_teacher_model() -> None:
+    teacher = ModelConfig(embedding_dim=16)
+    on = DistillConfig(enabled=True, teacher="t", temperature=2.0, select_fraction=0.5, teacher_model=teacher)
+    with pytest.raises(ConfigError, match=r"distill\.teacher: 't' would be ignored because distill\.enabled is false"):
+        dataclasses.replace(on, enabled=False)
+    assert on.disabled() == DistillConfig(teacher_model=teacher)
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"model": {"cross_layers": 0}}, "model.cross_layers"),  # the cross network needs >= 1 layer
+        ({"calibration": {"kind": "bias", "segment_feature": "C1", "num_segments": 0}}, "calibration.num_segments"),
+    ],
+)
+def test_values_the_model_cannot_build_are_refused(values: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": must be >= 1"):
+        Config.from_dict(values)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden", "-x", "my model", "m:predict", "a\\b"])
+def test_names_must_be_plain_directory_names(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"export\.model_name: must be a plain directory name"):
+        Config.from_dict({"export": {"model_name": name}})
+    with pytest.raises(ConfigError, match=r"^name: must be a plain directory name"):
+        Config.from_dict({"name": name})
+    ok = Config.from_dict({"name": "dcn_v2-1.0", "export": {"model_name": "ctr.model_2"}})
+    assert (ok.name, ok.export.model_name) == ("dcn_v2-1.0", "ctr.model_2")

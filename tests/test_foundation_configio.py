@@ -5,8 +5,9 @@ import dataclasses
 from typing import Literal
 
 import pytest
+import yaml
 
-from ctrkit.configio import ConfigError, from_dict, to_dict
+from ctrkit.configio import ConfigError, from_dict, load_yaml, to_dict
 
 
 @dataclasses.dataclass
@@ -43,6 +44,11 @@ def test_builds_nested_dataclasses_and_round_trips():
         ({"steps": True}, r"Outer\.steps: expected an integer, got True"),
         ({"sizes": [1]}, r"Outer\.sizes: expected a mapping"),
         ({"inner": 3}, r"Outer\.inner: expected a mapping for Inner"),
+        ({"inner": {"rate": float("inf")}}, r"Outer\.inner\.rate: expected a finite number, got inf"),
+        ({"inner": {"rate": float("-inf")}}, r"Outer\.inner\.rate: expected a finite number, got -inf"),
+        ({"inner": {"rate": float("nan")}}, r"Outer\.inner\.rate: expected a finite number, got nan"),
+        ({"inner": {"rate": 10**400}}, r"Outer\.inner\.rate: expected a finite number, got 1000"),
+        ({"inner": {"rate": "1e-3"}}, r"Outer\.inner\.rate: expected a number, got '1e-3'"),  # a quoted string
     ],
 )
 def test_bad_values_name_the_key(data, message):
@@ -65,3 +71,32 @@ def test_default_config_is_criteo(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-3", 1e-3), ("5E-4", 5e-4), ("+1e3", 1e3), ("-2e-1", -0.2), ("1.0e3", 1e3), (".5e1", 5.0), ("1_0e2", 1e3),
+        ("1.5e-3", 1.5e-3), ("0.25", 0.25), (".inf", float("inf")),  # what YAML 1.1 already reads as floats
+    ],
+)
+def test_load_yaml_reads_exponent_floats_as_floats(text, value):
+    loaded = load_yaml(f"x: {text}")["x"]
+    assert isinstance(loaded, float) and loaded == value
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1000", 1000), ("-7", -7), ("1_000", 1000), ("0x1F", 31), ("1e", "1e"), ("e3", "e3"), ("1e3e3", "1e3e3"),
+     ("1.2.3", "1.2.3"), ("'1e-3'", "1e-3"), ("true", True), ("null", None)],
+)
+def test_load_yaml_resolves_everything_else_as_safe_load(text, value):
+    loaded = load_yaml(f"x: {text}")["x"]
+    assert loaded == value and type(loaded) is type(value)
+    assert yaml.safe_load(f"x: {text}")["x"] == value
+
+
+def test_load_yaml_leaves_safe_load_alone():
+    load_yaml("x: 1e-3")
+    assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}  # the resolver is ConfigLoader's own
+

@@ -66,3 +66,38 @@ def test_built_wheel_imports_in_fresh_venv(tmp_path):
     assert out.stdout.splitlines()[1] == repr(shipped_configs)
     cli = subprocess.run([str(env_dir / "bin" / "ctrkit"), "--version"], capture_output=True, text=True, check=True)
     assert cli.stdout.startswith("ctrkit ")
+
+
+def _declared_requirements() -> list[str]:
+    """install_requires and every extra of setup.py, read by running it with setuptools.setup stubbed out."""
+    import runpy
+
+    import setuptools
+
+    captured: dict = {}
+    real = setuptools.setup
+    setuptools.setup = lambda **kw: captured.update(kw)
+    try:
+        runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="not_main")
+    finally:
+        setuptools.setup = real
+    return list(captured["install_requires"]) + [r for reqs in captured["extras_require"].values() for r in reqs]
+
+
+def test_every_requirement_has_an_upper_bound_that_admits_the_installed_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    declared = _declared_requirements()
+    assert len(declared) > 10
+    for line in declared:
+        req = Requirement(line)
+        assert any(s.operator in ("==", "===", "<", "<=", "~=") for s in req.specifier), f"{line}: no upper bound"
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            continue
+        assert req.specifier.contains(installed, prereleases=True), f"{line} excludes the installed {req.name} {installed}"

@@ -43,7 +43,7 @@ def _config(**model) -> Config:
     [
         {"cross_kind": "full", "structure": "parallel"},
         {"cross_kind": "low_rank", "projection_dim": 2, "structure": "stacked"},
-        {"cross_kind": "mixture", "num_experts": 2, "low_rank": 2, "structure": "cross_only"},
+        {"cross_kind": "mixture", "num_experts": 2, "low_rank": 2, "structure": "cross_only", "dnn_units": []},
         {"cross_kind": "full", "structure": "stacked", "activation": "smelu"},
     ],
 )

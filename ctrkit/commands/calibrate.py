@@ -36,7 +36,15 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(os.path.join(args.run_dir, "config.yaml"))
     cal = config.calibration
     if args.downsampling_rate is not None:
-        cal = dataclasses.replace(cal, downsampling_rate=args.downsampling_rate)
+        from ctrkit.configio import ConfigError
+
+        try:
+            cal = dataclasses.replace(cal, downsampling_rate=args.downsampling_rate)
+        except ConfigError as e:
+            raise ConfigError(
+                f"--downsampling-rate {args.downsampling_rate} does not fit the calibration section of "
+                f"{args.run_dir}/config.yaml ({e})"
+            ) from None
     manifest = Manifest.load(args.data)
     n = len(manifest.windows)
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")

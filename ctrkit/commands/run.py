@@ -79,7 +79,7 @@ def _teacher_config(config: Any) -> Any:
         config,
         name=f"{config.name}-teacher",
         model=teacher_model,
-        distill=dataclasses.replace(config.distill, enabled=False, teacher=None, teacher_as_of="final"),
+        distill=config.distill.disabled(),
         # A .keras snapshot after every window: the student distills from the teacher as of the window before.
         export=dataclasses.replace(config.export, base_path=None, every_windows=1),
     )
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     student = train(student_cfg, data_dir, student_dir, windows=train_windows, progress=progress, export_fn=export_fn)
 
     # 5. the same student without distillation
-    baseline_cfg = dataclasses.replace(config, distill=dataclasses.replace(config.distill, enabled=False, teacher=None))
+    baseline_cfg = dataclasses.replace(config, distill=config.distill.disabled())
     baseline_dir = os.path.join(run_dir, "student_no_distillation")
     stages.start("baseline", "training the same student without distillation (for comparison)")
     baseline = train(baseline_cfg, data_dir, baseline_dir, windows=train_windows, progress=progress)
