@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 
 from ctrkit.config import Config
-from ctrkit.configio import ConfigError
+from ctrkit.configio import ConfigError, load_yaml
 from ctrkit.data import Position, iterate_batches
 from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
@@ -349,10 +349,53 @@ def _default_export(run_dir: str) -> ExportFn:
     return export
 
 
+def vocabulary_fingerprint(manifest: Manifest) -> str | None:
+    """SHA-256 of the vocabulary files in the data's ``transform_fn/assets`` (None: the data has none).
+
+    Ids are row numbers in these vocabularies, so two datasets with the same fingerprint map every token to
+    the same embedding row; equal vocabulary *sizes* do not guarantee that.
+    """
+    import hashlib
+
+    assets = os.path.join(manifest.transform_output_dir, manifest.transform_fn_dir, "assets")
+    if not os.path.isdir(assets):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(assets)):
+        path = os.path.join(assets, name)
+        if os.path.isfile(path):
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def _check_same_vocabulary(warm_start: str, manifest: Manifest) -> None:
+    """A warm start must see the ids the previous run's embedding rows were trained on."""
+    with open(os.path.join(warm_start, "run.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    if "vocabulary_fingerprint" not in info:  # a run from before ctrkit recorded it
+        import warnings
+
+        warnings.warn(f"--warm-start {warm_start}: that run did not record its vocabularies; cannot check that "
+                      "the new data maps tokens to the same embedding rows", stacklevel=3)
+        return
+    before = info["vocabulary_fingerprint"]
+    now = vocabulary_fingerprint(manifest)
+    if before != now:
+        raise InputError(
+            f"--warm-start {warm_start}: that run's data had different vocabularies "
+            f"({'none' if before is None else before[:12]}) from {manifest.transform_output_dir} "
+            f"({'none' if now is None else now[:12]}), so its embedding rows belong to other tokens. "
+            "Preprocess the new data with the previous transform "
+            "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that."
+        )
+
+
 def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[str]) -> None:
     """A resume must continue the same run: same config, same data, same windows."""
     with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-        saved = Config.from_dict(yaml.safe_load(f), source=f"{run_dir}/config.yaml")
+        saved = Config.from_dict(load_yaml(f), source=f"{run_dir}/config.yaml")
     differ = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
     if differ:
         raise InputError(f"--resume: the config differs from the run's {run_dir}/config.yaml in section(s) {differ}")
@@ -466,6 +509,7 @@ def train(
             arrays, meta = _load_checkpoint(prev)
             if not meta.get("finished"):
                 raise InputError(f"--warm-start {warm_start}: that run did not finish; resume it first")
+            _check_same_vocabulary(warm_start, manifest)
             state.restore(arrays, meta["weight_names"], prev, metrics=False)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
@@ -482,6 +526,7 @@ def train(
             "warm_start": previous.get("warm_start") if resume else (os.path.abspath(warm_start) if warm_start else None),
             "status": "running",
             "config": config.name,
+            "vocabulary_fingerprint": vocabulary_fingerprint(manifest),
         },
     )
 

@@ -291,3 +291,22 @@ def test_a_kill_while_a_step_is_saved_again_leaves_a_resumable_run(dataset, tmp_
     done = train(small_config(), dataset.directory, run, resume=True, progress=False)
     assert done.examples == WINDOWS * ROWS
     assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
+
+
+def test_warm_start_refuses_data_from_another_vocabulary(dataset, tmp_path) -> None:
+    import shutil
+
+    def with_vocabulary(name: str, tokens: str) -> str:
+        data = str(tmp_path / name)
+        shutil.copytree(dataset.directory, data)
+        os.makedirs(os.path.join(data, "transform_fn", "assets"))
+        with open(os.path.join(data, "transform_fn", "assets", "vocab_c0"), "w") as f:
+            f.write(tokens)
+        return data
+
+    day1, same, other = (with_vocabulary(n, t) for n, t in (("d1", "a\nb\n"), ("same", "a\nb\n"), ("other", "b\na\n")))
+    prev = train(small_config(), day1, str(tmp_path / "day1"), windows=[0], progress=False)
+    ok = train(small_config(), same, str(tmp_path / "day2"), windows=[1], warm_start=prev.run_dir, progress=False)
+    assert ok.examples == ROWS
+    with pytest.raises(InputError, match=r"different vocabularies.*--transform-fn"):
+        train(small_config(), other, str(tmp_path / "day2b"), windows=[1], warm_start=prev.run_dir, progress=False)
