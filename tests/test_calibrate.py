@@ -23,8 +23,10 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibrate")
     biased = write_dataset(root / "train", windows=3, rows_per_window=4000, shards_per_window=1, seed=20,
                            negative_keep_rate=KEEP, vocab_size=20)
-    holdout = write_dataset(root / "holdout", windows=1, rows_per_window=8000, shards_per_window=1, seed=21, vocab_size=20)
-    test = write_dataset(root / "test", windows=1, rows_per_window=8000, shards_per_window=1, seed=22, vocab_size=20)
+    # 40k rows (~10k clicks) per stream: Σy then carries about ±1% sampling noise, small enough to check the
+    # ±2% target on a stream the calibration never saw (with 8k rows that stream alone read 1.04).
+    holdout = write_dataset(root / "holdout", windows=1, rows_per_window=40000, shards_per_window=1, seed=21, vocab_size=20)
+    test = write_dataset(root / "test", windows=1, rows_per_window=40000, shards_per_window=1, seed=22, vocab_size=20)
     cfg = Config.from_dict({
         "name": "cal",
         "model": {"embedding_dim": 4, "cross_layers": 2, "dnn_units": [16]},
@@ -56,10 +58,10 @@ def test_fitted_calibration_brings_a_downsampled_model_back_to_ratio_one(setup) 
     body_after = [w.numpy() for w in model.weights if "calibration" not in w.path]
     for a, b in zip(body_before, body_after):
         np.testing.assert_array_equal(a, b)
-    # And it generalizes to an independent stream (looser: ~2000 clicks there carry ±2% sampling noise).
+    # And the target holds on an independent stream, not only where the layer was fitted (measured: 1.0045).
     ratio_test, ece_test = _ratio(model, test)
     print(f"test stream: ratio {ratio_test_before:.3f} -> {ratio_test:.3f}, ECE {ece_test_before:.4f} -> {ece_test:.4f}")
-    assert abs(ratio_test - 1) < 0.06 and ece_test < ece_test_before / 3
+    assert abs(ratio_test - 1) < 0.02 and ece_test < ece_test_before / 3
 
 
 def test_closed_form_downsampling_correction_matches_the_formula(setup) -> None:
