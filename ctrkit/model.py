@@ -89,6 +89,7 @@ def build_model(config: Config, manifest: Manifest) -> keras.Model:
         vocab_sizes=manifest.vocab_sizes(),
         embedding_dim=_embedding_dims(config, manifest),
         numeric_features=[f.name for f in manifest.numeric_features],
+        multivalued_features=[f.name for f in manifest.features if f.multivalent],
         name=EMBEDDING_LAYER,
     )
     x0 = embedding(inputs)

@@ -1,9 +1,13 @@
 """SmeLU, the smooth reLU, and the activation resolver every ctrkit layer uses.
 
-Keras' own ``keras.activations.get`` resolves strings only from its built-in table, so ``"smelu"`` cannot be
-added there without patching Keras internals. ctrkit layers resolve activations through :func:`get`
-instead, which knows ``"smelu"`` and defers everything else to Keras. The ``smelu`` function is registered
-as ``"ctrkit>smelu"``, so a plain Keras layer built with ``activation=smelu`` still saves and loads.
+The string ``"smelu"`` works in ctrkit layers only (``DCN(activation="smelu")``, ``Cross(pre_activation=
+"smelu")``, ...), which resolve activations through :func:`get`: it knows ``"smelu"`` and defers everything
+else to Keras. A plain Keras layer does not take the string: ``keras.activations.get`` looks strings up in
+Keras' built-in table only (not in ``keras.saving.get_custom_objects()`` nor a ``custom_object_scope``), so
+``keras.layers.Dense(3, activation="smelu")`` (or ``"ctrkit>smelu"``) raises ``ValueError`` and making it
+work would take patching Keras internals. Pass the function instead,
+``keras.layers.Dense(3, activation=ctrkit.layers.smelu)``: it is registered as ``"ctrkit>smelu"``, so such
+a layer saves to ``.keras`` and loads back in any process that has imported ``ctrkit.layers``.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Any, Callable
 
 import keras
 from keras import ops
+
+from ctrkit.layers import _validation as check
 
 Activation = str | Callable[..., Any] | dict[str, Any] | None
 
@@ -76,9 +82,10 @@ class SmeLU(keras.layers.Layer):
 
     def __init__(self, beta: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(beta, (int, float)) or beta <= 0:
+        b = check.as_real(beta)
+        if b is None or b <= 0:
             raise ValueError(f"SmeLU: beta must be a number > 0, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = b
         self.supports_masking = True
 
     def call(self, inputs: Any) -> Any:

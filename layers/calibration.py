@@ -3,6 +3,11 @@
 Each layer sits on top of a trained base model and is fitted on data the base model was not trained on,
 with the base model frozen (``base.trainable = False``). Each can itself be frozen or unfrozen through
 ``layer.trainable`` without touching the base model.
+
+All three compute in float32 unless given an explicit ``dtype``, also under a mixed-precision policy
+(``"mixed_float16"``, ``"mixed_bfloat16"``): their input is cast to float32 and their output is float32.
+In 16 bits a probability within ~2.4e-4 of 1 (float16; ~2e-3 in bfloat16) rounds to 1 and its logit
+to ``inf``; the layers hold a handful of weights, so float32 costs nothing.
 """
 from __future__ import annotations
 
@@ -14,6 +19,19 @@ from keras import ops
 
 from ctrkit.layers import _validation as check
 from ctrkit.layers.embedding import _concrete, _is_tf_graph
+
+
+# Machine epsilon per dtype (1 − ε is exactly representable and below 1, so a clip to [ε, 1 − ε] stays
+# strictly inside (0, 1)), and the smallest normal number (a floor that keeps a log finite).
+_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+_TINY = {"float16": 2.0**-14, "bfloat16": 2.0**-126, "float32": 2.0**-126, "float64": 2.0**-1022}
+
+
+def _float32_by_default(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Base-layer kwargs with ``dtype="float32"`` unless the caller chose a dtype (policy)."""
+    if kwargs.get("dtype") is None:
+        kwargs = {**kwargs, "dtype": "float32"}
+    return kwargs
 
 
 def _as_logit_column(layer: str, logit: Any) -> Any:
@@ -39,13 +57,13 @@ class TemperatureScaling(keras.layers.Layer):
 
     Args:
         use_bias: learn the offset ``b``. Defaults to ``True``.
-        **kwargs: base layer arguments.
+        **kwargs: base layer arguments. ``dtype`` defaults to ``"float32"`` whatever the global policy.
 
     Call arguments:
-        logit: ``(batch,)`` or ``(batch, 1)``.
+        logit: ``(batch,)`` or ``(batch, 1)``, any float dtype (cast to the layer's compute dtype).
 
     Returns:
-        ``(batch, 1)`` calibrated logit.
+        ``(batch, 1)`` calibrated logit (float32 by default).
 
     Example:
 
@@ -61,7 +79,7 @@ class TemperatureScaling(keras.layers.Layer):
     """
 
     def __init__(self, use_bias: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_float32_by_default(kwargs))
         self.use_bias = bool(use_bias)
 
     def build(self, input_shape: Any) -> None:
@@ -77,7 +95,7 @@ class TemperatureScaling(keras.layers.Layer):
         return float("inf") if a == 0 else 1.0 / a
 
     def call(self, logit: Any) -> Any:
-        z = _as_logit_column("TemperatureScaling", logit) * self.scale
+        z = ops.cast(_as_logit_column("TemperatureScaling", logit), self.compute_dtype) * self.scale
         return z + self.bias if self.bias is not None else z
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -91,16 +109,25 @@ class TemperatureScaling(keras.layers.Layer):
 class PiecewiseLinearCalibration(keras.layers.Layer):
     """Monotone piecewise-linear map from a logit to a probability in (0, 1).
 
-    Input keypoints ``k_0 < … < k_{n-1}`` are fixed; the outputs at them are learned:
+    The keypoints ``k_0 < … < k_{n-1}`` are fixed input positions; the output levels ``y_j`` at them are
+    the learned weights (the convention of TF Lattice's ``PWLCalibration`` with fixed input keypoints):
 
     ```
-    y_j = Σ_{i≤j} softmax(w)_i,   j = 0 … n−1   (w has n+1 entries, so 0 < y_0 < … < y_{n-1} < 1)
+    p = softmax(w)                (w has n+1 entries)
+    y_j = Σ_{i≤j} p_i,  j = 0 … n−1      (so 0 < y_0 < … < y_{n-1} < 1 in exact arithmetic)
     f(z) = y_0 + Σ_{j≥1} (y_j − y_{j−1}) · clip((z − k_{j−1}) / (k_j − k_{j−1}), 0, 1)
     ```
 
-    ``f`` interpolates linearly between keypoints, is constant outside ``[k_0, k_{n-1}]``, strictly
-    increasing inside, and stays in (0, 1) for any ``w``. ``w`` starts so that ``y_j = σ(k_j)``: before
-    fitting, the layer approximates the sigmoid of its input.
+    ``f`` interpolates linearly between keypoints, is constant outside ``[k_0, k_{n-1}]`` and increasing
+    inside. ``w`` starts so that ``y_j = σ(k_j)``: before fitting, the layer approximates the sigmoid of
+    its input.
+
+    The returned probability is clipped to ``[ε, 1 − ε]``, ``ε`` the machine epsilon of the compute
+    dtype (``2⁻²³ ≈ 1.2e-7`` in float32), so it stays strictly inside (0, 1) for any ``w`` even where a
+    level rounds to 0 or 1 (e.g. ``y_{n-1} = 1 − 1e-9``). With ``output_logit=True`` the logit is
+    computed without that clip, as ``log f − log(1 − f)`` with ``1 − f = p_n + Σ_{j≥1} p_j (1 − clip(…))``
+    summed directly rather than subtracted from 1, so it stays finite and accurate at extreme levels
+    (``|logit|`` ≤ ~87 in float32).
 
     Args:
         num_keypoints: number ``n ≥ 2`` of keypoints. Defaults to 10.
@@ -109,13 +136,13 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         keypoints: explicit increasing keypoints (e.g. quantiles of the holdout logits); overrides the
             three arguments above.
         output_logit: return ``log(f / (1 − f))`` instead of ``f``, for heads that must output a logit.
-        **kwargs: base layer arguments.
+        **kwargs: base layer arguments. ``dtype`` defaults to ``"float32"`` whatever the global policy.
 
     Call arguments:
-        logit: ``(batch,)`` or ``(batch, 1)``.
+        logit: ``(batch,)`` or ``(batch, 1)``, any float dtype (cast to the layer's compute dtype).
 
     Returns:
-        ``(batch, 1)`` calibrated probability (or its logit).
+        ``(batch, 1)`` calibrated probability (or its logit), float32 by default.
 
     Example:
 
@@ -137,7 +164,7 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         output_logit: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_float32_by_default(kwargs))
         if keypoints is None:
             n = check.positive_int("PiecewiseLinearCalibration", "num_keypoints", num_keypoints)
             if n < 2:
@@ -166,21 +193,25 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         )
 
     def levels(self) -> Any:
-        """The learned outputs ``y_j`` at the keypoints, shape ``(num_keypoints,)``."""
+        """The learned outputs ``y_j`` at the keypoints, shape ``(num_keypoints,)`` (before the ``[ε, 1 − ε]``
+        clip of :meth:`call`: a level within rounding of 1 reads as 1 here)."""
         return ops.cumsum(ops.softmax(self.level_logits))[:-1]
 
     def call(self, logit: Any) -> Any:
-        z = ops.cast(_as_logit_column("PiecewiseLinearCalibration", logit), self.compute_dtype)
-        kp = ops.convert_to_tensor(self.keypoints, self.compute_dtype)
-        y = self.levels()
+        dtype = self.compute_dtype
+        z = ops.cast(_as_logit_column("PiecewiseLinearCalibration", logit), dtype)
+        kp = ops.convert_to_tensor(self.keypoints, dtype)
+        p = ops.softmax(ops.cast(self.level_logits, dtype))  # (n+1,): y_j − y_{j−1} for j = 1 … n−1 is p_j
         frac = ops.clip((z - kp[:-1]) / (kp[1:] - kp[:-1]), 0.0, 1.0)  # (B, n-1)
-        out = y[0] + ops.sum(frac * (y[1:] - y[:-1]), axis=-1, keepdims=True)
+        # f and 1 − f as two sums of non-negative terms: 1 − f computed as 1 − y would cancel to 0 (and
+        # its log to −inf) once a level is within rounding of 1, e.g. y = 1 − 1e-9 in float32.
+        below = p[0] + ops.sum(frac * p[1:-1], axis=-1, keepdims=True)  # f
+        above = p[-1] + ops.sum((1.0 - frac) * p[1:-1], axis=-1, keepdims=True)  # 1 − f
         if self.output_logit:
-            # Levels can sit within float32 rounding of 0 or 1; clip so the logit stays finite.
-            eps = keras.config.epsilon()
-            out = ops.clip(out, eps, 1.0 - eps)
-            return ops.log(out) - ops.log1p(-out)
-        return out
+            tiny = _TINY.get(dtype, _TINY["float32"])  # a softmax entry can underflow to exactly 0
+            return ops.log(ops.maximum(below, tiny)) - ops.log(ops.maximum(above, tiny))
+        eps = _EPS.get(dtype, _EPS["float32"])
+        return ops.clip(below, eps, 1.0 - eps)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return (input_shape[0], 1)
@@ -210,14 +241,14 @@ class BiasCalibration(keras.layers.Layer):
 
     Args:
         num_segments: number of segment ids.
-        **kwargs: base layer arguments.
+        **kwargs: base layer arguments. ``dtype`` defaults to ``"float32"`` whatever the global policy.
 
     Call arguments:
-        logit: ``(batch,)`` or ``(batch, 1)``.
+        logit: ``(batch,)`` or ``(batch, 1)``, any float dtype (cast to the layer's compute dtype).
         segment_ids: ``(batch,)`` or ``(batch, 1)`` integer ids.
 
     Returns:
-        ``(batch, 1)`` corrected logit.
+        ``(batch, 1)`` corrected logit (float32 by default).
 
     Example:
 
@@ -231,14 +262,14 @@ class BiasCalibration(keras.layers.Layer):
     """
 
     def __init__(self, num_segments: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_float32_by_default(kwargs))
         self.num_segments = check.positive_int("BiasCalibration", "num_segments", num_segments)
 
     def build(self, logit_shape: Any, segment_ids_shape: Any = None) -> None:
         self.segment_bias = self.add_weight(name="segment_bias", shape=(self.num_segments,), initializer="zeros")
 
     def call(self, logit: Any, segment_ids: Any) -> Any:
-        z = _as_logit_column("BiasCalibration", logit)
+        z = ops.cast(_as_logit_column("BiasCalibration", logit), self.compute_dtype)
         ids = segment_ids
         if len(ids.shape) == 2 and ids.shape[-1] == 1:
             ids = ops.squeeze(ids, -1)

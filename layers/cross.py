@@ -82,8 +82,10 @@ class Cross(keras.layers.Layer):
     Args:
         projection_dim: ``r`` of the low-rank kernel ``W = U V``, or ``None`` (default) for a full-rank
             ``W``. Choosing ``r ≤ d / 4`` keeps the accuracy of full rank at a fraction of the cost.
-        diag_scale: non-negative float added to the diagonal of ``W`` (``W + diag_scale · I``), which
-            stabilises training, especially at low rank. Defaults to 0.
+        diag_scale: non-negative float; ``diag_scale · x_l`` is added after ``f`` (see the formula),
+            which stabilises training, especially at low rank. Without ``pre_activation`` this is the same
+            as adding ``diag_scale`` to the diagonal of ``W`` (``W + diag_scale · I``); with one it is not,
+            since the term bypasses ``f``. Defaults to 0.
         use_bias: whether to add the bias ``b``. Defaults to ``True``.
         pre_activation: activation ``f`` applied to ``W x + b`` before the product with ``x0``; any Keras
             activation or ``"smelu"``. Defaults to ``None`` (identity).

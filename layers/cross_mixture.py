@@ -41,7 +41,9 @@ class CrossMixture(keras.layers.Layer):
         expert_activation: the nonlinearity ``g``; any Keras activation, ``"smelu"``, or ``None`` for the
             identity. Defaults to ``"tanh"``.
         use_bias: whether to add the shared bias ``b``. Defaults to ``True``.
-        diag_scale: non-negative float added to the diagonal of every expert's ``U_i C_i V_iᵀ``.
+        diag_scale: non-negative float; ``diag_scale · x_l`` is added inside every expert, outside ``g``
+            (see the formula). With ``expert_activation=None`` that is the same as adding ``diag_scale``
+            to the diagonal of every expert's ``U_i C_i V_iᵀ``; with an activation it is not. Defaults to 0.
         kernel_initializer: initializer of ``V_i``, ``C_i``, ``U_i`` and the gate kernel.
         bias_initializer: initializer of ``b``. Defaults to ``"zeros"``.
         kernel_regularizer: regularizer of the expert kernels.

@@ -8,7 +8,7 @@ import keras
 from ctrkit.layers import _validation as check
 from ctrkit.layers import activations
 from ctrkit.layers.cross import Cross
-from ctrkit.layers.cross_mixture import CrossMixture
+from ctrkit.layers.cross_mixture import GATINGS, CrossMixture
 
 KINDS = ("full", "low_rank", "mixture")
 
@@ -38,6 +38,10 @@ class CrossNetwork(keras.layers.Layer):
         gating: see :class:`CrossMixture` (mixture only). Defaults to ``"softmax"``.
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer: passed to every layer.
         **kwargs: base layer arguments.
+
+    An argument that the chosen ``kind`` does not use (``pre_activation`` for ``"mixture"``; ``num_experts``,
+    ``low_rank``, ``gating``, ``expert_activation`` for ``"full"`` and ``"low_rank"``) must stay at its
+    default: another value raises ``ValueError`` instead of being silently ignored.
 
     Example:
 
@@ -74,6 +78,8 @@ class CrossNetwork(keras.layers.Layer):
             raise ValueError(f"CrossNetwork: `kind` must be one of {KINDS}, got {kind!r}")
         if projection_dim is not None and kind != "low_rank":
             raise ValueError(f"CrossNetwork: `projection_dim` applies to kind='low_rank' only, got kind={kind!r}")
+        if gating not in GATINGS:
+            raise ValueError(f"CrossNetwork: `gating` must be one of {GATINGS}, got {gating!r}")
         self.kind = kind
         self.projection_dim = check.positive_int("CrossNetwork", "projection_dim", projection_dim, allow_none=True)
         self.num_experts = check.positive_int("CrossNetwork", "num_experts", num_experts)
@@ -81,8 +87,30 @@ class CrossNetwork(keras.layers.Layer):
         self.diag_scale = check.non_negative_float("CrossNetwork", "diag_scale", diag_scale)
         self.use_bias = bool(use_bias)
         # Resolve now so a bad name fails at construction, but keep the identifiers for get_config.
-        activations.get(pre_activation)
-        activations.get(expert_activation)
+        pre = activations.get(pre_activation)
+        expert = activations.get(expert_activation)
+        # An argument the chosen kind never reads is refused rather than silently dropped. Only values other
+        # than the defaults count, so configs saved with every argument at its default still load.
+        if kind == "mixture":
+            ignored = ["pre_activation"] if pre is not keras.activations.linear else []
+        else:
+            ignored = [
+                name
+                for name, is_default in (
+                    ("num_experts", self.num_experts == 4),
+                    ("low_rank", self.low_rank == 32),
+                    ("gating", gating == "softmax"),
+                    ("expert_activation", expert is keras.activations.tanh),
+                )
+                if not is_default
+            ]
+        if ignored:
+            applies_to = "kind='full' and 'low_rank'" if kind == "mixture" else "kind='mixture'"
+            raise ValueError(
+                f"CrossNetwork: {', '.join(f'`{n}`' for n in ignored)} "
+                f"{'applies' if len(ignored) == 1 else 'apply'} to {applies_to} only, got kind={kind!r}; "
+                "leave it at the default"
+            )
         self.pre_activation = pre_activation
         self.expert_activation = expert_activation
         self.gating = gating

@@ -7,9 +7,11 @@ import keras
 
 from ctrkit.layers import _validation as check
 from ctrkit.layers import activations
+from ctrkit.layers.cross_mixture import GATINGS
 from ctrkit.layers.cross_network import CrossNetwork
 
 STRUCTURES = ("stacked", "parallel", "cross_only")
+DEFAULT_DNN_UNITS = (500, 500, 500)
 
 
 @keras.saving.register_keras_serializable(package="ctrkit")
@@ -27,11 +29,16 @@ class DCN(keras.layers.Layer):
         structure: ``"stacked"``, ``"parallel"`` or ``"cross_only"``. Defaults to ``"stacked"``.
         num_cross_layers: cross layers in the cross network. Defaults to 3.
         cross_kind: ``"full"``, ``"low_rank"`` or ``"mixture"`` (see :class:`CrossNetwork`).
-        projection_dim: rank of low-rank cross layers (``None``: ``d // 4``).
-        num_experts: experts per mixture layer. Defaults to 4.
+        projection_dim: rank of low-rank cross layers (``None``: ``d // 4``); must be ``None`` for the other
+            kinds.
+        num_experts: experts per mixture layer. Defaults to 4. Like ``low_rank``, ``gating`` and
+            ``expert_activation``, used only with ``cross_kind="mixture"`` and ignored by the other kinds
+            (so one set of arguments serves every kind).
         low_rank: rank of each mixture expert. Defaults to 32.
-        dnn_units: widths of the DNN's hidden layers. Defaults to ``(500, 500, 500)``. Must be empty for
-            ``"cross_only"``; may be empty for ``"stacked"`` (then ``h`` is the cross output).
+        dnn_units: widths of the DNN's hidden layers, a sequence such as ``(512, 256)``. ``None`` (default)
+            means ``(500, 500, 500)`` for ``"stacked"`` and ``"parallel"`` and no DNN for ``"cross_only"``.
+            Must be empty (or ``None``) for ``"cross_only"``; may be empty for ``"stacked"`` (then ``h`` is
+            the cross output).
         dropout: dropout rate after each DNN activation, in ``[0, 1)``. Defaults to 0.
         activation: DNN activation; any Keras activation or ``"smelu"``. Defaults to ``"relu"``.
         diag_scale: ``diag_scale`` of every cross layer (see :class:`Cross`). Defaults to 0.
@@ -67,7 +74,7 @@ class DCN(keras.layers.Layer):
         projection_dim: int | None = None,
         num_experts: int = 4,
         low_rank: int = 32,
-        dnn_units: Sequence[int] = (500, 500, 500),
+        dnn_units: Sequence[int] | None = None,
         dropout: float = 0.0,
         activation: activations.Activation = "relu",
         diag_scale: float = 0.0,
@@ -78,38 +85,49 @@ class DCN(keras.layers.Layer):
         super().__init__(**kwargs)
         if structure not in STRUCTURES:
             raise ValueError(f"DCN: `structure` must be one of {STRUCTURES}, got {structure!r}")
-        dnn_units = [check.positive_int("DCN", "dnn_units[]", u) for u in (dnn_units or ())]
+        if dnn_units is None:
+            dnn_units = () if structure == "cross_only" else DEFAULT_DNN_UNITS
+        dnn_units = check.positive_int_sequence("DCN", "dnn_units", dnn_units)
         if structure == "cross_only" and dnn_units:
             raise ValueError(f"DCN: structure='cross_only' has no DNN, but dnn_units={dnn_units} was given")
         if structure == "parallel" and not dnn_units:
             raise ValueError("DCN: structure='parallel' needs at least one DNN layer in `dnn_units`")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        rate = check.as_real(dropout)
+        if rate is None or not 0.0 <= rate < 1.0:
             raise ValueError(f"DCN: `dropout` must be in [0, 1), got {dropout!r}")
-        self.structure = structure
-        self.num_cross_layers = num_cross_layers
-        self.cross_kind = cross_kind
-        self.projection_dim = projection_dim
-        self.num_experts = num_experts
-        self.low_rank = low_rank
-        self.dnn_units = dnn_units
-        self.dropout = float(dropout)
-        self.activation = activation
-        self.diag_scale = diag_scale
-        self.gating = gating
-        self.expert_activation = expert_activation
-        act = activations.get(activation)
+        if gating not in GATINGS:
+            raise ValueError(f"DCN: `gating` must be one of {GATINGS}, got {gating!r}")
+        activations.get(expert_activation)  # a bad name fails here for every cross_kind
+        # The mixture-only arguments go to the cross network only for kind="mixture": CrossNetwork refuses
+        # them for the other kinds, and a DCN built from one config for every kind must still construct.
+        mixture_args = (
+            dict(num_experts=num_experts, low_rank=low_rank, gating=gating, expert_activation=expert_activation)
+            if cross_kind == "mixture"
+            else {}
+        )
         self.cross_network = CrossNetwork(
             num_layers=num_cross_layers,
             kind=cross_kind,
             projection_dim=projection_dim,
-            num_experts=num_experts,
-            low_rank=low_rank,
             diag_scale=diag_scale,
-            gating=gating,
-            expert_activation=expert_activation,
             dtype=self.dtype_policy,
             name="cross_network",
+            **mixture_args,
         )
+        self.structure = structure
+        # Validated copies (plain Python numbers) so get_config stays JSON-serialisable.
+        self.num_cross_layers = self.cross_network.num_layers
+        self.cross_kind = cross_kind
+        self.projection_dim = self.cross_network.projection_dim
+        self.num_experts = check.positive_int("DCN", "num_experts", num_experts)
+        self.low_rank = check.positive_int("DCN", "low_rank", low_rank)
+        self.dnn_units = dnn_units
+        self.dropout = rate
+        self.activation = activation
+        self.diag_scale = self.cross_network.diag_scale
+        self.gating = gating
+        self.expert_activation = expert_activation
+        act = activations.get(activation)
         self.dense_layers = [
             keras.layers.Dense(u, activation=act, dtype=self.dtype_policy, name=f"dnn_{i}")
             for i, u in enumerate(dnn_units)

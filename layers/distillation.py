@@ -57,8 +57,10 @@ def distillation_loss(
     - [arXiv:2002.03532](https://arxiv.org/abs/2002.03532), distillation for CTR prediction.
     - [arXiv:2211.10193](https://arxiv.org/abs/2211.10193), temperature scaling.
     """
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
+    t_value = check.as_real(temperature)
+    if t_value is None or t_value <= 0:
         raise ValueError(f"distillation_loss: temperature must be > 0, got {temperature!r}")
+    temperature = t_value
     if form not in ("bce", "kl"):
         raise ValueError(f"distillation_loss: form must be 'bce' or 'kl', got {form!r}")
     t = ops.convert_to_tensor(teacher_logits, "float32")
@@ -167,7 +169,7 @@ class DistillationHead(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.hidden_units = [check.positive_int("DistillationHead", "hidden_units[]", u) for u in hidden_units]
+        self.hidden_units = check.positive_int_sequence("DistillationHead", "hidden_units", hidden_units)
         act = activations.get(activation)
         self.activation = activations.serialize_identifier(activation)
         self.kernel_initializer = keras.initializers.serialize(keras.initializers.get(kernel_initializer))

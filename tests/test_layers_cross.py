@@ -89,6 +89,28 @@ def test_cross_input_validation():
         Cross(pre_activation="no-such-activation")
 
 
+def test_numpy_scalar_arguments_are_accepted_and_stored_as_python_numbers():
+    from ctrkit.layers import DCN, CrossMixture, CrossNetwork, FeatureEmbedding
+
+    cross = Cross(projection_dim=np.int64(4), diag_scale=np.float32(0.5))
+    assert cross.projection_dim == 4 and type(cross.projection_dim) is int
+    assert cross.diag_scale == 0.5 and type(cross.diag_scale) is float
+    emb = FeatureEmbedding({"a": np.int64(5), "b": np.int32(3)}, embedding_dim=np.int64(2))
+    assert emb.vocab_sizes == {"a": 5, "b": 3} and emb.get_config()["embedding_dim"] == 2
+    mix = CrossMixture(num_experts=np.int16(2), low_rank=np.uint8(3), diag_scale=np.float64(0.1))
+    dcn = DCN(num_cross_layers=np.int64(2), dnn_units=np.array([4, 3]), dropout=np.float32(0.25),
+              diag_scale=np.float32(0.5))
+    for layer in (cross, emb, mix, CrossNetwork(num_layers=np.int64(2)), dcn):
+        json.dumps(layer.get_config())  # plain Python numbers only
+    assert dcn.get_config()["dnn_units"] == [4, 3] and dcn.get_config()["num_cross_layers"] == 2
+    for bad in (True, np.bool_(True), 2.0, np.float32(2.0)):
+        with pytest.raises(ValueError, match="projection_dim"):
+            Cross(projection_dim=bad)
+    for bad in (True, np.bool_(False), float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="diag_scale"):
+            Cross(diag_scale=bad)
+
+
 @pytest.mark.parametrize("projection_dim", [None, 2])
 def test_cross_gradient_matches_finite_differences(projection_dim):
     rng = np.random.default_rng(2)

@@ -160,6 +160,89 @@ def test_feature_embedding_validation():
         layer({"a": np.array([1.0]), "n": np.array([1.0])})
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_declared_multivalued_feature_keeps_padding_at_length_one(graph):
+    # A padded batch whose longest row has one id is (B, 1): undeclared, it reads as univalent.
+    layer = FeatureEmbedding({"a": 5, "tags": 6}, embedding_dim=3, multivalued_features=["tags"])
+    call = tf.function(lambda d: layer(d)) if graph else layer
+    batch = {"a": np.array([1, 2, 3]), "tags": np.array([[4], [-1], [0]])}
+    out = np.asarray(call({k: tf.constant(v) for k, v in batch.items()}))
+    table = layer.embedding_tables["tags"].numpy()
+    np.testing.assert_allclose(out[:, 3:], np.stack([table[4], np.zeros(3), table[0]]), atol=1e-7)
+    # (B,) reads as (B, 1); L = 0 gives zero vectors.
+    np.testing.assert_allclose(np.asarray(call({"a": tf.constant([1, 2, 3]), "tags": tf.constant([4, -1, 0])})), out)
+    empty = np.asarray(call({"a": tf.constant([1, 2, 3]), "tags": tf.zeros((3, 0), tf.int64)}))
+    np.testing.assert_array_equal(empty[:, 3:], 0.0)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="tags"):
+        call({"a": tf.constant([1, 2, 3]), "tags": tf.constant([[4], [-2], [6]])})
+
+
+def test_undeclared_length_one_feature_is_still_univalent():
+    layer = FeatureEmbedding({"a": 5}, embedding_dim=2)
+    np.testing.assert_allclose(np.asarray(layer({"a": np.array([[3], [1]])})),
+                               layer.embedding_tables["a"].numpy()[[3, 1]])
+    with pytest.raises(ValueError, match="feature 'a' has id -1 in row 1"):
+        layer({"a": np.array([[3], [-1]])})
+
+
+def test_multivalued_features_argument_validation_and_config():
+    layer = FeatureEmbedding({"a": 5, "tags": 6}, numeric_features=["n"], multivalued_features=["tags"])
+    config = layer.get_config()
+    assert config["multivalued_features"] == ["tags"]
+    assert FeatureEmbedding.from_config(config).get_config() == config
+    with pytest.raises(ValueError, match=r"multivalued_features.*\['n'\] are not categorical"):
+        FeatureEmbedding({"a": 5}, numeric_features=["n"], multivalued_features=["n"])
+    with pytest.raises(ValueError, match="multivalued_features.*string"):
+        FeatureEmbedding({"tags": 5}, multivalued_features="tags")
+    with pytest.raises(ValueError, match="duplicate"):
+        FeatureEmbedding({"tags": 5}, multivalued_features=["tags", "tags"])
+
+
+def test_build_model_declares_the_manifests_multivalent_features():
+    from ctrkit.config import Config
+    from ctrkit.manifest import Manifest, TransformedFeature, Window
+    from ctrkit.model import build_model, embedding_layer
+
+    feats = (TransformedFeature("c0", "categorical", vocab_size=4),
+             TransformedFeature("tags", "categorical", vocab_size=5, multivalent=True),
+             TransformedFeature("n0", "numeric"))
+    manifest = Manifest(features=feats, label="label", windows=(Window("w0", ("x",), 1),), rows_read=1,
+                        rows_written=1, rows_rejected=0)
+    model = build_model(Config.from_dict({"model": {"embedding_dim": 2, "cross_layers": 1, "dnn_units": [4]}}),
+                        manifest)
+    assert embedding_layer(model).multivalued_features == ["tags"]
+    # Every row has at most one tag and one has none: the (B, 1) batch the online trainer can meet.
+    batch = {"c0": np.array([0, 3]), "tags": np.array([[2], [-1]]), "n0": np.array([0.5, -1.0], "float32")}
+    assert np.all(np.isfinite(np.asarray(model(batch, training=False)["logits"])))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_multivalued_gradient_lists_only_real_ids(jit):
+    layer = FeatureEmbedding({"tags": 6}, embedding_dim=2)  # (B, 3): multi-valued, declared or not
+    ids = np.array([[3, -1, -1], [-1, -1, -1], [2, 2, 5], [5, -1, -1]])
+    layer({"tags": ids})
+    table = layer.embedding_tables["tags"]
+
+    @tf.function(jit_compile=jit)
+    def forward_and_grad(t):
+        with tf.GradientTape() as tape:
+            out = layer({"tags": t})
+            loss = tf.reduce_sum(out * tf.constant([[1.0, -2.0]]))
+        return out, tape.gradient(loss, table)
+
+    out, grad = forward_and_grad(tf.constant(ids))
+    w = table.numpy()
+    expected = np.stack([w[3], np.zeros(2), (2 * w[2] + w[5]) / 3, w[5]])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert isinstance(grad, tf.IndexedSlices)
+    # Row 0 is reached only as the stand-in for padding: it must not appear in the sparse gradient, or a
+    # lazy sparse optimizer would move its moments and weights on this batch.
+    assert set(grad.indices.numpy().tolist()) == {2, 3, 5}
+    dense = tf.convert_to_tensor(grad).numpy()
+    np.testing.assert_allclose(dense[2], 2 / 3 * np.array([1.0, -2.0]), rtol=1e-6)
+    np.testing.assert_allclose(dense[5], (1 / 3 + 1) * np.array([1.0, -2.0]), rtol=1e-6)
+
+
 # -- DCN ------------------------------------------------------------------------------------------
 
 def np_dnn(z, dense_layers):
@@ -201,6 +284,43 @@ def test_dcn_dropout_only_in_training_and_validation():
         DCN(dropout=1.0)
     with pytest.raises(ValueError, match="cross_only"):
         DCN(structure="cross_only", dnn_units=(3,))
+
+
+def test_dcn_default_dnn_units_depend_on_structure():
+    x0 = np.random.default_rng(12).normal(size=(3, 6)).astype("float32")
+    cross_only = DCN(structure="cross_only", num_cross_layers=1)  # its own default used to be refused
+    assert cross_only.dnn_units == [] and cross_only.dense_layers == []
+    np.testing.assert_allclose(np.asarray(cross_only(x0)), np.asarray(cross_only.cross_network(x0)))
+    assert DCN.from_config(cross_only.get_config()).get_config() == cross_only.get_config()
+    assert DCN().dnn_units == [500, 500, 500] and DCN(structure="parallel").dnn_units == [500, 500, 500]
+    assert DCN(structure="stacked", dnn_units=()).dnn_units == []
+    with pytest.raises(ValueError, match="cross_only"):
+        DCN(structure="cross_only", dnn_units=(3,))
+
+
+def test_unit_lists_given_as_a_number_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"DCN: `dnn_units` must be a sequence of positive integers.*got 64"):
+        DCN(dnn_units=64)
+    with pytest.raises(ValueError, match=r"DistillationHead: `hidden_units` must be a sequence.*got 4"):
+        DistillationHead(hidden_units=4)
+    with pytest.raises(ValueError, match=r"dnn_units\[1\]"):
+        DCN(dnn_units=(8, 0))
+    with pytest.raises(ValueError, match="dnn_units"):
+        DCN(dnn_units="64")
+
+
+def test_smelu_function_in_a_plain_keras_layer_round_trips(tmp_path):
+    # Plain Keras layers resolve strings from Keras' own table only (documented in layers/activations.py);
+    # the function itself is the supported form and saves as "ctrkit>smelu".
+    with pytest.raises(ValueError, match="activation"):
+        keras.layers.Dense(3, activation="smelu")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation=smelu)(inputs))
+    x = np.random.default_rng(13).normal(size=(5, 4)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.layers[-1].activation is smelu
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6)
 
 
 # -- distillation ---------------------------------------------------------------------------------

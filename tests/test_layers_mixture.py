@@ -87,6 +87,32 @@ def test_mixture_gradient_matches_finite_differences():
     assert_weight_grads_match(loss, layer.trainable_variables, grads)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("gating", ["softmax", "sigmoid"])
+def test_mixture_gradient_wrt_inputs_and_weights_matches_finite_differences(use_bias, gating):
+    import keras
+
+    rng = np.random.default_rng(4)
+    # The inputs as variables, so the same central differences check d loss / d x0 and d loss / d x.
+    x0 = keras.Variable(rng.normal(size=(4, 6)), dtype="float64", name="x0")
+    x = keras.Variable(rng.normal(size=(4, 6)), dtype="float64", name="x")
+    layer = CrossMixture(num_experts=3, low_rank=2, gating=gating, use_bias=use_bias, diag_scale=0.3,
+                         dtype="float64")
+    layer(x0, x)
+    assert ("bias" in [v.path.split("/")[-1] for v in layer.weights]) == use_bias
+    randomize(layer, rng, 0.6)
+
+    def loss():
+        return tf.reduce_sum(tf.sin(layer(x0, x)))
+
+    variables = [x0, x, *layer.trainable_variables]
+    with tf.GradientTape() as tape:
+        value = loss()
+    grads = tape.gradient(value, variables)
+    assert all(g is not None for g in grads)
+    assert_weight_grads_match(loss, variables, grads)
+
+
 def test_mixture_input_validation():
     with pytest.raises(ValueError, match="gating"):
         CrossMixture(gating="relu")
@@ -102,7 +128,8 @@ def test_mixture_input_validation():
 def test_cross_network_is_the_stack_of_its_layers(kind):
     rng = np.random.default_rng(3)
     x0 = rng.normal(size=(4, 8)).astype("float32")
-    net = CrossNetwork(num_layers=3, kind=kind, num_experts=2, low_rank=3)
+    mixture_args = dict(num_experts=2, low_rank=3) if kind == "mixture" else {}  # refused by the other kinds
+    net = CrossNetwork(num_layers=3, kind=kind, **mixture_args)
     net(x0)
     randomize(net, rng, 0.3)
     assert len(net.cross_layers) == 3
@@ -115,6 +142,35 @@ def test_cross_network_is_the_stack_of_its_layers(kind):
             kernel = w[0] if kind == "full" else w[0] @ w[1]
             x = x0 * (x @ kernel + w[-1]) + x
     np.testing.assert_allclose(np.asarray(net(x0)), x, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_network_rejects_arguments_its_kind_ignores():
+    from ctrkit.layers import DCN
+
+    for kind in ("full", "low_rank", "mixture"):
+        with pytest.raises(ValueError, match="gating.*bogus"):
+            CrossNetwork(kind=kind, gating="bogus")  # at construction, not at build
+    with pytest.raises(ValueError, match="`pre_activation` applies to kind='full' and 'low_rank' only"):
+        CrossNetwork(kind="mixture", pre_activation="relu")
+    for kind in ("full", "low_rank"):
+        for arg in ({"num_experts": 2}, {"low_rank": 8}, {"gating": "sigmoid"}, {"expert_activation": None},
+                    {"expert_activation": "relu"}):
+            with pytest.raises(ValueError, match=f"`{next(iter(arg))}` applies to kind='mixture' only"):
+                CrossNetwork(kind=kind, **arg)
+    # Defaults (as saved in every existing config) still load, for every kind.
+    for kind in ("full", "low_rank", "mixture"):
+        net = CrossNetwork(kind=kind, num_experts=4, low_rank=32, gating="softmax", expert_activation="tanh")
+        assert CrossNetwork.from_config(net.get_config()).get_config() == net.get_config()
+    # DCN takes one set of arguments for every kind and forwards the mixture ones only to mixtures.
+    x0 = np.zeros((2, 8), "float32")
+    for kind in ("full", "low_rank", "mixture"):
+        dcn = DCN(cross_kind=kind, num_cross_layers=1, num_experts=2, low_rank=3, gating="sigmoid",
+                  expert_activation=None, dnn_units=(4,))
+        assert dcn(x0).shape == (2, 4)
+        assert DCN.from_config(dcn.get_config()).get_config() == dcn.get_config()
+    assert dcn.cross_network.num_experts == 2 and dcn.cross_network.gating == "sigmoid"
+    with pytest.raises(ValueError, match="gating"):
+        DCN(cross_kind="full", gating="bogus")
 
 
 def test_cross_network_low_rank_default_rank_is_quarter_width():
