@@ -115,6 +115,36 @@ def _scalar(tag: str, value: float) -> None:
     tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
 
 
+def _truncate_tensorboard(log_dir: str, last_step: int) -> None:
+    """Drop the TensorBoard events logged after step ``last_step`` (the checkpoint we resume from).
+
+    The resumed run logs those steps again; left in place they would show twice, as a zig-zag. An event
+    cut off by the kill (a torn last record) is dropped too.
+    """
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    if not os.path.isdir(log_dir):
+        return
+    for name in sorted(os.listdir(log_dir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        path = os.path.join(log_dir, name)
+        records = []
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                records.append(record.numpy())
+        except tf.errors.DataLossError:
+            pass  # torn tail: keep the complete records before it
+        keep = [r for r in records if event_pb2.Event.FromString(r).step <= last_step]
+        if len(keep) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
+            continue
+        with tf.io.TFRecordWriter(path + ".tmp") as writer:
+            for record in keep:
+                writer.write(record)
+        os.replace(path + ".tmp", path)
+
+
 # -- checkpoint state ---------------------------------------------------------------------------------------
 class _State:
     """Everything a checkpoint holds: model weights, optimizer slots, metric statistics, position."""
@@ -501,6 +531,7 @@ def train(
         exports = list(meta.get("exports", []))
         _truncate_lines(batches_log, meta["batches_logged"])
         _truncate_lines(metrics_log, meta["metrics_logged"])
+        _truncate_tensorboard(os.path.join(run_dir, "tensorboard"), meta["step"])
     else:
         if warm_start:
             prev = _latest_checkpoint(warm_start)
@@ -576,6 +607,7 @@ def train(
         require_finite(window, "checkpointed")
         log_b.flush()
         log_m.flush()
+        tb.flush()  # what the checkpoint covers must be on disk: a resume keeps events up to its step
         meta = {
             "step": step,
             "examples": examples,
@@ -598,6 +630,8 @@ def train(
         lines["metrics"] += 1
         with tb.as_default(step=step):
             for scope, values in result.items():
+                if scope == "cumulative" and step % tc.log_every_steps == 0:
+                    continue  # the step's own log already wrote these same values at this step
                 for k, v in values.items():
                     if isinstance(v, float):
                         _scalar(f"window/{k}" if scope == "window" else f"cumulative/{k}", v)

@@ -310,3 +310,42 @@ def test_warm_start_refuses_data_from_another_vocabulary(dataset, tmp_path) -> N
     assert ok.examples == ROWS
     with pytest.raises(InputError, match=r"different vocabularies.*--transform-fn"):
         train(small_config(), other, str(tmp_path / "day2b"), windows=[1], warm_start=prev.run_dir, progress=False)
+
+
+def _tensorboard_events(run_dir: str) -> list[tuple[str, int]]:
+    from tensorflow.core.util import event_pb2
+
+    out = []
+    log_dir = os.path.join(run_dir, "tensorboard")
+    for name in sorted(os.listdir(log_dir)):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            out += [(v.tag, event.step) for v in event.summary.value]
+    return out
+
+
+def test_resume_after_a_crash_logs_every_tensorboard_point_once(dataset, tmp_path, monkeypatch) -> None:
+    import ctrkit.trainer as trainer_module
+
+    cfg = small_config(log_every_steps=1)  # checkpoints every 5 steps; the crash comes 3 steps after one
+    run = str(tmp_path / "run")
+    calls = []
+
+    def sleep(seconds):
+        calls.append(seconds)
+        if len(calls) == 13:
+            raise _Killed()
+
+    monkeypatch.setattr(trainer_module.time, "sleep", sleep)
+    with pytest.raises(_Killed):
+        train(cfg, dataset.directory, run, progress=False, step_delay=0.001)
+    monkeypatch.undo()
+    import gc
+
+    gc.collect()  # the crashed run's summary writer flushes what it buffered, as a slow kill might
+    before = _tensorboard_events(run)
+    assert max(step for _, step in before) > 10  # events past the step-10 checkpoint reached the disk
+    done = train(cfg, dataset.directory, run, resume=True, progress=False)
+    events = _tensorboard_events(run)
+    assert len(events) == len(set(events))  # no (tag, step) twice
+    assert sorted(step for tag, step in events if tag == "train/loss") == list(range(1, done.steps + 1))
