@@ -12,6 +12,7 @@ Closed-form alternative for a model trained on negative-downsampled data (negati
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
 from ctrkit.metrics import StreamingMetrics
 
-__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction"]
+__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "replace_run_model"]
 
 
 def score_stream(
@@ -142,3 +143,22 @@ def fit_calibration_scored(
     after = _summary(after_stream["probabilities"], after_stream["labels"])
     report = {"method": method, "kind": config.kind, "examples": int(len(y)), "before": before, "after": after}
     return report, stream, after_stream
+
+
+def replace_run_model(model: Any, run_dir: str) -> str:
+    """Make the calibrated ``model`` the run's model: ``RUN/model.keras`` is what ``ctrkit export``,
+    ``ctrkit compare`` and a warm start read. The model it replaces is kept, once, as
+    ``RUN/model_uncalibrated.keras``. Returns the path written."""
+    import shutil
+
+    from ctrkit.trainer import RUN_MODEL
+
+    final = os.path.join(run_dir, RUN_MODEL)
+    keep = os.path.join(run_dir, "model_uncalibrated.keras")
+    if not os.path.exists(keep):
+        shutil.copy2(final, keep)
+    tmp = os.path.join(run_dir, ".model.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, final)
+    return final
+

@@ -43,6 +43,21 @@ def test_chain_writes_data_models_versions_and_report(run_dir):
 
 
 @pytest.mark.slow
+def test_the_student_run_dir_holds_the_calibrated_model(run_dir):
+    # `ctrkit export RUN/student` must export what the run served last: the calibrated student.
+    import keras
+    import numpy as np
+
+    from ctrkit.model import calibration_layer
+    from ctrkit.trainer import load_run_model
+
+    student = os.path.join(run_dir, "student")
+    calibrated = calibration_layer(load_run_model(student)).get_weights()
+    before = keras.saving.load_model(os.path.join(student, "model_uncalibrated.keras"), compile=False)
+    assert any(not np.allclose(a, b) for a, b in zip(calibrated, calibration_layer(before).get_weights()))
+
+
+@pytest.mark.slow
 def test_calibration_and_pd_are_reported(run_dir):
     summary = json.load(open(os.path.join(run_dir, "summary.json"), encoding="utf-8"))
     after = summary["calibration"]["after"]["calibration"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,11 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ctrkit.calibrate import fit_calibration
+    from ctrkit.calibrate import fit_calibration, replace_run_model
     from ctrkit.config import load_config
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
-    from ctrkit.trainer import RUN_MODEL, load_run_model
+    from ctrkit.trainer import load_run_model
 
     config = load_config(os.path.join(args.run_dir, "config.yaml"))
     cal = config.calibration
@@ -51,13 +50,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_run_model(args.run_dir)
     report = fit_calibration(model, manifest, cal, windows)
     report["windows"] = [manifest.windows[i].name for i in windows]
-    final = os.path.join(args.run_dir, RUN_MODEL)
-    keep = os.path.join(args.run_dir, "model_uncalibrated.keras")
-    if not os.path.exists(keep):
-        shutil.copy2(final, keep)
-    tmp = os.path.join(args.run_dir, ".model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, final)
+    final = replace_run_model(model, args.run_dir)
     with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     b, a = report["before"], report["after"]

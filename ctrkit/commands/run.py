@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     pd_result = compare_runs(student_dir, seed_dir, data_dir, windows=holdout_windows or None)
 
     # 7. calibration on held-out data, body frozen
-    from ctrkit.calibrate import fit_calibration_scored
+    from ctrkit.calibrate import fit_calibration_scored, replace_run_model
     from ctrkit.report import ReliabilityCurve
     from ctrkit.trainer import load_run_model
 
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         for when in ("before", "after"):
             r = calibration[when]
             print(f"      {when}: calibration ratio {r['calibration']:.4f}, ECE {r['ece']:.4f}", flush=True)
-        model.save(os.path.join(student_dir, "model_calibrated.keras"))
+        replace_run_model(model, student_dir)  # so `ctrkit export RUN/student` exports it calibrated
     else:
         stages.start("calibrate", "no calibration configured (calibration.kind: none)")
 
