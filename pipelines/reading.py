@@ -16,9 +16,11 @@ Clean batch layout (what the rest of the pipeline consumes):
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import io
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -137,13 +139,16 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
     except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e):
             return  # an empty file has no rows; the driver decides whether *all* input is empty
-        raise InputError(f"{path}: cannot read: {e}") from e
+        raise _read_error(path, first_line, e) from e
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
 
-    # use_threads=False: the refused rows of a block reach on_invalid (with their line number) while
-    # that block is parsed, before its batch is returned, and open_csv has already parsed the first
-    # block; so after each read `bad` holds exactly the refused rows of the batch just read.
+    # use_threads=False gives refused rows their line numbers, but the parser still reads ahead: when
+    # a batch is returned, on_invalid has seen the refused rows of that batch *and* of blocks parsed
+    # after it (open_csv parses one block, each read another). So refused rows wait in `pending`,
+    # sorted by line, and each batch takes exactly those inside its span: a batch of n parsed rows that
+    # starts at next_line ends once n lines that were not refused have gone by.
+    pending: list = []
     next_line = first_line
     while True:
         try:
@@ -151,41 +156,88 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
         except StopIteration:
             break
         except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"{path}: cannot read near line {next_line}: {e}") from e
-        refused = sorted(bad)
-        bad.clear()
-        n_total = batch.num_rows + len(refused)
-        lines = np.arange(next_line, next_line + n_total, dtype=np.int64)
+            raise _read_error(path, next_line, e) from e
+        pending = _take_refused(pending, bad, next_line, path)
+        end = next_line + batch.num_rows
+        k = 0
+        while k < len(pending) and pending[k][0] < end:
+            end += 1  # a refused row inside the span pushes its end one line further
+            k += 1
+        refused, pending = pending[:k], pending[k:]
+        lines = np.arange(next_line, end, dtype=np.int64)
         if refused:
-            refused_lines = np.array([r[0] for r in refused], dtype=np.int64)
-            lines = lines[~np.isin(lines, refused_lines)]
-        next_line += n_total
-        rejected: list[Rejected] = []
-        padded_rows = []
-        padded_lines = []
-        for number, text, n_fields in refused:
-            if n_fields < len(names) and config.short_rows == "pad":
-                padded_rows.append(_split(text, delim, quote))
-                padded_lines.append(number)
-            else:
-                rejected.append(Rejected(path, int(number), text,
-                                         f"wrong number of fields: {n_fields}, expected {len(names)}"))
-        if padded_rows:
-            extra = _rows_to_batch(padded_rows, names)
-            batch = pa.concat_tables([pa.Table.from_batches([batch]), pa.Table.from_batches([extra])]) \
-                .combine_chunks().to_batches()[0] if batch.num_rows else extra
-            lines = np.concatenate([lines, np.array(padded_lines, dtype=np.int64)])
-            order = np.argsort(lines, kind="stable")
-            batch = batch.take(pa.array(order))
-            lines = lines[order]
-        if batch.num_rows == 0:
-            if rejected:
-                yield pa.RecordBatch.from_pylist([], schema=clean_schema(config)), rejected
-            continue
-        clean, more_rejected = validate(batch, lines, file_index, path, config, delim)
-        yield clean, rejected + more_rejected
+            lines = lines[~np.isin(lines, np.array([r[0] for r in refused], dtype=np.int64))]
+        next_line = end
+        out = _settle(batch, lines, refused, file_index, path, config, names, delim, quote)
+        if out is not None:
+            yield out
+    # Refused rows after the last parsed row (e.g. a short last line) belong to no batch.
+    pending = _take_refused(pending, bad, next_line, path)
+    if pending:
+        empty = pa.RecordBatch.from_pylist([], schema=pa.schema([pa.field(n, pa.binary()) for n in names]))
+        out = _settle(empty, np.zeros(0, dtype=np.int64), pending, file_index, path, config, names, delim, quote)
+        if out is not None:
+            yield out
+
+
+def _take_refused(pending: list, bad: list, next_line: int, path: str) -> list:
+    """``pending`` plus the rows refused since the last read, sorted by line; checks none is behind us."""
     if bad:
-        raise InputError(f"{path}: {len(bad)} refused rows after the last parsed block (reader out of sync)")
+        if any(r[0] is None or r[0] < 0 for r in bad):  # only threaded parsing leaves them unnumbered
+            raise InputError(f"{path}: the CSV parser refused a row without giving its line number")
+        pending = sorted(pending + bad, key=lambda r: r[0])
+        bad.clear()
+    if pending and pending[0][0] < next_line:
+        raise InputError(f"{path}: refused row at line {pending[0][0]} is before line {next_line}, which is "
+                         f"already read (reader out of sync)")
+    return pending
+
+
+def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index: int, path: str,
+            config: DataConfig, names: list[str], delim: str, quote):
+    """Validate one parsed batch plus the refused rows of its span; None when nothing is left to yield.
+
+    Short rows are padded (``short_rows: pad``) and merged back in line order; the others are rejected.
+    """
+    rejected: list[Rejected] = []
+    padded_rows = []
+    padded_lines = []
+    for number, text, n_fields in refused:
+        if n_fields < len(names) and config.short_rows == "pad":
+            padded_rows.append(_split(text, delim, quote))
+            padded_lines.append(number)
+        else:
+            rejected.append(Rejected(path, int(number), text,
+                                     f"wrong number of fields: {n_fields}, expected {len(names)}"))
+    if padded_rows:
+        extra = _rows_to_batch(padded_rows, names)
+        batch = pa.concat_tables([pa.Table.from_batches([batch]), pa.Table.from_batches([extra])]) \
+            .combine_chunks().to_batches()[0] if batch.num_rows else extra
+        lines = np.concatenate([lines, np.array(padded_lines, dtype=np.int64)])
+        order = np.argsort(lines, kind="stable")
+        batch = batch.take(pa.array(order))
+        lines = lines[order]
+    if batch.num_rows == 0:
+        if rejected:
+            return pa.RecordBatch.from_pylist([], schema=clean_schema(config)), rejected
+        return None
+    clean, more_rejected = validate(batch, lines, file_index, path, config, delim)
+    return clean, rejected + more_rejected
+
+
+_HANDLER_FAILED = re.compile(r"Row #(-?\d+): Expected (\d+) columns, got (\d+)")
+
+
+def _read_error(path: str, near_line: int, e: Exception) -> InputError:
+    """One-line InputError for a parse failure, naming the line where it is known."""
+    m = _HANDLER_FAILED.search(str(e))
+    if m and int(m.group(1)) > 0:
+        # Our handler refuses every bad row, so the parser only stops on one when pyarrow could not hand
+        # it over: it decodes the row's text as UTF-8 before calling the handler, and fails on bad bytes.
+        return InputError(f"{path}: line {m.group(1)} has {m.group(3)} fields instead of {m.group(2)} and "
+                          f"contains bytes that are not UTF-8, which the CSV parser cannot report as a rejected "
+                          f"row; fix or remove that line")
+    return InputError(f"{path}: cannot read near line {near_line}: {e}")
 
 
 def check_schema(path: str, config: DataConfig) -> None:
@@ -226,24 +278,15 @@ def check_schema(path: str, config: DataConfig) -> None:
 
 
 def read_timestamps(path: str, config: DataConfig) -> np.ndarray:
-    """Only the timestamp column of one file (valid integers; other rows are left to validation)."""
-    ts = config.timestamp
-    if config.format == "parquet":
-        import pyarrow.parquet as pq
+    """The timestamps of the rows of one file that :func:`read_file` keeps, in file order.
 
-        col = pq.read_table(_open_stream(path) if "://" in path else path, columns=[ts])[ts]
-    else:
-        header = config.format == "csv" and config.header
-        col = pacsv.read_csv(
-            _open_stream(path),
-            read_options=pacsv.ReadOptions(column_names=raw_columns(config), skip_rows=1 if header else 0),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter_of(config), quote_char='"' if header else False,
-                                              invalid_row_handler=lambda row: "skip"),
-            convert_options=pacsv.ConvertOptions(include_columns=[ts], column_types={ts: pa.string()}),
-        )[ts]
-    col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
-    ok = pc.fill_null(pc.match_substring_regex(col, _INTEGER), False)
-    return pc.cast(pc.utf8_trim_whitespace(col.filter(ok)), pa.int64()).to_numpy()
+    Used to plan the analyzed windows before the job, so it reads exactly as the job does: a row
+    rejected there (bad timestamp, or any other bad field) must not count towards a window here, and a
+    short row padded there must.
+    """
+    ts = config.timestamp
+    parts = [batch.column(ts).to_numpy() for batch, _ in read_file(path, 0, config) if batch.num_rows]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _read_header(path: str, delim: str) -> list[str]:
@@ -257,6 +300,8 @@ def _read_header(path: str, delim: str) -> list[str]:
             if len(first) > (1 << 24):
                 break
     line = first.split(b"\n", 1)[0].rstrip(b"\r")
+    if line.startswith(codecs.BOM_UTF8):  # Excel writes one; the CSV parser itself skips it too
+        line = line[len(codecs.BOM_UTF8):]
     if not line:
         raise InputError(f"{path}: empty file (expected a header line)")
     try:
@@ -321,6 +366,19 @@ def _to_float(col: pa.Array) -> pa.Array | None:
     return number
 
 
+def _to_int64(good: pa.Array, reject) -> pa.Array:
+    """Cast trimmed integer strings (null where invalid) to int64; ``reject(mask)`` the ones beyond int64."""
+    try:
+        return pc.cast(good, pa.int64())
+    except pa.ArrowInvalid:
+        # Beyond int64 (the regex has no length limit), or a leading '+' that Arrow's cast refuses: convert
+        # in Python, value by value, and reject only the values too large for int64.
+        ints = [None if v is None else int(v) for v in good.to_pylist()]
+        big = np.array([i is not None and not -(1 << 63) <= i < (1 << 63) for i in ints], dtype=bool)
+        reject(big)
+        return pa.array([None if b else i for i, b in zip(ints, big)], pa.int64())
+
+
 def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: str, config: DataConfig,
              delim: str = "\t") -> tuple[pa.RecordBatch, list[Rejected]]:
     """Check and convert one batch of binary columns; returns the clean batch and the rejected rows.
@@ -363,13 +421,20 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
             reject(~missing & ~ok, lambda i, s=spec.name, v=values, w=what: f"field {s}: {_show(v()[i])} is not a valid {w}")
             good = pc.utf8_trim_whitespace(pc.if_else(pa.array(ok), col, pa.nulls(n, pa.binary())).cast(pa.string()))
             if spec.kind == "timestamp":
-                out[spec.name] = pc.cast(good, pa.int64())
+                out[spec.name] = _to_int64(good, lambda mask, s=spec.name, v=values: reject(
+                    mask, lambda i: f"field {s}: {_show(v()[i])} is out of int64 range"))
                 continue
             number = pc.cast(good, pa.float64())
         if spec.kind == "label":
             is01 = pc.fill_null(pc.is_in(number, value_set=pa.array([0.0, 1.0])), True).to_numpy(zero_copy_only=False)
             reject(~is01, lambda i, s=spec.name, v=col.to_pylist: f"field {s}: label {_show(v()[i])} is not 0 or 1")
-        out[spec.name] = pc.cast(number, pa.float32(), safe=False)
+        number = pc.cast(number, pa.float32(), safe=False)
+        # The regex bounds the syntax, not the size: 1e39 overflows float32 (1e400 float64) to inf, which
+        # must not reach the model.
+        finite = pc.fill_null(pc.is_finite(number), True).to_numpy(zero_copy_only=False)
+        if not finite.all():
+            reject(~finite, lambda i, s=spec.name, v=col.to_pylist: f"field {s}: {_show(v()[i])} is out of float32 range")
+        out[spec.name] = number
 
     keep = np.array([r is None for r in reason], dtype=bool) if n else np.ones(0, dtype=bool)
     rejected: list[Rejected] = []
@@ -412,6 +477,8 @@ def _read_parquet(path: str, file_index: int, config: DataConfig):
     extra = [n for n in file_names if n not in names]
     if extra:
         raise InputError(f"{path}: Parquet file has columns {extra} not in data.columns (declare them with kind: ignore)")
+    # Ignored columns are neither read nor converted: they may have any type (lists, structs, ...).
+    names = [c.name for c in used_columns(config)]
     next_row = 1
     for batch in f.iter_batches(batch_size=config.batch_size, columns=names):
         lines = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)

@@ -11,7 +11,7 @@ import pytest
 from ctrkit import synthetic
 from ctrkit.errors import InputError
 from ctrkit.pipelines.analyzers import EMPTY_VOCABULARY_DUMMY, VocabSpec, _CountAll, order_and_filter
-from ctrkit.pipelines.reading import check_schema, read_file
+from ctrkit.pipelines.reading import check_schema, read_file, read_timestamps
 from ctrkit.schema import ColumnSpec, DataConfig
 
 
@@ -123,6 +123,95 @@ def test_parquet_and_tsv_read_identically(tmp_path):
     a, _ = _read_all(tsv, DataConfig())
     b, _ = _read_all(parquet, DataConfig(format="parquet"))
     assert a.equals(b)
+
+
+
+def test_numbers_beyond_float32_are_rejected_not_inf(tmp_path):
+    """1e39 fits float64 but not float32, 1e400 neither: both would reach the model as inf."""
+    path = tmp_path / "big.csv"
+    path.write_text("label,x,t\n1,1e39,0.5\n0,1e400,1\n1,2,-1e39\n0,-3.4e38,1e-50\n1,,2\n")
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"),
+                                               ColumnSpec("t", kind="teacher_logit")])
+    table, rejected = _read_all(str(path), config)
+    assert {r.line: r.reason for r in rejected} == {
+        2: "field x: '1e39' is out of float32 range",
+        3: "field x: '1e400' is out of float32 range",
+        4: "field t: '-1e39' is out of float32 range",
+    }
+    assert table["__line"].to_pylist() == [5, 6]
+    assert table["x"].to_pylist()[0] == pytest.approx(-3.4e38, rel=1e-6) and table["x"][1].as_py() is None
+    assert np.isfinite(table["t"].to_numpy()).all()
+
+
+def test_timestamp_beyond_int64_is_rejected_and_window_planning_agrees(tmp_path):
+    """An integer too long for int64 is a rejected row (not a failed job), and read_timestamps, which
+    plans the analyzed windows, keeps exactly the rows read_file keeps (padded ones too)."""
+    path = tmp_path / "ts.csv"
+    path.write_text("label,ts,c\n1,100,a\n0,99999999999999999999,b\n1,-9223372036854775809,c\n1,+5,d\n"
+                    "7,200,e\n1,300\n0,9223372036854775807,f\n")
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
+                                               ColumnSpec("c")])
+    table, rejected = _read_all(str(path), config)
+    assert {r.line: r.reason for r in rejected} == {
+        3: "field ts: '99999999999999999999' is out of int64 range",
+        4: "field ts: '-9223372036854775809' is out of int64 range",
+        6: "field label: label '7' is not 0 or 1",
+    }
+    assert table["ts"].to_pylist() == [100, 5, 300, 9223372036854775807]
+    assert table["__line"].to_pylist() == [2, 5, 7, 8]
+    assert read_timestamps(str(path), config).tolist() == table["ts"].to_pylist()
+
+
+def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
+    """Excel writes a BOM before the header; a header-less file may start with one too."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefflabel,x,c\n1,2,a\n".encode())
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"),
+                                               ColumnSpec("c")])
+    check_schema(str(path), config)
+    table, rejected = _read_all(str(path), config)
+    assert rejected == [] and table.to_pylist() == [{"label": 1.0, "x": 2.0, "c": b"a", "__file": 0, "__line": 2}]
+    tsv = tmp_path / "bom.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + "\n".join(_good_lines(3)).encode() + b"\n")
+    table, rejected = _read_all(str(tsv), DataConfig())
+    plain, _ = _read_all(_write(tmp_path / "plain.tsv", "\n".join(_good_lines(3)).encode() + b"\n"), DataConfig())
+    assert rejected == [] and table.equals(plain)
+
+
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_parquet_ignored_columns_are_neither_read_nor_type_checked(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"label": [1.0, 0.0], "x": [1.5, None], "c": ["a", None],
+                      "meta": pa.array([[1, 2], []], pa.list_(pa.int64())),
+                      "nested": pa.array([{"k": 1}, {"k": 2}])})
+    path = str(tmp_path / "ignored.parquet")
+    pq.write_table(table, path)
+    config = DataConfig(format="parquet", columns=[
+        ColumnSpec("label", kind="label"), ColumnSpec("meta", kind="ignore"), ColumnSpec("x", kind="numeric"),
+        ColumnSpec("c"), ColumnSpec("nested", kind="ignore")])
+    check_schema(path, config)
+    got, rejected = _read_all(path, config)
+    assert rejected == []
+    assert got.column_names == ["label", "x", "c", "__file", "__line"]
+    assert got.to_pylist() == [{"label": 1.0, "x": 1.5, "c": b"a", "__file": 0, "__line": 1},
+                               {"label": 0.0, "x": None, "c": None, "__file": 0, "__line": 2}]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, logged
+def test_refused_row_with_invalid_utf8_names_its_line(tmp_path):
+    """pyarrow decodes a refused row's text before calling the handler and fails on bad bytes; the
+    file cannot be read, but the error says which line and why."""
+    good = _good_lines(3)
+    short = "\t".join(good[1].split("\t")[:20]).encode() + b"\t\xff"
+    path = _write(tmp_path / "u8.tsv", good[0].encode() + b"\n" + short + b"\n" + good[2].encode() + b"\n")
+    with pytest.raises(InputError, match=r"u8\.tsv: line 2 has 21 fields instead of 40 and contains bytes that "
+                                         r"are not UTF-8"):
+        _read_all(path, DataConfig())
 
 
 # -- vocabulary rules (the Arrow analyzer must match tft.vocabulary) ----------------------------------
