@@ -105,6 +105,8 @@ def export_model(
         raise ExportError("warmup_examples is empty: TF Serving warmup and the reload check need raw rows")
 
     path = versions.model_dir(base_path, model_name)
+    _clean_leftovers(path)
+    explicit = version is not None
     version = versions.next_version(path, version)
     staged = versions.staging_dir(path)
     try:
@@ -114,28 +116,67 @@ def export_model(
             raise ExportError("the model produces non-finite probabilities on the warmup rows")
         tf.saved_model.save(module, staged, signatures=signatures)
         set_method_names(staged)
-        write_warmup(staged, serialized, model_name)
+        write_warmup(staged, serialized, model_name, module.parse_spec)
         info = {
             "model_name": model_name,
-            "version": version,
             "features": [f.name for f in manifest.features],
             "raw_features": sorted(module.parse_spec),
+            "multivalued": multivalued_columns(manifest, module.parse_spec),
             "label": manifest.label,
             "pipeline_dir": manifest.transform_output_dir,
         }
-        with open(os.path.join(staged, WARMUP_DIR, EXPORT_INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
+        info_path = os.path.join(staged, WARMUP_DIR, EXPORT_INFO_FILE)
+
+        def write_info(v: int) -> None:
+            with open(info_path, "w", encoding="utf-8") as f:
+                json.dump({**info, "version": v}, f, indent=2, sort_keys=True)
+
+        write_info(version)
         if validate:
             from ctrkit.serving.validate import validate_export
 
             validate_export(staged, module.parse_spec, serialized, expected, atol=atol)
-        final = versions.publish(staged, path, version)
+        if explicit:
+            final = versions.publish(staged, path, version)
+        else:
+            final = versions.publish_latest(staged, path, version, relabel=write_info)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    removed = versions.prune(path, keep_versions)
+    try:
+        removed = versions.prune(path, keep_versions)
+    except OSError as e:
+        # The new version is already published and serving: a failed cleanup must not fail the export
+        # (the trainer would stop exporting); the next export retries the prune.
+        log.warning("exported %s, but pruning old versions in %s failed: %s", final, path, e)
+        return final
     log.info("exported %s (removed old versions %s)", final, removed)
     return final
+
+
+def _clean_leftovers(path: str) -> None:
+    """Remove staging and doomed directories that crashed or killed exports left in ``path``."""
+    try:
+        removed = versions.clean_stale_staging(path)
+    except OSError as e:  # housekeeping: never the reason an export fails
+        log.warning("could not clean leftovers of earlier exports in %s: %s", path, e)
+        return
+    if removed:
+        log.info("removed leftovers of earlier exports: %s", removed)
+
+
+def multivalued_columns(manifest: Manifest, raw_features: Iterable[str]) -> dict[str, str | None]:
+    """Served raw columns that hold several values, as raw column → separator (``None`` when the manifest
+    does not record it). The pipeline reads such a column as one joined string ("a|b") and splits it in
+    the transform graph, so a served ``tf.Example`` must carry the joined string too, not a list."""
+    served = set(raw_features)
+    columns = (manifest.config.get("data") or {}).get("columns") or []
+    separators = {c.get("name"): c.get("separator") for c in columns if isinstance(c, Mapping)}
+    return {
+        f.source: separators.get(f.source)
+        for f in manifest.features
+        if f.multivalent and f.source in served
+    }
 
 
 def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> list[dict[str, Any]]:

@@ -7,7 +7,10 @@ Follows https://www.tensorflow.org/tfx/serving/api_rest:
   A single-input signature takes a plain list of values; a multi-input one a list of objects.
   With one output, ``predictions`` lists values; with several, one object per row.
 * Classify / Regress: ``{"signature_name": ..., "context": {...}, "examples": [{feature: value}, ...]}``
-  → ``{"result": [[[label, score], ...], ...]}`` / ``{"result": [value, ...]}``.
+  → ``{"results": [[[label, score], ...], ...]}`` / ``{"results": [value, ...]}`` (the key TF Serving
+  sends; its REST guide says ``"result"``). Feature values are typed
+  as TF Serving types them (an integer is int64, ``null`` is an error), and a column takes as many values
+  per example as the model reads (one for ctrkit's raw columns; a multi-valued one as its joined string).
 
 Bad input raises :class:`RequestError` (the server answers 400 with ``{"error": "..."}``).
 """
@@ -15,10 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class RequestError(ValueError):
@@ -159,29 +166,81 @@ def predict_response(outputs: Mapping[str, np.ndarray], row_format: bool) -> dic
     return {"outputs": {k: jsonable(outputs[k]) for k in keys}}
 
 
+def _json_type(v: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "integer", float: "number with a fraction",
+            str: "string", bytes: "base64 string"}.get(type(v), type(v).__name__)
+
+
 def _feature(name: str, value: Any, dtype: Any) -> Any:
+    """One feature of a Classify/Regress example, typed the way TF Serving types it.
+
+    TF Serving does not look at the model when it turns JSON into a ``tf.Example``: a string (or b64
+    object) becomes a bytes_list, a number written with a fraction or exponent a float_list, an integer
+    or a boolean an int64_list, and ``null`` is an error. The model's parser then rejects a feature of the
+    wrong kind ("Data types don't match"), so ``3`` for a float column fails there and must fail here too,
+    or clients tested against ``ctrkit serve`` break on TF Serving.
+    """
     import tensorflow as tf
 
     values = value if isinstance(value, list) else [value]
     values = _decode_b64(values)
     if any(isinstance(v, (list, dict)) for v in values):
         raise RequestError(f"feature {name!r}: values must be a scalar or a flat list, got {value!r}")
+    if any(v is None for v in values):
+        raise RequestError(
+            f"feature {name!r}: null is not a value (TF Serving: \"has element with unexpected JSON type: "
+            "Null\"); leave the feature out of the example to send it as missing"
+        )
     if dtype.name == "string":
-        if not all(isinstance(v, (str, bytes)) for v in values):
-            raise RequestError(f"feature {name!r}: expected strings, got {value!r}")
+        wrong = [v for v in values if not isinstance(v, (str, bytes))]
+        if wrong:
+            raise RequestError(f"feature {name!r}: expected strings, got {_json_type(wrong[0])} {wrong[0]!r}")
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v for v in values]))
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise RequestError(f"feature {name!r}: expected numbers ({dtype.name}), got {value!r}")
     if dtype.is_floating:
-        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
-    if any(isinstance(v, float) and not float(v).is_integer() for v in values):
-        raise RequestError(f"feature {name!r}: expected integers, got {value!r}")
+        wrong = [v for v in values if not isinstance(v, float)]
+        if wrong:
+            v = wrong[0]
+            hint = f" (write {float(v)!r})" if isinstance(v, int) else ""
+            raise RequestError(
+                f"feature {name!r}: expected numbers with a fraction ({dtype.name}), got {_json_type(v)} {v!r}"
+                f"{hint}; TF Serving sends JSON integers and booleans as int64 and the model rejects them"
+            )
+        big = [v for v in values if math.isfinite(v) and abs(v) > _FLOAT32_MAX]
+        if big:
+            raise RequestError(f"feature {name!r}: cannot convert {big[0]!r} to {dtype.name} without loss of precision")
+        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    wrong = [v for v in values if not isinstance(v, int)]  # bool is an int: TF Serving sends it as 0/1
+    if wrong:
+        raise RequestError(
+            f"feature {name!r}: expected integers ({dtype.name}), got {_json_type(wrong[0])} {wrong[0]!r}; "
+            "TF Serving sends a number with a fraction as float and the model rejects it"
+        )
+    if any(not -(2**63) <= v < 2**63 for v in values):
+        raise RequestError(f"feature {name!r}: {value!r} does not fit in int64")
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
 
 
-def examples_from_body(body: Mapping[str, Any], feature_dtypes: Mapping[str, Any], ignored: set[str]) -> list[bytes]:
+def _check_count(name: str, value: Any, size: int, multivalued: Mapping[str, str | None]) -> None:
+    """Reject more values than the column holds per example, before TF fails the whole batch with an
+    opaque shape error. ctrkit's raw columns hold one value each (pipelines/transform.py); a multi-valued
+    one carries its values joined into one string, split by the transform graph as in training."""
+    if not isinstance(value, list) or len(value) <= size:
+        return
+    if name in multivalued:
+        sep = multivalued[name]
+        how = (f"joined with {sep!r} into one string, e.g. {sep.join(['a', 'b'])!r}" if sep
+               else "joined into one string with the separator the pipeline splits it on, as in the raw training data")
+        raise RequestError(f"feature {name!r} is multi-valued: send its values {how}, not a list of {len(value)}")
+    raise RequestError(f"feature {name!r} takes {size} value(s) per example, got a list of {len(value)}")
+
+
+def examples_from_body(body: Mapping[str, Any], feature_dtypes: Mapping[str, Any], ignored: set[str],
+                       sizes: Mapping[str, int] | None = None,
+                       multivalued: Mapping[str, str | None] | None = None) -> list[bytes]:
     """Classify/Regress body → serialized ``tf.Example``s. ``feature_dtypes``: raw feature → tf dtype;
-    ``ignored``: columns accepted and dropped (the label); any other unknown feature is an error."""
+    ``ignored``: columns accepted and dropped (the label); any other unknown feature is an error.
+    ``sizes``: raw feature → values per example (default 1); ``multivalued``: raw column → separator of
+    the columns that take several values as one joined string."""
     import tensorflow as tf
 
     examples = body.get("examples")
@@ -203,9 +262,10 @@ def examples_from_body(body: Mapping[str, Any], feature_dtypes: Mapping[str, Any
             raise RequestError(f"examples[{i}]: unknown feature(s) {unknown}; the model reads {sorted(feature_dtypes)}")
         feats = {}
         for name, value in merged.items():
-            if name in ignored or value is None:
+            if name in ignored:
                 continue
             try:
+                _check_count(name, value, (sizes or {}).get(name, 1), multivalued or {})
                 feats[name] = _feature(name, value, feature_dtypes[name])
             except RequestError as e:
                 raise RequestError(f"examples[{i}]: {e}") from None

@@ -5,8 +5,8 @@
 ``tensorflow_model_server`` it polls the model directory and loads new versions as they appear, keeps
 the newest ``num_versions`` (TF Serving's ``latest`` version policy), replays each version's
 ``assets.extra/tf_serving_warmup_requests`` before serving it, and never loads an incomplete version
-directory (no ``saved_model.pb`` / variable index, or one that fails to load: it is retried when it
-changes, while the previous versions keep serving).
+directory (no ``saved_model.pb`` / variable index: re-checked every poll; or one that fails to load:
+retried when any file in it changes), while the previous versions keep serving.
 
 Endpoints (https://www.tensorflow.org/tfx/serving/api_rest)::
 
@@ -37,7 +37,14 @@ from ctrkit.serving.rest import (
     predict_inputs,
     predict_response,
 )
-from ctrkit.serving.signatures import CLASSIFY, CLASSIFY_INPUTS_KEY, REGRESS, SERVING_DEFAULT
+from ctrkit.serving.signatures import (
+    CLASSIFY,
+    CLASSIFY_INPUTS_KEY,
+    CLASSIFY_METHOD,
+    REGRESS,
+    REGRESS_METHOD,
+    SERVING_DEFAULT,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ class LoadedVersion:
     signature_defs: dict[str, Any]  # JSON form of the SignatureDefs, for /metadata
     raw_dtypes: dict[str, Any]  # raw feature → tf dtype (from predict_raw), for classify/regress JSON
     ignored_features: set[str] = field(default_factory=set)
+    raw_sizes: dict[str, int] = field(default_factory=dict)  # raw feature → values per example (predict_raw)
+    multivalued: dict[str, str | None] = field(default_factory=dict)  # raw column → separator (export info)
 
 
 def _signature_defs_json(path: str) -> dict[str, Any]:
@@ -84,13 +93,20 @@ def load_version(path: str, version: int) -> LoadedVersion:
         name: {k: (spec.dtype, list(spec.shape)) for k, spec in fn.structured_input_signature[1].items()}
         for name, fn in signatures.items()
     }
-    raw_dtypes = {k: dt for k, (dt, _) in input_specs.get("predict_raw", {}).items()}
+    raw_inputs = input_specs.get("predict_raw", {})
+    raw_dtypes = {k: dt for k, (dt, _) in raw_inputs.items()}
+    # (B,) → one value per example; (B, k) → k values (a FixedLen raw column of shape [k]).
+    raw_sizes = {k: int(np.prod([d or 1 for d in shape[1:]])) for k, (_, shape) in raw_inputs.items()}
     ignored: set[str] = set()
+    multivalued: dict[str, str | None] = {}
     info_path = os.path.join(path, "assets.extra", "ctrkit_export.json")
     if os.path.exists(info_path):
         with open(info_path, encoding="utf-8") as f:
-            ignored.add(json.load(f)["label"])
-    loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(path), raw_dtypes, ignored)
+            info = json.load(f)
+        ignored.add(info["label"])
+        multivalued = dict(info.get("multivalued") or {})
+    loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(path), raw_dtypes,
+                           ignored, raw_sizes, multivalued)
     _replay_warmup(loaded)
     return loaded
 
@@ -98,14 +114,29 @@ def load_version(path: str, version: int) -> LoadedVersion:
 def _replay_warmup(loaded: LoadedVersion) -> None:
     import tensorflow as tf
 
-    from ctrkit.serving.warmup import WARMUP_DIR, WARMUP_FILE, read_warmup
+    from ctrkit.serving.warmup import WARMUP_DIR, WARMUP_FILE, read_warmup, request_inputs
 
     if not os.path.exists(os.path.join(loaded.path, WARMUP_DIR, WARMUP_FILE)):
         return
     for record in read_warmup(loaded.path):
-        req = record.predict_log.request
-        fn = loaded.signatures[req.model_spec.signature_name or SERVING_DEFAULT]
-        fn(**{k: tf.make_ndarray(v) for k, v in req.inputs.items()})
+        signature, inputs = request_inputs(record)
+        fn = loaded.signatures[signature]
+        fn(**{k: tf.constant(v, dtype=loaded.input_specs[signature][k][0]) for k, v in inputs.items()})
+
+
+def _tree_stamp(path: str) -> tuple[int, int, int]:
+    """(newest mtime in ns, total size, entry count) over everything under ``path``: changes when any
+    file is written, unlike the version directory's own mtime (files added to variables/ leave it alone).
+    A SavedModel holds a handful of files, so this is cheap."""
+    newest, size, count = os.stat(path).st_mtime_ns, 0, 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue  # removed while we walk: the next poll sees the new state
+            newest, size, count = max(newest, st.st_mtime_ns), size + st.st_size, count + 1
+    return newest, size, count
 
 
 class ModelRegistry:
@@ -119,7 +150,8 @@ class ModelRegistry:
         self.num_versions = num_versions
         self.poll_seconds = poll_seconds
         self._loaded: dict[int, LoadedVersion] = {}
-        self._failed: dict[int, tuple[float, str]] = {}  # version → (mtime tried, error)
+        self._failed: dict[int, tuple[tuple[int, int, int], str]] = {}  # version → (_tree_stamp tried, error)
+        self._incomplete: set[int] = set()  # versions reported incomplete (logged once, re-checked every poll)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,20 +163,24 @@ class ModelRegistry:
             if v in self._loaded:
                 continue
             vdir = os.path.join(self.path, str(v))
-            try:
-                mtime = os.path.getmtime(vdir)
-            except OSError:
-                continue
-            if v in self._failed and self._failed[v][0] == mtime:
-                continue  # broken and unchanged since we tried
+            # Not cached: a non-atomic copy (cp -r, rsync) fills variables/ without touching the version
+            # directory's mtime, and is_complete is two stat calls.
             if not versions.is_complete(vdir):
-                self._failed[v] = (mtime, "incomplete version directory")
-                log.warning("version %s of %s is incomplete; not loading it", v, self.model_name)
+                if v not in self._incomplete:
+                    self._incomplete.add(v)
+                    log.warning("version %s of %s is incomplete; not loading it until it is", v, self.model_name)
                 continue
+            self._incomplete.discard(v)
+            try:
+                stamp = _tree_stamp(vdir)
+            except OSError:
+                continue  # deleted meanwhile
+            if v in self._failed and self._failed[v][0] == stamp:
+                continue  # broken and no file changed since we tried
             try:
                 loaded = load_version(vdir, v)
             except Exception as e:  # noqa: BLE001 - a broken version must not stop the server
-                self._failed[v] = (mtime, f"{type(e).__name__}: {e}")
+                self._failed[v] = (stamp, f"{type(e).__name__}: {e}")
                 log.error("could not load version %s of %s: %s", v, self.model_name, e)
                 continue
             self._failed.pop(v, None)
@@ -206,6 +242,28 @@ class ModelRegistry:
 
 
 # -- request handling (framework-independent, so tests and the benchmark can call it directly) ---------
+_TOO_DEEP = "JSON Parse error: the request is nested too deeply"
+# Lines of a TF error message that say where, not what: the generic header, the node's location, Python
+# stack frames / node annotations (indented), and the function-node and op tags around the reason.
+_TF_HEADER_RE = re.compile(r"^(Graph execution error:|Detected at node .*|<stack traces unavailable>)$")
+_TF_TAG_RE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]\s*$")
+MAX_ERROR_CHARS = 2000
+
+
+def tf_error_text(message: str) -> str:
+    """The reason in a TF error message, e.g. "Name: <unknown>, Key: I1, Index: 0. Data types don't
+    match. Expected type: float, Actual type: int64" rather than its first line, "Graph execution error:"."""
+    lines = []
+    for line in message.splitlines():
+        if not line.strip() or line[:1].isspace() or _TF_HEADER_RE.match(line):
+            continue
+        line = _TF_TAG_RE.sub("", line).strip()
+        if line:
+            lines.append(line)
+    text = " ".join(lines) or message.strip()
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "…"
+
+
 _PATH_RE = re.compile(
     r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
 )
@@ -256,6 +314,8 @@ class Handler:
                 body = json.loads(body_bytes)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(f"JSON Parse error: {e}") from None
+            except RecursionError:
+                raise RequestError(_TOO_DEEP) from None
             if not isinstance(body, dict):
                 raise RequestError("the request body must be a JSON object")
             lv = self.registry.get(name, version)
@@ -264,11 +324,14 @@ class Handler:
             return 404, {"error": str(e)}
         except RequestError as e:
             return 400, {"error": str(e)}
+        except RecursionError:
+            # JSON nested just below json's own limit can still exhaust the stack in our recursive walks.
+            return 400, {"error": _TOO_DEEP}
         except Exception as e:  # noqa: BLE001 - TF errors on bad values (e.g. unparsable Examples) are the client's
             import tensorflow as tf
 
             if isinstance(e, (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError)):
-                return 400, {"error": e.message.strip().splitlines()[0] if e.message else type(e).__name__}
+                return 400, {"error": tf_error_text(e.message) or type(e).__name__}
             log.exception("internal error")
             return 500, {"error": f"internal error: {type(e).__name__}: {e}"}
 
@@ -286,8 +349,27 @@ class Handler:
     def _run(self, lv: LoadedVersion, sig: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tensorflow as tf
 
-        out = lv.signatures[sig](**{k: tf.constant(v, dtype=lv.input_specs[sig][k][0]) for k, v in arrays.items()})
+        inputs = {k: tf.constant(v, dtype=lv.input_specs[sig][k][0]) for k, v in arrays.items()}
+        try:
+            out = lv.signatures[sig](**inputs)
+        except UnicodeDecodeError as e:
+            # TF failed to decode its own error status, which quotes the request's bytes (an unparsable,
+            # non-UTF-8 Example): the client's error, and e.object holds the status message.
+            raise RequestError(tf_error_text(bytes(e.object).decode("utf-8", errors="replace"))) from None
         return {k: v.numpy() for k, v in out.items()}
+
+    def _check_method(self, lv: LoadedVersion, sig: str, method: str, outputs: tuple[str, ...]) -> None:
+        sd = lv.signature_defs.get(sig, {})
+        api = "classification" if method == CLASSIFY_METHOD else "regression"
+        if sd.get("method_name") != method:
+            # TF Serving's wording (INVALID_ARGUMENT), plus which API the signature is for.
+            raise RequestError(
+                f"Expected {api} signature method_name to be {method}. Was: {sd.get('method_name')} "
+                f"(signature {sig!r}; call :predict or the API its method names)"
+            )
+        missing = [k for k in outputs if k not in sd.get("outputs", {})]
+        if missing:
+            raise RequestError(f"{api} signature {sig!r} has no output(s) {missing}")
 
     def _predict(self, lv: LoadedVersion, body: dict[str, Any]) -> dict[str, Any]:
         sig = self._signature(lv, body, SERVING_DEFAULT)
@@ -298,24 +380,28 @@ class Handler:
     def _examples(self, lv: LoadedVersion, body: dict[str, Any], sig: str) -> np.ndarray:
         if CLASSIFY_INPUTS_KEY not in lv.input_specs[sig]:
             raise RequestError(f"signature {sig!r} does not take serialized examples as {CLASSIFY_INPUTS_KEY!r}")
-        examples = examples_from_body(body, lv.raw_dtypes, lv.ignored_features)
+        examples = examples_from_body(body, lv.raw_dtypes, lv.ignored_features, lv.raw_sizes, lv.multivalued)
         self._check_batch(len(examples))
         return np.array(examples, dtype=object)
 
     def _classify(self, lv: LoadedVersion, body: dict[str, Any]) -> dict[str, Any]:
         sig = self._signature(lv, body, CLASSIFY)
+        self._check_method(lv, sig, CLASSIFY_METHOD, ("classes", "scores"))
         out = self._run(lv, sig, {CLASSIFY_INPUTS_KEY: self._examples(lv, body, sig)})
         classes, scores = out["classes"], out["scores"]
         return {
-            "result": [
+            # TF Serving answers with "results" (json_tensor.cc kClassifyRegressResponseKey), although its
+            # REST guide shows "result" (tensorflow/serving PR #3652); clients must work against the real one.
+            "results": [
                 [[c.decode(), float(s)] for c, s in zip(row_c, row_s)] for row_c, row_s in zip(classes, scores)
             ]
         }
 
     def _regress(self, lv: LoadedVersion, body: dict[str, Any]) -> dict[str, Any]:
         sig = self._signature(lv, body, REGRESS)
+        self._check_method(lv, sig, REGRESS_METHOD, ("outputs",))
         out = self._run(lv, sig, {CLASSIFY_INPUTS_KEY: self._examples(lv, body, sig)})
-        return {"result": [float(v) for v in np.asarray(out["outputs"]).reshape(-1)]}
+        return {"results": [float(v) for v in np.asarray(out["outputs"]).reshape(-1)]}
 
 
 def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,

@@ -22,8 +22,10 @@ transformed ones. Missing features must score, not fail:
   lacks it, so serving parses it with the dtype's zero (0 / 0.0 / ``b""``) as default;
 * unseen categories go wherever the transform graph sends them (OOV or hash buckets).
 
-In ``predict_raw`` a value is "missing" when it is NaN (floats) or the empty string (strings); integer
-columns have no missing marker.
+In ``predict_raw`` a value is "missing" when it is NaN or ±inf (floats) or the empty string (strings);
+integer columns have no missing marker. The ``tf.Example`` signatures treat a non-finite float value as
+missing too, so NaN scores the same whichever signature (or server) it arrives through, instead of
+flowing into ``log1p`` / z-scores and coming back as a null score.
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ def _dense_to_raw(name: str, value: tf.Tensor, feat: Any) -> Any:
     if value.dtype == tf.string:
         present = tf.strings.length(value) > 0
     elif value.dtype.is_floating:
-        present = tf.logical_not(tf.math.is_nan(value))
+        present = tf.math.is_finite(value)
     else:
         present = tf.ones_like(value, dtype=tf.bool)
     rows = tf.where(present)[:, 0]
@@ -217,7 +219,18 @@ class ServingModule(tf.Module):
         return {k: tf.reshape(tf.cast(out[k], tf.float32), [-1, 1]) for k in OUTPUT_KEYS}
 
     def _parse(self, serialized: tf.Tensor) -> dict[str, Any]:
-        return tf.io.parse_example(serialized, self._parse_spec)
+        parsed = tf.io.parse_example(serialized, self._parse_spec)
+        # Non-finite floats are missing values, as in predict_raw: dropped from a VarLen column (the
+        # transform then fills it as in training), the parse default in a FixedLen one.
+        for name, feat in self._parse_spec.items():
+            if not feat.dtype.is_floating:
+                continue
+            t = parsed[name]
+            if isinstance(t, tf.SparseTensor):
+                parsed[name] = tf.sparse.retain(t, tf.math.is_finite(t.values))
+            else:
+                parsed[name] = tf.where(tf.math.is_finite(t), t, tf.constant(feat.default_value, feat.dtype))
+        return parsed
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         return self._predict(self._parse(examples))

@@ -7,12 +7,25 @@ with one ``os.rename`` on the same filesystem.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+DELETING_PREFIX = TMP_PREFIX + "deleting-"  # a version being deleted: renamed out of sight first
+# A staging directory younger than this may belong to an export that is still writing (another trainer,
+# a `ctrkit export` run by hand): only older ones are treated as left behind by a crash.
+STALE_STAGING_S = 3600.0
+# A .tmp-deleting-* directory is only ever rmtree'd, but between prune's mkdtemp and its rename another
+# exporter's cleanup must not snatch it: wait a minute before treating one as left by a killed rmtree.
+STALE_DELETING_S = 60.0
+PUBLISH_ATTEMPTS = 10
 
 
 def model_dir(base_path: str, model_name: str) -> str:
@@ -54,40 +67,109 @@ def staging_dir(path: str) -> str:
 
 
 def publish(staged: str, path: str, version: int) -> str:
-    """Rename a fully written ``staged`` directory to ``path/<version>`` (atomic on one filesystem)."""
+    """Rename a fully written ``staged`` directory to ``path/<version>`` (atomic on one filesystem).
+
+    Raises :class:`FileExistsError` when ``path/<version>`` exists, including when another process
+    publishes it between the check and the rename."""
     if not is_complete(staged):
         raise ValueError(f"{staged} is not a complete SavedModel; refusing to publish it")
     final = os.path.join(path, str(version))
     if os.path.exists(final):
         raise FileExistsError(f"version directory {final} already exists")
     os.chmod(staged, 0o755)  # mkdtemp creates 0700; a serving container may run as another user
-    os.rename(staged, final)
+    try:
+        os.rename(staged, final)
+    except OSError as e:
+        # rename(2) onto a non-empty directory fails with ENOTEMPTY or EEXIST: someone else won the race.
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(f"version directory {final} already exists") from e
+        raise
     return final
 
 
+def publish_latest(staged: str, path: str, version: int, relabel: Callable[[int], None] | None = None) -> str:
+    """Publish ``staged`` above every existing version: as ``version`` if that still holds, else as
+    :func:`next_version` at publish time.
+
+    ``version`` is picked before a save that can take minutes; meanwhile another exporter (a second
+    trainer, a ``ctrkit export`` in the same second) may have published it or a higher one. Re-picking
+    keeps versions strictly increasing instead of losing the finished export. ``relabel(v)`` is called
+    before the rename whenever the version changes, to update what the staged files record about it.
+    """
+    for _ in range(PUBLISH_ATTEMPTS):
+        fresh = next_version(path)
+        if fresh > version:
+            version = fresh
+            if relabel is not None:
+                relabel(version)
+        try:
+            return publish(staged, path, version)
+        except FileExistsError:
+            continue  # published by someone else just now: pick again
+    raise FileExistsError(
+        f"could not publish {staged} under {path}: {PUBLISH_ATTEMPTS} versions in a row were taken by "
+        "concurrent exporters while publishing"
+    )
+
+
 def prune(path: str, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` versions; returns the versions removed."""
+    """Delete all but the newest ``keep`` versions; returns the versions removed.
+
+    Raises :class:`OSError` naming the versions it could not take out of sight, after trying them all.
+    """
     if keep < 1:
         raise ValueError(f"keep_versions must be >= 1, got {keep}")
-    versions = list_versions(path)
-    removed = versions[:-keep]
-    for v in removed:
-        # Rename first so a server scanning the directory never sees a half-deleted version.
-        doomed = os.path.join(path, f"{TMP_PREFIX}deleting-{v}")
-        os.rename(os.path.join(path, str(v)), doomed)
-        shutil.rmtree(doomed)
+    removed, failed = [], []
+    for v in list_versions(path)[:-keep]:
+        src = os.path.join(path, str(v))
+        try:
+            # Rename first so a server scanning the directory never sees a half-deleted version. The
+            # target is a fresh directory: a fixed name would collide with one a killed rmtree left.
+            doomed = tempfile.mkdtemp(prefix=f"{DELETING_PREFIX}{v}-", dir=path)
+            os.rename(src, os.path.join(doomed, str(v)))
+        except OSError as e:
+            failed.append(f"{src}: {e}")
+            continue
+        removed.append(v)
+        err = _remove_tree(doomed)
+        if err is not None:
+            # The version is already out of sight; the next export's clean_stale_staging retries this.
+            log.warning("could not delete %s (%s); the next export retries", doomed, err)
+    if failed:
+        raise OSError(f"could not prune old version(s): {'; '.join(failed)}")
     return removed
 
 
-def clean_stale_staging(path: str, older_than_s: float = 3600.0) -> list[str]:
-    """Remove staging directories left by crashed exports (older than ``older_than_s``)."""
+def _remove_tree(d: str) -> OSError | None:
+    try:
+        shutil.rmtree(d)
+    except FileNotFoundError:
+        pass  # removed concurrently (another exporter's clean_stale_staging)
+    except OSError as e:
+        return e
+    return None
+
+
+def clean_stale_staging(path: str, older_than_s: float = STALE_STAGING_S,
+                        deleting_older_than_s: float = STALE_DELETING_S) -> list[str]:
+    """Remove what crashed or killed exports left under ``path``: staging directories older than
+    ``older_than_s`` (a younger one may belong to an export still writing) and ``.tmp-deleting-*``
+    directories (pruned versions nothing reads any more) older than ``deleting_older_than_s``.
+    Returns the directories removed."""
     removed = []
     if not os.path.isdir(path):
         return removed
     now = time.time()
     for d in os.listdir(path):
         full = os.path.join(path, d)
-        if d.startswith(TMP_PREFIX) and os.path.isdir(full) and now - os.path.getmtime(full) > older_than_s:
-            shutil.rmtree(full, ignore_errors=True)
+        if not d.startswith(TMP_PREFIX):
+            continue
+        limit = deleting_older_than_s if d.startswith(DELETING_PREFIX) else older_than_s
+        try:
+            if not os.path.isdir(full) or now - os.path.getmtime(full) <= limit:
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        if _remove_tree(full) is None:
             removed.append(full)
     return removed

@@ -49,8 +49,8 @@ def test_beam_then_serving_examples(tmp_path):
 
     lang, code = _blocks()["serving"]
     out = _run(lang, code, str(tmp_path), 900)
-    # The last line is the :regress response: TF Serving's {"result": [p]} with a probability.
+    # The last line is the :regress response: TF Serving's {"results": [p]} with a probability.
     response = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(response["result"]) == 1 and 0.0 < response["result"][0] < 1.0
+    assert len(response["results"]) == 1 and 0.0 < response["results"][0] < 1.0
     versions = os.listdir(tmp_path / "models" / "ctr")
     assert len(versions) == 1 and versions[0].isdigit()

@@ -6,6 +6,7 @@ Uses a real (tiny) tensorflow-transform pipeline output and ctrkit's own DCN-V2 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -149,21 +150,63 @@ def test_classify_and_regress_agree_with_predict(exported, loaded, serving_spec)
     np.testing.assert_allclose(r, p, atol=1e-7)
 
 
-def test_warmup_requests_are_prediction_logs_of_training_rows(exported, loaded, serving_spec):
+def _replay(loaded, log):
+    """Run one PredictionLog against the SavedModel the way TF Serving does: Predict inputs as tensors,
+    Classify/Regress Examples serialized into the signature's ``inputs``. Returns (signature, batch, outputs)."""
+    kind = log.WhichOneof("log_type")
+    req = getattr(log, kind).request
+    if kind == "predict_log":
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in req.inputs.items()}
+    else:
+        assert kind in ("classify_log", "regress_log"), kind
+        inputs = {"inputs": tf.constant([e.SerializeToString() for e in req.input.example_list.examples])}
+    batch = int(next(iter(inputs.values())).shape[0])
+    return kind, req.model_spec.signature_name, batch, loaded.signatures[req.model_spec.signature_name](**inputs)
+
+
+def test_warmup_requests_cover_every_signature_with_training_rows(exported, loaded, serving_spec):
     from ctrkit.serving.warmup import read_warmup
 
     logs = read_warmup(exported["path"])
-    assert len(logs) >= 2
     training = set(_serialize(exported["rows"][:32], serving_spec).numpy().tolist())
+    # Examples parsed back from a request re-serialize with their feature map in any order.
+    canonical = {tf.train.Example.FromString(t).SerializeToString(deterministic=True) for t in training}
+    seen = set()
     for log in logs:
-        req = log.predict_log.request
-        assert req.model_spec.name == exported["name"]
-        assert req.model_spec.signature_name == "serving_default"
-        examples = tf.make_ndarray(req.inputs["examples"])
-        assert set(examples.tolist()) <= training
-        out = loaded.signatures["serving_default"](examples=tf.constant(examples))
-        assert out["probabilities"].shape[0] == len(examples)
-    assert max(len(tf.make_ndarray(l.predict_log.request.inputs["examples"])) for l in logs) > 1
+        kind, sig, batch, out = _replay(loaded, log)
+        assert getattr(log, kind).request.model_spec.name == exported["name"]
+        seen.add((kind, sig))
+        if kind == "predict_log" and sig == "serving_default":
+            assert set(tf.make_ndarray(log.predict_log.request.inputs["examples"]).tolist()) <= training
+        elif kind != "predict_log":
+            examples = getattr(log, kind).request.input.example_list.examples
+            assert {e.SerializeToString(deterministic=True) for e in examples} <= canonical
+        for v in out.values():
+            assert v.shape[0] == batch
+        if "probabilities" in out:
+            assert np.all(np.isfinite(out["probabilities"].numpy()))
+    assert seen == {("predict_log", "serving_default"), ("predict_log", "predict_raw"),
+                    ("classify_log", "classify"), ("regress_log", "regress")}
+    assert max(_replay(loaded, log)[2] for log in logs) > 1
+
+
+def test_non_finite_numbers_score_as_missing_in_every_signature(loaded, serving_spec):
+    """predict_raw documents NaN as its missing marker; the tf.Example signatures (what TF Serving's
+    :classify / :regress build from JSON) must score NaN and ±inf the same way, not return NaN."""
+    base = {"I1": 3.0, "I2": 10.0, "I3": 1.0, "C1": "c1_1", "C2": "c2_2", "C3": "c3_3", "tags": "t1|t2"}
+    missing = {k: v for k, v in base.items() if k != "I1"}
+    rows = [missing] + [{**base, "I1": v} for v in (float("nan"), float("inf"), float("-inf"))]
+    ex = _serialize(rows, serving_spec)
+    want = loaded.signatures["serving_default"](examples=ex[:1])["probabilities"].numpy().ravel()[0]
+    assert np.isfinite(want)
+    p = loaded.signatures["serving_default"](examples=ex)["probabilities"].numpy().ravel()
+    r = loaded.signatures["regress"](inputs=ex)["outputs"].numpy()
+    c = loaded.signatures["classify"](inputs=ex)["scores"].numpy()[:, 1]
+    raw = {k: tf.constant([r.get(k, np.nan if serving_spec[k].dtype.is_floating else "") for r in rows],
+                          dtype=serving_spec[k].dtype) for k in serving_spec}
+    pr = loaded.signatures["predict_raw"](**raw)["probabilities"].numpy().ravel()
+    for got in (p, r, c, pr):
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_bad_model_is_never_published(exported, tmp_path):
@@ -192,6 +235,60 @@ def test_reload_check_catches_a_mismatch(exported, serving_spec):
     proc, tmp = start_reload_check(exported["path"], ex, wrong, atol=1e-5)
     with pytest.raises(ValidationError, match="differs from the in-memory model"):
         finish_reload_check(proc, tmp)
+
+
+def test_failed_prune_does_not_fail_the_export_and_leftovers_are_cleaned(exported, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from ctrkit.serving import versions
+    from ctrkit.serving.export import export_model
+
+    path = tmp_path / "m"
+    old = [path / ".tmp-crashed", path / ".tmp-deleting-3"]  # a crashed export's, a killed prune's
+    fresh = path / ".tmp-writing"  # a concurrent export still writing
+    for d in old + [fresh]:
+        (d / "variables").mkdir(parents=True)
+    for d in old:
+        os.utime(d, (time.time() - 7200, time.time() - 7200))
+
+    def broken_prune(p, keep):
+        raise OSError(f"could not prune old version(s): {p}/3: Device or resource busy")
+
+    monkeypatch.setattr(versions, "prune", broken_prune)
+    with caplog.at_level(logging.WARNING, logger="ctrkit.serving.export"):
+        final = export_model(exported["model"], exported["manifest"], str(tmp_path), "m",
+                             warmup_examples=exported["rows"][:4], validate=False)
+    assert versions.is_complete(final)  # published, and the export reports it
+    assert any("pruning old versions" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    assert not any(d.exists() for d in old) and fresh.exists()
+
+
+def test_export_repicks_a_version_another_exporter_took_meanwhile(exported, tmp_path, monkeypatch):
+    """Two exports in the same unix second pick the same version before their (long) saves."""
+    import json
+    import types
+
+    from ctrkit.serving import versions, warmup
+    from ctrkit.serving.export import EXPORT_INFO_FILE, export_model
+
+    now = 2_000_000_000
+    monkeypatch.setattr(versions, "time", types.SimpleNamespace(time=lambda: float(now)))
+    write_warmup = warmup.write_warmup
+
+    def concurrent_export_publishes(*args, **kwargs):  # runs mid-export, after the version was picked
+        other = tmp_path / "m" / str(now)
+        (other / "variables").mkdir(parents=True)
+        (other / "saved_model.pb").write_bytes(b"x")
+        (other / "variables" / "variables.index").write_bytes(b"x")
+        return write_warmup(*args, **kwargs)
+
+    monkeypatch.setattr(warmup, "write_warmup", concurrent_export_publishes)
+    final = export_model(exported["model"], exported["manifest"], str(tmp_path), "m",
+                         warmup_examples=exported["rows"][:4], validate=False)
+    assert final == str(tmp_path / "m" / str(now + 1))
+    assert versions.list_versions(str(tmp_path / "m")) == [now, now + 1]
+    with open(os.path.join(final, "assets.extra", EXPORT_INFO_FILE)) as f:
+        assert json.load(f)["version"] == now + 1
 
 
 def test_export_fn_keeps_last_k_increasing_versions(exported, tmp_path):

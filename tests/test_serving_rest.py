@@ -2,8 +2,8 @@
 
 Request and response shapes below are the documented ones: model status (GetModelStatusResponse JSON),
 metadata (GetModelMetadataResponse JSON), predict in row ("instances" → "predictions") and columnar
-("inputs" → "outputs") format with ``{"b64": ...}`` binary values, classify (``"result"``: per example a
-list of [label, score]) and regress (``"result"``: one value per example), errors as ``{"error": ...}``.
+("inputs" → "outputs") format with ``{"b64": ...}`` binary values, classify (``"results"``: per example a
+list of [label, score]) and regress (``"results"``: one value per example), errors as ``{"error": ...}``.
 Expected scores come from the SavedModel's own signatures, called directly.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ def test_classify_with_context(client, exported, loaded, serving_spec):
         "/v1/models/ctr:classify", json={"signature_name": "classify", "context": shared, "examples": examples}
     )
     assert r.status_code == 200, r.text
-    result = r.json()["result"]
+    result = r.json()["results"]
     assert len(result) == 4
     for pairs in result:
         assert [label for label, _ in pairs] == ["0", "1"]
@@ -159,7 +159,7 @@ def test_regress(client, exported, loaded, serving_spec):
     rows = [_present(r) for r in exported["rows"][20:23]] + [{}]  # the last example has no features at all
     r = client.post("/v1/models/ctr:regress", json={"signature_name": "regress", "examples": rows})
     assert r.status_code == 200, r.text
-    result = r.json()["result"]
+    result = r.json()["results"]
     assert len(result) == 4 and all(isinstance(v, float) for v in result)
     np.testing.assert_allclose(result, _expected(loaded, _serialized(rows, serving_spec)), atol=1e-6)
 
@@ -189,6 +189,79 @@ def test_bad_requests(client, exported, serving_spec, path, body, status):
     assert set(r.json()) == {"error"} and r.json()["error"]
     ok = client.post("/v1/models/ctr:predict", json={"instances": [_b64(_serialized([{}], serving_spec)[0])]})
     assert ok.status_code == 200
+
+
+def _int64_example() -> dict:
+    """A raw Example carrying I1 as int64_list, what TF Serving builds from the JSON integer 3."""
+    ex = tf.train.Example()
+    ex.features.feature["I1"].int64_list.value.append(3)
+    return _b64(ex.SerializeToString())
+
+
+_BASE = {"I1": 3.0, "I2": 10.0, "I3": 1.0, "C1": "c1_1", "C2": "c2_2", "C3": "c3_3", "tags": "t1|t2"}
+
+
+@pytest.mark.parametrize(
+    "path,body,fragments",
+    [
+        # TF's own reason, not the first line of its message ("Graph execution error:")
+        ("/v1/models/ctr:predict", {"instances": [_int64_example()]}, ["Key: I1", "Data types don't match"]),
+        # an unparsable, non-UTF-8 Example: TF cannot even decode its error message
+        ("/v1/models/ctr:predict", {"instances": [_b64(b"\xff\xfe")]}, ["Could not parse example input"]),
+        # the signature's method must fit the API (TF Serving's wording)
+        ("/v1/models/ctr:classify", {"signature_name": "regress", "examples": [_BASE]},
+         ["method_name to be tensorflow/serving/classify", "Was: tensorflow/serving/regress"]),
+        ("/v1/models/ctr:regress", {"signature_name": "classify", "examples": [_BASE]},
+         ["method_name to be tensorflow/serving/regress", "Was: tensorflow/serving/classify"]),
+        ("/v1/models/ctr:regress", {"signature_name": "serving_default", "examples": [_BASE]},
+         ["Was: tensorflow/serving/predict"]),
+        # several values: a multi-valued column takes one joined string, any other column one value
+        ("/v1/models/ctr:regress", {"examples": [{**_BASE, "tags": ["t1", "t2"]}]},
+         ["'tags' is multi-valued", "joined", "one string"]),
+        ("/v1/models/ctr:regress", {"examples": [_BASE, {**_BASE, "I1": [3.0, 50.0]}]},
+         ["examples[1]", "'I1' takes 1 value"]),
+        ("/v1/models/ctr:classify", {"examples": [{**_BASE, "C1": ["c1_1", "c1_2"]}]}, ["'C1' takes 1 value"]),
+        # JSON types as TF Serving maps them: integers are int64, null is no value
+        ("/v1/models/ctr:regress", {"examples": [{**_BASE, "I1": 3}]}, ["'I1'", "integer 3", "3.0"]),
+        ("/v1/models/ctr:regress", {"examples": [{**_BASE, "I1": True}]}, ["'I1'", "boolean"]),
+        ("/v1/models/ctr:regress", {"examples": [{**_BASE, "I1": None}]}, ["'I1'", "null", "leave the feature out"]),
+        ("/v1/models/ctr:classify", {"context": {"C1": None}, "examples": [{"I1": 1.0}]}, ["'C1'", "null"]),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(client, path, body, fragments):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    for fragment in fragments:
+        assert fragment in r.json()["error"], r.json()["error"]
+
+
+def test_deeply_nested_json_is_a_bad_request(client):
+    for depth in (100_000, 900):  # past json's recursion limit; just inside it (then our own walks)
+        nested = "[" * depth + "]" * depth
+        for body in (nested, '{"signature_name": "predict_raw", "instances": [{"I1": ' + nested + "}]}"):
+            r = client.post("/v1/models/ctr:predict", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (depth, r.text[:300])
+
+
+def test_multivalued_column_as_joined_string_and_single_element_lists(client, exported, loaded, serving_spec):
+    rows = [_BASE, {**_BASE, "tags": ["t1|t2"], "C1": ["c1_1"]}, {**_BASE, "tags": []}]
+    r = client.post("/v1/models/ctr:regress", json={"examples": rows})
+    assert r.status_code == 200, r.text
+    want = _expected(loaded, _serialized([_BASE, _BASE, {k: v for k, v in _BASE.items() if k != "tags"}], serving_spec))
+    np.testing.assert_allclose(r.json()["results"], want, atol=1e-6)
+
+
+def test_nan_scores_the_same_through_regress_and_predict_raw(client, loaded, serving_spec):
+    """NaN (a JSON token TF Serving parses) is predict_raw's missing marker; :regress must agree."""
+    body = json.dumps({"signature_name": "predict_raw", "instances": [{**_BASE, "I1": float("nan")}]})
+    raw = client.post("/v1/models/ctr:predict", content=body, headers={"content-type": "application/json"})
+    body = json.dumps({"examples": [{**_BASE, "I1": float("nan")}, {**_BASE, "I2": float("inf")}]})
+    reg = client.post("/v1/models/ctr:regress", content=body, headers={"content-type": "application/json"})
+    assert raw.status_code == reg.status_code == 200, (raw.text, reg.text)
+    missing = [{k: v for k, v in _BASE.items() if k != name} for name in ("I1", "I2")]
+    want = _expected(loaded, _serialized(missing, serving_spec))
+    assert raw.json()["predictions"][0]["probabilities"][0] == pytest.approx(want[0], abs=1e-6)
+    np.testing.assert_allclose(reg.json()["results"], want, atol=1e-6)
 
 
 def test_oversized_batch_and_unknown_model_status(client, serving_spec):
@@ -239,6 +312,36 @@ def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, servi
         assert _wait_for(lambda: status() == ["3"]), status()
         assert c.post("/v1/models/m/versions/3:predict", json=ex).status_code == 200
         assert c.post("/v1/models/m/versions/1:predict", json=ex).status_code == 404
+
+
+def test_version_completed_after_an_incomplete_poll_is_loaded(exported, tmp_path):
+    """A non-atomic copy (cp -r, rsync) into the version directory: files land in variables/ without
+    changing the version directory's mtime, and the server must still load the version once whole."""
+    from ctrkit.serving.server import ModelRegistry
+
+    src = exported["path"]
+    v = tmp_path / "m" / "7"
+    v.mkdir(parents=True)
+    for name in os.listdir(src):
+        if name == "variables":
+            (v / name).mkdir()
+        elif os.path.isdir(os.path.join(src, name)):
+            shutil.copytree(os.path.join(src, name), v / name)
+        else:
+            shutil.copy(os.path.join(src, name), v / name)
+    registry = ModelRegistry(str(tmp_path), "m")
+    registry.poll_once()
+    assert not registry._loaded  # incomplete: not loaded
+    # The index arrives first: complete by name, but the variable data is not there yet, so loading fails.
+    variables = sorted(os.listdir(os.path.join(src, "variables")), key=lambda n: n != "variables.index")
+    shutil.copy(os.path.join(src, "variables", variables[0]), v / "variables")
+    registry.poll_once()
+    assert not registry._loaded and 7 in registry._failed
+    for name in variables[1:]:
+        shutil.copy(os.path.join(src, "variables", name), v / "variables")
+    registry.poll_once()
+    assert sorted(registry._loaded) == [7]
+    assert registry.status("m", None)[0]["version"] == "7"
 
 
 # -- the real command on loopback, under a short concurrent load ---------------------------------------------

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import time
+import types
 
 import pytest
 
@@ -64,3 +66,42 @@ def test_non_integer_entries_are_not_versions(tmp_path):
     assert versions.list_versions(path) == [3, 10]
     with pytest.raises(ValueError):
         versions.model_dir(str(tmp_path), "../escape")
+
+
+def test_prune_survives_a_doomed_directory_a_killed_rmtree_left(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    for v in (1, 2):
+        versions.publish(_fake_savedmodel(versions.staging_dir(path)), path, v)
+    # An earlier prune of version 1 was killed mid-rmtree, under the name older code always used.
+    _fake_savedmodel(os.path.join(path, ".tmp-deleting-1"))
+    versions.publish(_fake_savedmodel(versions.staging_dir(path)), path, 3)
+    assert versions.prune(path, keep=2) == [1]
+    assert versions.list_versions(path) == [2, 3]
+
+
+def test_clean_stale_staging_spares_fresh_work_and_removes_leftovers(tmp_path):
+    path = versions.model_dir(str(tmp_path), "m")
+    fresh_staging = _fake_savedmodel(versions.staging_dir(path))  # a concurrent export still writing
+    old_staging = _fake_savedmodel(versions.staging_dir(path))  # a crashed export's
+    killed_prune = _fake_savedmodel(os.path.join(path, ".tmp-deleting-4"))  # a killed rmtree's
+    fresh_prune = _fake_savedmodel(os.path.join(path, ".tmp-deleting-5-abc"))  # a concurrent prune's
+    now = time.time()
+    os.utime(old_staging, (now - 7200, now - 7200))  # over STALE_STAGING_S (1 h)
+    os.utime(killed_prune, (now - 300, now - 300))  # over STALE_DELETING_S (1 min)
+    assert sorted(versions.clean_stale_staging(path)) == sorted([old_staging, killed_prune])
+    assert os.path.isdir(fresh_staging) and os.path.isdir(fresh_prune)
+
+
+def test_publish_latest_repicks_a_version_taken_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setattr(versions, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    path = versions.model_dir(str(tmp_path), "m")
+    chosen = versions.next_version(path)  # picked before a long save...
+    assert chosen == 1000
+    versions.publish(_fake_savedmodel(versions.staging_dir(path)), path, chosen)  # ...another exporter wins
+    relabelled = []
+    final = versions.publish_latest(_fake_savedmodel(versions.staging_dir(path)), path, chosen, relabelled.append)
+    assert final == os.path.join(path, "1001") and relabelled == [1001]
+    assert versions.list_versions(path) == [1000, 1001]
+    # Unchanged when the chosen version is still free and above the rest.
+    staged = _fake_savedmodel(versions.staging_dir(path))
+    assert versions.publish_latest(staged, path, 1005) == os.path.join(path, "1005")
