@@ -190,23 +190,28 @@ def test_warmup_requests_cover_every_signature_with_training_rows(exported, load
     assert max(_replay(loaded, log)[2] for log in logs) > 1
 
 
-def test_non_finite_numbers_score_as_missing_in_every_signature(loaded, serving_spec):
-    """predict_raw documents NaN as its missing marker; the tf.Example signatures (what TF Serving's
-    :classify / :regress build from JSON) must score NaN and ±inf the same way, not return NaN."""
+def test_non_finite_numbers_fail_tf_example_calls_and_nan_is_missing_only_in_predict_raw(loaded, serving_spec):
+    """A tf.Example can leave a feature out, so NaN / ±inf there is bad input (training rejects such rows):
+    the call fails with a message instead of returning a NaN score. predict_raw documents NaN as its
+    missing marker; ±inf fails there too."""
     base = {"I1": 3.0, "I2": 10.0, "I3": 1.0, "C1": "c1_1", "C2": "c2_2", "C3": "c3_3", "tags": "t1|t2"}
     missing = {k: v for k, v in base.items() if k != "I1"}
-    rows = [missing] + [{**base, "I1": v} for v in (float("nan"), float("inf"), float("-inf"))]
-    ex = _serialize(rows, serving_spec)
-    want = loaded.signatures["serving_default"](examples=ex[:1])["probabilities"].numpy().ravel()[0]
-    assert np.isfinite(want)
-    p = loaded.signatures["serving_default"](examples=ex)["probabilities"].numpy().ravel()
-    r = loaded.signatures["regress"](inputs=ex)["outputs"].numpy()
-    c = loaded.signatures["classify"](inputs=ex)["scores"].numpy()[:, 1]
-    raw = {k: tf.constant([r.get(k, np.nan if serving_spec[k].dtype.is_floating else "") for r in rows],
-                          dtype=serving_spec[k].dtype) for k in serving_spec}
-    pr = loaded.signatures["predict_raw"](**raw)["probabilities"].numpy().ravel()
-    for got in (p, r, c, pr):
-        np.testing.assert_allclose(got, want, atol=1e-6)
+    want = loaded.signatures["serving_default"](examples=_serialize([missing], serving_spec))["probabilities"]
+    assert np.isfinite(want.numpy()).all()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        ex = _serialize([base, {**base, "I1": bad}], serving_spec)
+        for name, key in (("serving_default", "examples"), ("regress", "inputs"), ("classify", "inputs")):
+            with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or ±inf; leave a missing feature out"):
+                loaded.signatures[name](**{key: ex})
+
+    def raw(rows):
+        return {k: tf.constant([r.get(k, np.nan if serving_spec[k].dtype.is_floating else "") for r in rows],
+                               dtype=serving_spec[k].dtype) for k in serving_spec}
+
+    got = loaded.signatures["predict_raw"](**raw([{**base, "I1": float("nan")}]))["probabilities"]
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="±inf"):
+        loaded.signatures["predict_raw"](**raw([{**base, "I1": float("inf")}]))
 
 
 def test_bad_model_is_never_published(exported, tmp_path):
