@@ -174,16 +174,17 @@ class TrainConfig:
                     "set train.optimizer: adagrad")
 
 
-# The distill options that apply only while distill.enabled is true. Not teacher_model: `ctrkit run` reads it
-# (and turns distillation on for its student) whatever distill.enabled says.
-_DISTILL_ENABLED_ONLY = ("teacher", "temperature", "weight", "confidence_weighting", "select_fraction", "teacher_as_of")
+# The distill options nothing reads while distill.enabled is false. Not teacher_model, temperature, weight,
+# confidence_weighting or select_fraction: `ctrkit run` turns distillation on for its student whatever
+# distill.enabled says and uses them (it sets teacher and teacher_as_of itself).
+_DISTILL_ENABLED_ONLY = ("teacher", "teacher_as_of")
 
 
 @dataclasses.dataclass
 class DistillConfig:
     """Distillation from a teacher scoring each batch on the fly (or a teacher-logit column)."""
 
-    enabled: bool = False  # add the distillation head and its loss; the options below except teacher_model need it
+    enabled: bool = False  # add the distillation head and its loss (ctrkit run turns it on for its student); teacher and teacher_as_of need it
     teacher: str | None = None  # a ctrkit run directory or a SavedModel directory; None: manifest column
     temperature: float = 1.0  # softens teacher and student logits (loss scaled by T²)
     weight: float = 1.0  # weight of the distillation loss next to the click loss
