@@ -146,9 +146,9 @@ def fit_calibration_scored(
 
 
 def replace_run_model(model: Any, run_dir: str) -> str:
-    """Make the calibrated ``model`` the run's model: ``RUN/model.keras`` is what ``ctrkit export``,
-    ``ctrkit compare`` and a warm start read. The model it replaces is kept, once, as
-    ``RUN/model_uncalibrated.keras``. Returns the path written."""
+    """Make the calibrated ``model`` the run's model: ``RUN/model.keras`` is what ``ctrkit export`` and
+    ``ctrkit compare`` read (a warm start restores the checkpoints, which stay uncalibrated). The model it
+    replaces is kept, once, as ``RUN/model_uncalibrated.keras``. Returns the path written."""
     import shutil
 
     from ctrkit.trainer import RUN_MODEL

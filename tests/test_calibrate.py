@@ -105,3 +105,21 @@ def test_calibrate_command_replaces_the_model_and_keeps_the_original(setup, caps
     assert os.path.exists(os.path.join(run_dir, "model_uncalibrated.keras"))
     ratio, _ = _ratio(load_run_model(run_dir), holdout)
     assert ratio == pytest.approx(report["after"]["calibration"], rel=1e-4)
+
+
+def test_calibrate_command_applies_the_closed_form_correction_whatever_the_fit_settings(setup, capsys) -> None:
+    # The run's config tunes the *fit*; --downsampling-rate replaces the fit, so those settings must not refuse it.
+    import shutil
+
+    import yaml
+
+    root, run, holdout, _ = setup
+    run_dir = str(root / "cli_closed_form")
+    shutil.copytree(run.run_dir, run_dir)
+    path = os.path.join(run_dir, "config.yaml")
+    cfg = yaml.safe_load(open(path))
+    cfg["calibration"] = {**cfg.get("calibration", {}), "steps": 1000, "learning_rate": 0.01}
+    yaml.safe_dump(cfg, open(path, "w"))
+    assert main(["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP)]) == 0
+    report = json.load(open(os.path.join(run_dir, "calibration.json")))
+    assert abs(report["after"]["calibration"] - 1) < 0.1 < report["before"]["calibration"] - 1

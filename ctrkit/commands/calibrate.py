@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ctrkit.calibrate import fit_calibration, replace_run_model
-    from ctrkit.config import load_config
+    from ctrkit.config import CalibrationConfig, load_config
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
     from ctrkit.trainer import load_run_model
@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         from ctrkit.configio import ConfigError
 
         try:
-            cal = dataclasses.replace(cal, downsampling_rate=args.downsampling_rate)
+            # The closed-form correction fits nothing: the fit's own settings in the run's config do not apply.
+            cal = dataclasses.replace(cal, downsampling_rate=args.downsampling_rate,
+                                      learning_rate=CalibrationConfig.learning_rate, steps=CalibrationConfig.steps)
         except ConfigError as e:
             raise ConfigError(
                 f"--downsampling-rate {args.downsampling_rate} does not fit the calibration section of "
