@@ -115,32 +115,48 @@ def _scalar(tag: str, value: float) -> None:
     tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
 
 
-def _truncate_tensorboard(log_dir: str, last_step: int) -> None:
-    """Drop the TensorBoard events logged after step ``last_step`` (the checkpoint we resume from).
+def _truncate_tensorboard(log_dir: str, last_step: int, windows_done: int, log_every: int) -> None:
+    """Drop the TensorBoard events the resumed run will log again: those after the checkpoint's step, and
+    a window end at that step which the checkpoint does not count yet (a kill between a window's end and
+    its checkpoint, when a periodic checkpoint fell on the window's last step). A torn last record goes too.
 
-    The resumed run logs those steps again; left in place they would show twice, as a zig-zag. An event
-    cut off by the kill (a torn last record) is dropped too.
+    Without this the resumed steps show twice in TensorBoard, as a zig-zag.
     """
     import tensorflow as tf
     from tensorflow.core.util import event_pb2
 
     if not os.path.isdir(log_dir):
         return
+    files: dict[str, list[bytes]] = {}
     for name in sorted(os.listdir(log_dir)):
         if not name.startswith("events.out.tfevents"):
             continue
-        path = os.path.join(log_dir, name)
-        records = []
+        records = files.setdefault(os.path.join(log_dir, name), [])
         try:
-            for record in tf.data.TFRecordDataset(path):
+            for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
                 records.append(record.numpy())
         except tf.errors.DataLossError:
             pass  # torn tail: keep the complete records before it
-        keep = [r for r in records if event_pb2.Event.FromString(r).step <= last_step]
-        if len(keep) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
+    events = {path: [event_pb2.Event.FromString(r) for r in records] for path, records in files.items()}
+    window_steps = sorted({e.step for evs in events.values() for e in evs
+                           if e.step <= last_step and any(v.tag.startswith("window/") for v in e.summary.value)})
+    redo = set(window_steps[windows_done:])  # window ends the resumed run logs again
+
+    def keep(e: Any) -> bool:
+        if e.step > last_step:
+            return False
+        if e.step in redo:  # what end_window wrote: window/*, and cumulative/* off the periodic log's steps
+            for v in e.summary.value:
+                if v.tag.startswith("window/") or (v.tag.startswith("cumulative/") and e.step % log_every):
+                    return False
+        return True
+
+    for path, records in files.items():
+        kept = [r for r, e in zip(records, events[path]) if keep(e)]
+        if len(kept) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
             continue
         with tf.io.TFRecordWriter(path + ".tmp") as writer:
-            for record in keep:
+            for record in kept:
                 writer.write(record)
         os.replace(path + ".tmp", path)
 
@@ -531,7 +547,8 @@ def train(
         exports = list(meta.get("exports", []))
         _truncate_lines(batches_log, meta["batches_logged"])
         _truncate_lines(metrics_log, meta["metrics_logged"])
-        _truncate_tensorboard(os.path.join(run_dir, "tensorboard"), meta["step"])
+        _truncate_tensorboard(os.path.join(run_dir, "tensorboard"), meta["step"], meta["windows_done"],
+                              tc.log_every_steps)
     else:
         if warm_start:
             prev = _latest_checkpoint(warm_start)
@@ -695,6 +712,22 @@ def train(
                 time.sleep(step_delay)
         if not stopped_early and pv.window.count:
             end_window(current_window)
+        bar.close()
+        elapsed = time.perf_counter() - started
+        final = pv.cumulative.result()
+        model_path = ""
+        # Still inside the try: a non-finite model found here must mark the run failed too.
+        if not stopped_early:
+            require_finite(current_window, "saved")
+            log_m.write(json.dumps({"type": "final", "step": step, "cumulative": final}) + "\n")
+            lines["metrics"] += 1
+            log_m.flush()
+            model_path = _save_final(model, run_dir)
+            if windows_done % config.export.every_windows != 0:  # the last window did not export already
+                exports.append(export(model, manifest, step))
+            checkpoint(Position(len(manifest.windows), 0, 0), current_window, finished=True)
+        else:
+            checkpoint(now, current_window)
     except BaseException:
         log_b.close()
         log_m.close()
@@ -702,21 +735,6 @@ def train(
         info = json.load(open(run_json, encoding="utf-8"))
         _write_json_atomic(run_json, {**info, "status": "failed", "steps": step, "examples": examples})
         raise
-    bar.close()
-    elapsed = time.perf_counter() - started
-    final = pv.cumulative.result()
-    model_path = ""
-    if not stopped_early:
-        log_m.write(json.dumps({"type": "final", "step": step, "cumulative": final}) + "\n")
-        lines["metrics"] += 1
-        log_m.flush()
-        require_finite(current_window, "saved")
-        model_path = _save_final(model, run_dir)
-        if windows_done % config.export.every_windows != 0:  # the last window did not export already
-            exports.append(export(model, manifest, step))
-        checkpoint(Position(len(manifest.windows), 0, 0), current_window, finished=True)
-    else:
-        checkpoint(now, current_window)
     log_b.close()
     log_m.close()
     tb.flush()

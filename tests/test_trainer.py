@@ -259,6 +259,11 @@ def test_an_overflowed_update_with_a_finite_loss_is_not_exported(tmp_path) -> No
     assert not os.path.exists(os.path.join(run, "models")) or not os.listdir(os.path.join(run, "models"))
     assert _latest_checkpoint(run) is None
     assert json.load(open(os.path.join(run, "run.json")))["status"] == "failed"
+    # Also when the run stops at --max-steps right after the overflow (the save on that path checks too).
+    stopped = str(tmp_path / "stopped")
+    with pytest.raises(TrainingError, match=r"after step 1 in window 'w000' .*NaN/Inf.*Nothing was checkpointed"):
+        train(small_config(), data.directory, stopped, progress=False, max_steps=1)  # 1 of 3 batches in w000
+    assert json.load(open(os.path.join(stopped, "run.json")))["status"] == "failed"
 
 
 class _Killed(BaseException):
@@ -349,3 +354,24 @@ def test_resume_after_a_crash_logs_every_tensorboard_point_once(dataset, tmp_pat
     events = _tensorboard_events(run)
     assert len(events) == len(set(events))  # no (tag, step) twice
     assert sorted(step for tag, step in events if tag == "train/loss") == list(range(1, done.steps + 1))
+
+
+def test_a_window_end_logged_before_a_crash_is_not_logged_twice(dataset, tmp_path) -> None:
+    # 1500 rows / 128 = 12 batches: window w000 ends at step 12, where the periodic checkpoint (every 4) also
+    # falls. A crash in the window-end export leaves that checkpoint, which does not count the window yet.
+    cfg = small_config(checkpoint_every_steps=4, log_every_steps=5)
+    run = str(tmp_path / "run")
+
+    def crash(model, manifest, step):
+        raise _Killed()
+
+    with pytest.raises(_Killed):
+        train(cfg, dataset.directory, run, progress=False, export_fn=crash)
+    import gc
+
+    gc.collect()  # the crashed run's summary writer flushes what it buffered
+    assert ("window/auc", 12) in _tensorboard_events(run)  # the window end reached the disk before the crash
+    done = train(cfg, dataset.directory, run, resume=True, progress=False)
+    events = _tensorboard_events(run)
+    assert len(events) == len(set(events))  # no (tag, step) twice
+    assert sorted(step for tag, step in events if tag == "window/auc") == [12, 24, 36, done.steps]
