@@ -19,7 +19,7 @@ import numpy as np
 
 from ctrkit.manifest import Manifest
 
-__all__ = ["prediction_difference", "compare_runs", "compare_models"]
+__all__ = ["prediction_difference", "compare_runs", "compare_models", "UNCALIBRATED_MODEL"]
 
 
 def prediction_difference(p1: Any, p2: Any) -> float:
@@ -52,10 +52,82 @@ def compare_models(model_a: Any, model_b: Any, manifest: Manifest, windows: Sequ
     return out
 
 
-def compare_runs(run_a: str, run_b: str, data_dir: str, windows: Sequence[int] | None = None, batch_size: int = 4096) -> dict[str, Any]:
-    """:func:`compare_models` on the final models of two ctrkit run directories."""
+UNCALIBRATED_MODEL = "model_uncalibrated.keras"  # kept beside model.keras by ctrkit calibrate / ctrkit run
+
+
+def _is_calibrated(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, UNCALIBRATED_MODEL))
+
+
+def _check_run_fits_data(run_dir: str, model: Any, manifest: Manifest) -> None:
+    """The run's model must read DATA's ids as it was trained to: same features, vocabularies and sizes."""
+    import json
+
+    from ctrkit.errors import InputError
+    from ctrkit.model import embedding_layer
+    from ctrkit.trainer import vocabulary_fingerprint
+
+    info_path = os.path.join(run_dir, "run.json")
+    if os.path.exists(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            trained = json.load(f).get("vocabulary_fingerprint", "unrecorded")
+        here = vocabulary_fingerprint(manifest)
+        if trained != "unrecorded" and trained != here:
+            raise InputError(
+                f"{run_dir} was trained on data with other vocabularies than {manifest.transform_output_dir}: "
+                "its embedding rows belong to other tokens there. Compare on data preprocessed with that run's "
+                "transform (ctrkit preprocess ... --transform-fn)"
+            )
+    wanted = embedding_layer(model).vocab_sizes
+    have = manifest.vocab_sizes()
+    for name in sorted(set(wanted) | set(have)):
+        if wanted.get(name) != have.get(name):
+            raise InputError(
+                f"{run_dir}: feature {name!r} has vocabulary size {wanted.get(name, 'absent')} in the model but "
+                f"{have.get(name, 'absent')} in {manifest.transform_output_dir}/manifest.json: not the data it was "
+                "trained for"
+            )
+    missing = sorted({t.name for t in model.inputs} - {f.name for f in manifest.features})
+    if missing:
+        raise InputError(f"{run_dir}: the model reads features {missing} that {manifest.transform_output_dir} lacks")
+
+
+def compare_runs(
+    run_a: str,
+    run_b: str,
+    data_dir: str,
+    windows: Sequence[int] | None = None,
+    batch_size: int = 4096,
+    uncalibrated: bool = False,
+) -> dict[str, Any]:
+    """:func:`compare_models` on the final models of two ctrkit run directories.
+
+    Both runs must have been trained on data with DATA's vocabularies. A calibrated run (``ctrkit calibrate``
+    keeps ``model_uncalibrated.keras`` beside it) against an uncalibrated one is refused: PD would measure
+    the calibration, not the training. ``uncalibrated=True`` compares the models as trained.
+    """
+    import keras
+
+    from ctrkit.errors import InputError
     from ctrkit.trainer import load_run_model
 
     manifest = Manifest.load(data_dir)
-    out = compare_models(load_run_model(run_a), load_run_model(run_b), manifest, windows, batch_size)
-    return {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b), "data": os.path.abspath(data_dir), **out}
+    if not uncalibrated and _is_calibrated(run_a) != _is_calibrated(run_b):
+        calibrated, plain = (run_a, run_b) if _is_calibrated(run_a) else (run_b, run_a)
+        raise InputError(
+            f"{calibrated} holds a calibrated model and {plain} does not, so PD would mostly measure the "
+            "calibration; compare the models as trained (--uncalibrated) or calibrate both"
+        )
+    models = []
+    for run in (run_a, run_b):
+        if uncalibrated and _is_calibrated(run):
+            import ctrkit.layers  # noqa: F401 - registers the custom layers for loading
+
+            model = keras.saving.load_model(os.path.join(run, UNCALIBRATED_MODEL), compile=False)
+        else:
+            model = load_run_model(run)
+        _check_run_fits_data(run, model, manifest)
+        models.append(model)
+    out = compare_models(models[0], models[1], manifest, windows, batch_size)
+    return {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b), "data": os.path.abspath(data_dir),
+            "uncalibrated": uncalibrated, **out}

@@ -63,3 +63,24 @@ def test_compare_command_reports_pd_as_json(pd_runs, capsys) -> None:
     assert report["examples"] == 4000 and 0 < report["pd"] < 1
     assert main(["compare", runs["relu", 0], runs["relu", 0], "--data", test.directory, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pd"] == 0
+
+
+def test_compare_refuses_data_and_runs_that_do_not_belong_together(pd_runs, tmp_path, capsys) -> None:
+    import shutil
+
+    from ctrkit.errors import InputError
+
+    runs, test = pd_runs
+    other = write_dataset(tmp_path / "other", windows=1, rows_per_window=500, shards_per_window=1, seed=32, vocab_size=50)
+    with pytest.raises(InputError, match=r"feature 'c0' has vocabulary size 20 in the model but 50"):
+        compare_runs(runs["relu", 0], runs["relu", 1], other.directory)
+    assert main(["compare", runs["relu", 0], runs["relu", 1], "--data", other.directory]) != 0
+    assert "vocabulary size" in capsys.readouterr().err  # a one-line error, not a traceback
+
+    # A calibrated run (model_uncalibrated.keras beside model.keras) against an uncalibrated one.
+    calibrated = str(tmp_path / "calibrated")
+    shutil.copytree(runs["relu", 0], calibrated)
+    shutil.copy(f"{calibrated}/model.keras", f"{calibrated}/model_uncalibrated.keras")
+    with pytest.raises(InputError, match="calibrated model .*--uncalibrated"):
+        compare_runs(calibrated, runs["relu", 0], test.directory)
+    assert compare_runs(calibrated, runs["relu", 0], test.directory, uncalibrated=True)["pd"] == 0

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_b", metavar="RUN_B")
     p.add_argument("--data", required=True, help="pipeline output directory to score")
     p.add_argument("--windows", metavar="A:B", help="score a slice of the windows, e.g. --windows=-1: (default: all)")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="compare the models as trained, before any ctrkit calibrate (RUN/model_uncalibrated.keras)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.manifest import Manifest
 
     windows = window_indices(Manifest.load(args.data), args.windows) if args.windows else None
-    report = compare_runs(args.run_a, args.run_b, args.data, windows)
+    report = compare_runs(args.run_a, args.run_b, args.data, windows, uncalibrated=args.uncalibrated)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
