@@ -51,6 +51,13 @@ class ColumnSpec:
             raise ConfigError(f"{where}: buckets must be >= 0, got {self.buckets}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"{where}: top_k must be >= 1 or null, got {self.top_k}")
+        if not self.name:
+            raise ConfigError("data.columns: a column has an empty name; every column needs a non-empty name")
+        if self.separator is not None and self.kind != "categorical":
+            raise ConfigError(f"{where}: separator only applies to categorical columns, not kind {self.kind!r}; "
+                              "remove it")
+        if self.separator == "":
+            raise ConfigError(f"{where}: separator must be a non-empty string or null")
 
 
 def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:
@@ -88,8 +95,21 @@ class DataConfig:
             raise ConfigError(f"data.columns: exactly one column must have kind 'label', found {labels or 'none'}")
         if len([c for c in self.columns if c.kind == "timestamp"]) > 1:
             raise ConfigError("data.columns: at most one column may have kind 'timestamp'")
+        teachers = [c.name for c in self.columns if c.kind == "teacher_logit"]
+        if len(teachers) > 1:
+            raise ConfigError(f"data.columns: at most one column may have kind 'teacher_logit', found {teachers}")
+        if not any(c.kind in ("numeric", "categorical") for c in self.columns):
+            raise ConfigError("data.columns: no feature columns; at least one column must have kind 'numeric' "
+                              "or 'categorical'")
         if self.window_rows < 1 or self.window_seconds < 1:
             raise ConfigError("data: window_rows and window_seconds must be >= 1")
+        if self.analyze_windows is not None and self.analyze_windows < 1:
+            raise ConfigError(f"data.analyze_windows: must be >= 1 or null (all windows), got {self.analyze_windows}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if self.format != "parquet" and self.delimiter is not None and len(self.delimiter) != 1:
+            raise ConfigError(f"data.delimiter: must be a single character or null for format {self.format!r}, "
+                              f"got {self.delimiter!r}")
 
     @property
     def label(self) -> str:

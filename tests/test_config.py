@@ -206,3 +206,45 @@ def test_names_must_be_plain_directory_names(name: str) -> None:
         Config.from_dict({"name": name})
     ok = Config.from_dict({"name": "dcn_v2-1.0", "export": {"model_name": "ctr.model_2"}})
     assert (ok.name, ok.export.model_name) == ("dcn_v2-1.0", "ctr.model_2")
+
+
+def _columns(*extra: dict) -> list[dict]:
+    return [{"name": "y", "kind": "label"}, *extra]
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"analyze_windows": 0}, r"data\.analyze_windows: must be >= 1 or null"),
+        ({"analyze_windows": -2}, r"data\.analyze_windows: must be >= 1 or null"),
+        ({"batch_size": 0}, r"data\.batch_size: must be >= 1, got 0"),
+        ({"batch_size": -1}, r"data\.batch_size: must be >= 1, got -1"),
+        ({"format": "csv", "columns": _columns({"name": "a"}, {"name": "a", "kind": "numeric"})},
+         r"data\.columns: duplicate column names \['a'\]"),
+        ({"format": "csv", "columns": _columns({"name": "a"}, {"name": "t1", "kind": "teacher_logit"},
+                                               {"name": "t2", "kind": "teacher_logit"})},
+         r"data\.columns: at most one column may have kind 'teacher_logit', found \['t1', 't2'\]"),
+        ({"format": "csv", "columns": [{"name": "a", "kind": "numeric"}]}, r"data\.columns: exactly one column .* 'label'"),
+        ({"format": "csv", "columns": _columns()}, r"data\.columns: no feature columns"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "ignore"}, {"name": "ts", "kind": "timestamp"})},
+         r"data\.columns: no feature columns"),
+        ({"format": "csv", "columns": _columns({"name": ""})}, r"data\.columns: a column has an empty name"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "separator": "|"})},
+         r"column 'a': separator only applies to categorical columns, not kind 'numeric'"),
+        ({"format": "csv", "columns": _columns({"name": "a", "separator": ""}, )},
+         r"column 'a': separator must be a non-empty string or null"),
+        ({"format": "csv", "delimiter": ",,"}, r"data\.delimiter: must be a single character or null .*got ',,'"),
+        ({"format": "criteo_tsv", "delimiter": ""}, r"data\.delimiter: must be a single character or null .*got ''"),
+    ],
+)
+def test_bad_data_sections_are_refused_at_load(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict({"data": data})
+
+
+def test_good_data_sections_load() -> None:
+    ok = Config.from_dict({"data": {"format": "csv", "delimiter": ";", "analyze_windows": 1, "batch_size": 1,
+                                    "columns": _columns({"name": "a", "separator": "|"},
+                                                        {"name": "t", "kind": "teacher_logit"})}})
+    assert (ok.data.delimiter, ok.data.analyze_windows, ok.data.batch_size) == (";", 1, 1)
+    assert Config.from_dict({"data": {"analyze_windows": None}}).data.analyze_windows is None
