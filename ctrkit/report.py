@@ -68,6 +68,28 @@ class ReportData:
     notes: Sequence[str] = ()
 
 
+def _curve_points(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: str
+) -> tuple[list[str], dict[str, tuple[list[int], list[float]]]]:
+    """The shared window labels (first-seen order over all models) and, per model with any value, the x
+    positions (index of its window in the shared labels) and values of ``metric``. Rows whose metric is None
+    (e.g. AUC of a single-class window) are skipped without shifting the model's later points."""
+    windows: list[str] = []
+    position: dict[str, int] = {}
+    for rows in curves.values():
+        for r in rows:
+            w = str(r["window"])
+            if w not in position:
+                position[w] = len(windows)
+                windows.append(w)
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for name, rows in curves.items():
+        points = [(position[str(r["window"])], float(r[metric])) for r in rows if r.get(metric) is not None]
+        if points:
+            series[name] = ([x for x, _ in points], [y for _, y in points])
+    return windows, series
+
+
 def _plot_curves(data: ReportData, metric: str, ylabel: str, path: str) -> None:
     import matplotlib
 
@@ -75,14 +97,9 @@ def _plot_curves(data: ReportData, metric: str, ylabel: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.8), dpi=110)
-    windows: list[str] = []
-    for name, rows in data.curves.items():
-        rows = [r for r in rows if r.get(metric) is not None]
-        if not rows:
-            continue
-        xs = [str(r["window"]) for r in rows]
-        windows = xs if len(xs) > len(windows) else windows
-        ax.plot(range(len(xs)), [float(r[metric]) for r in rows], marker="o", label=name)
+    windows, series = _curve_points(data.curves, metric)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
     ax.set_xticks(range(len(windows)))
     ax.set_xticklabels(windows, rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("time window (progressive validation: scored before training on it)")

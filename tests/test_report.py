@@ -91,3 +91,34 @@ def test_report_renders_in_headless_chromium(tmp_path):
     keep = os.environ.get("CTRKIT_REPORT_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_progressive_curves_keep_each_point_under_its_window(tmp_path, monkeypatch):
+    """A None metric (single-class window) is skipped without shifting the model's later points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from ctrkit.report import _plot_curves
+
+    plotted, axes = {}, []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines = original(self, *args, **kwargs)
+        plotted[kwargs.get("label")] = list(lines[0].get_xdata()), list(lines[0].get_ydata())
+        axes.append(self)
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    data = ReportData("t", curves={
+        "teacher": [{"window": "w0", "auc": 0.6}, {"window": "w1", "auc": 0.7}, {"window": "w2", "auc": 0.8}],
+        "student": [{"window": "w0", "auc": 0.61}, {"window": "w1", "auc": None}, {"window": "w2", "auc": 0.81}],
+        "late": [{"window": "w0", "auc": None}, {"window": "w1", "auc": None}, {"window": "w2", "auc": 0.9}],
+    })
+    _plot_curves(data, "auc", "AUC", str(tmp_path / "auc.png"))
+    assert plotted["teacher"] == ([0, 1, 2], [0.6, 0.7, 0.8])
+    assert plotted["student"] == ([0, 2], [0.61, 0.81])
+    assert plotted["late"] == ([2], [0.9])
+    assert [t.get_text() for t in axes[-1].get_xticklabels()] == ["w0", "w1", "w2"]
