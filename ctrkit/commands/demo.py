@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctrkit.commands._arguments import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -11,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fits a 2-layer Cross network and a ReLU DNN of equal size on data whose label is a "
         "planted feature cross, and prints both losses. Needs only Keras.",
     )
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=run)
 

@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+from ctrkit.commands._arguments import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", required=True, help="model name (versions go to BASE/NAME/<version>)")
     p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model")
     p.add_argument("--data", help="pipeline output directory (default: the one RUN_DIR trained on)")
-    p.add_argument("--version", type=int, help="integer version (default: above every existing one)")
-    p.add_argument("--keep-versions", type=int, default=5, help="newest versions to keep (default: 5)")
+    p.add_argument("--version", type=positive_int, help="integer version (default: above every existing one)")
+    p.add_argument("--keep-versions", type=positive_int,
+                   help="newest versions to keep (default: export.keep_versions of RUN_DIR's config.yaml; 5 with --model)")
     p.add_argument(
         "--warmup-rows",
         metavar="JSONL",
@@ -43,6 +46,17 @@ def _run_data_dir(run_dir: str) -> str:
         return json.load(f)["data_dir"]
 
 
+def _keep_versions(args: argparse.Namespace) -> int:
+    """--keep-versions, else the run's ``export.keep_versions`` (the config default with --model)."""
+    from ctrkit.config import ExportConfig, load_config
+
+    if args.keep_versions is not None:
+        return args.keep_versions
+    if args.run_dir:
+        return load_config(os.path.join(args.run_dir, "config.yaml")).export.keep_versions
+    return ExportConfig.keep_versions
+
+
 def run(args: argparse.Namespace) -> int:
     from ctrkit.errors import InputError
 
@@ -51,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model and not args.data:
         raise InputError("--model needs --data PIPELINE_OUT (the pipeline output the model was trained on)")
     data_dir = args.data or _run_data_dir(args.run_dir)
+    keep_versions = _keep_versions(args)
 
     import keras
 
@@ -81,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             args.base_path,
             args.model_name,
             version=args.version,
-            keep_versions=args.keep_versions,
+            keep_versions=keep_versions,
             warmup_examples=warmup,
             validate=not args.no_validate,
         )

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ctrkit.commands._arguments import positive_int
+
 DEFAULT_CONFIG = "quickstart"
 
 
@@ -34,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", action="append", metavar="GLOB",
                    help="raw log files (repeatable; globs; .gz ok). Default: generate a synthetic log")
     p.add_argument("--run-dir", help="output directory (default: runs/<config name>-<timestamp>)")
-    p.add_argument("--rows", type=int, default=200_000, help="rows of the generated log (default: 200000)")
-    p.add_argument("--days", type=int, default=4, help="simulated days of the generated log (default: 4)")
+    p.add_argument("--rows", type=positive_int, default=200_000, help="rows of the generated log (default: 200000)")
+    p.add_argument("--days", type=positive_int, default=4, help="simulated days of the generated log (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated log and the models (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines still print)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

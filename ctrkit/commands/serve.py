@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctrkit.commands._arguments import port, positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,11 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("base_path", help="directory holding NAME/<version>/")
     p.add_argument("--model-name", required=True, help="model name")
-    p.add_argument("--port", type=int, default=8501, help="REST port (default: 8501, TF Serving's)")
+    p.add_argument("--port", type=port, default=8501, help="REST port (default: 8501, TF Serving's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
-    p.add_argument("--num-versions", type=int, default=1, help="newest versions kept loaded (default: 1)")
-    p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")
-    p.add_argument("--max-batch-size", type=int, default=1024, help="largest batch one request may send")
+    p.add_argument("--num-versions", type=positive_int, default=1, help="newest versions kept loaded (default: 1)")
+    p.add_argument("--poll-seconds", type=positive_float, default=1.0, help="how often to look for new versions")
+    p.add_argument("--max-batch-size", type=positive_int, default=1024, help="largest batch one request may send")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
