@@ -24,6 +24,10 @@ class Position:
     shard: int = 0
     offset: int = 0
 
+    def __post_init__(self) -> None:
+        if min(self.window, self.shard, self.offset) < 0:
+            raise ValueError(f"a data position cannot be negative, got {self}")
+
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
@@ -113,6 +117,15 @@ def iterate_batches(
     parse = _parser(manifest)
     has_teacher = bool(manifest.teacher_logit_feature)
     selected = list(range(len(manifest.windows))) if windows is None else list(windows)
+    if selected != sorted(set(selected)) or (selected and not 0 <= selected[0] <= selected[-1] < len(manifest.windows)):
+        raise ValueError(f"windows must be distinct indices into the manifest's {len(manifest.windows)} windows, in "
+                         f"time order; got {selected}")
+    if start.window < len(manifest.windows) and start.shard > len(manifest.windows[start.window].shards):
+        # shard == the count is a window read to its end; beyond it, the data changed under a checkpoint.
+        raise InputError(
+            f"window {manifest.windows[start.window].name!r} has {len(manifest.windows[start.window].shards)} "
+            f"shards but the start position is at shard {start.shard}"
+        )
     for w in selected:
         if w < start.window:
             continue

@@ -59,3 +59,17 @@ def test_window_selection_and_missing_shards(data, tmp_path) -> None:
     os.remove(other.manifest.shard_paths(other.manifest.windows[0])[0])
     with pytest.raises(InputError, match="missing"):
         list(iterate_batches(other.manifest, 8))
+
+
+def test_positions_and_window_lists_that_would_skip_records_are_refused(data) -> None:
+    # Each of these used to read on quietly past records it should have read or refused.
+    with pytest.raises(ValueError, match="cannot be negative"):
+        Position(0, 0, -3)
+    with pytest.raises(InputError, match="has 2 shards but the start position is at shard 5"):
+        list(iterate_batches(data.manifest, 50, start=Position(0, 5, 0)))
+    with pytest.raises(ValueError, match="in time order"):
+        list(iterate_batches(data.manifest, 50, windows=[2, 0]))
+    with pytest.raises(ValueError, match="in time order"):
+        list(iterate_batches(data.manifest, 50, windows=[0, 7]))
+    # A window read to its end (shard == number of shards) is a valid resume point: the next window follows.
+    assert {b.window for b in iterate_batches(data.manifest, 50, start=Position(0, 2, 0))} == {1, 2}
