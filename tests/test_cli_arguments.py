@@ -72,3 +72,6 @@ def test_export_keep_versions_defaults_to_the_runs_config(tmp_path) -> None:
     assert _keep_versions(args) == 7  # the flag wins
     args = parse(["export", "--model", "m.keras", "--data", "D", "--base-path", "B", "--model-name", "m"])
     assert _keep_versions(args) == 5  # no run: the config default
+    bare = tmp_path / "bare"  # a run directory put together by hand: run.json + model.keras, no config.yaml
+    bare.mkdir()
+    assert _keep_versions(parse(["export", str(bare), "--base-path", "B", "--model-name", "m"])) == 5

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="pipeline output directory (default: the one RUN_DIR trained on)")
     p.add_argument("--version", type=positive_int, help="integer version (default: above every existing one)")
     p.add_argument("--keep-versions", type=positive_int,
-                   help="newest versions to keep (default: export.keep_versions of RUN_DIR's config.yaml; 5 with --model)")
+                   help="newest versions to keep (default: export.keep_versions of RUN_DIR's config.yaml; 5 with "
+                        "--model or a run directory without config.yaml)")
     p.add_argument(
         "--warmup-rows",
         metavar="JSONL",
@@ -47,12 +48,13 @@ def _run_data_dir(run_dir: str) -> str:
 
 
 def _keep_versions(args: argparse.Namespace) -> int:
-    """--keep-versions, else the run's ``export.keep_versions`` (the config default with --model)."""
+    """--keep-versions, else the run's ``export.keep_versions``; the config default (5) where there is no run
+    config (--model, or a run directory assembled by hand with only run.json and model.keras)."""
     from ctrkit.config import ExportConfig, load_config
 
     if args.keep_versions is not None:
         return args.keep_versions
-    if args.run_dir:
+    if args.run_dir and os.path.exists(os.path.join(args.run_dir, "config.yaml")):
         return load_config(os.path.join(args.run_dir, "config.yaml")).export.keep_versions
     return ExportConfig.keep_versions
 
