@@ -3,36 +3,33 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
+
+
+def _checked(text: str, convert: Callable[[str], T], accept: Callable[[T], bool], expected: str) -> T:
+    """``convert(text)`` if it parses and ``accept``s, else argparse's error saying what was ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (rows, days, steps, versions, sizes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (intervals in seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def port(text: str) -> int:
     """A TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {value}")
-    return value
+    return _checked(text, int, lambda v: 1 <= v <= 65535, "a port number (1-65535)")
