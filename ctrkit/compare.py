@@ -59,25 +59,14 @@ def _is_calibrated(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, UNCALIBRATED_MODEL))
 
 
-def _check_run_fits_data(run_dir: str, model: Any, manifest: Manifest) -> None:
+def _check_run_fits_data(run_dir: str, model: Any, manifest: Manifest, fingerprint: str | None) -> None:
     """The run's model must read DATA's ids as it was trained to: same features, vocabularies and sizes."""
-    import json
-
     from ctrkit.errors import InputError
     from ctrkit.model import embedding_layer
-    from ctrkit.trainer import vocabulary_fingerprint
+    from ctrkit.trainer import check_same_vocabulary
 
-    info_path = os.path.join(run_dir, "run.json")
-    if os.path.exists(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            trained = json.load(f).get("vocabulary_fingerprint", "unrecorded")
-        here = vocabulary_fingerprint(manifest)
-        if trained != "unrecorded" and trained != here:
-            raise InputError(
-                f"{run_dir} was trained on data with other vocabularies than {manifest.transform_output_dir}: "
-                "its embedding rows belong to other tokens there. Compare on data preprocessed with that run's "
-                "transform (ctrkit preprocess ... --transform-fn)"
-            )
+    check_same_vocabulary(run_dir, manifest, fingerprint, "compare:",
+                          "Compare on data preprocessed with that run's transform (ctrkit preprocess ... --transform-fn).")
     wanted = embedding_layer(model).vocab_sizes
     have = manifest.vocab_sizes()
     for name in sorted(set(wanted) | set(have)):
@@ -109,9 +98,10 @@ def compare_runs(
     import keras
 
     from ctrkit.errors import InputError
-    from ctrkit.trainer import load_run_model
+    from ctrkit.trainer import load_run_model, vocabulary_fingerprint
 
     manifest = Manifest.load(data_dir)
+    fingerprint = vocabulary_fingerprint(manifest)
     if not uncalibrated and _is_calibrated(run_a) != _is_calibrated(run_b):
         calibrated, plain = (run_a, run_b) if _is_calibrated(run_a) else (run_b, run_a)
         raise InputError(
@@ -126,7 +116,7 @@ def compare_runs(
             model = keras.saving.load_model(os.path.join(run, UNCALIBRATED_MODEL), compile=False)
         else:
             model = load_run_model(run)
-        _check_run_fits_data(run, model, manifest)
+        _check_run_fits_data(run, model, manifest, fingerprint)
         models.append(model)
     out = compare_models(models[0], models[1], manifest, windows, batch_size)
     return {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b), "data": os.path.abspath(data_dir),

@@ -416,25 +416,31 @@ def vocabulary_fingerprint(manifest: Manifest) -> str | None:
     return digest.hexdigest()
 
 
-def _check_same_vocabulary(warm_start: str, manifest: Manifest) -> None:
-    """A warm start must see the ids the previous run's embedding rows were trained on."""
-    with open(os.path.join(warm_start, "run.json"), encoding="utf-8") as f:
-        info = json.load(f)
+def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | None, who: str, advice: str) -> None:
+    """Refuse data whose vocabularies differ from those ``run_dir`` was trained on (its run.json records
+    their :func:`vocabulary_fingerprint`): that run's embedding rows would belong to other tokens there.
+
+    ``fingerprint`` is the data's own (computed once by the caller); ``who`` starts the message and
+    ``advice`` ends it. A run that predates the record only gets a warning.
+    """
+    info_path = os.path.join(run_dir, "run.json")
+    info = {}
+    if os.path.exists(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
     if "vocabulary_fingerprint" not in info:  # a run from before ctrkit recorded it
         import warnings
 
-        warnings.warn(f"--warm-start {warm_start}: that run did not record its vocabularies; cannot check that "
-                      "the new data maps tokens to the same embedding rows", stacklevel=3)
+        warnings.warn(f"{who} {run_dir}: that run did not record its vocabularies; cannot check that "
+                      f"{manifest.transform_output_dir} maps tokens to the same embedding rows", stacklevel=3)
         return
     before = info["vocabulary_fingerprint"]
-    now = vocabulary_fingerprint(manifest)
-    if before != now:
+    if before != fingerprint:
         raise InputError(
-            f"--warm-start {warm_start}: that run's data had different vocabularies "
+            f"{who} {run_dir}: that run's data had different vocabularies "
             f"({'none' if before is None else before[:12]}) from {manifest.transform_output_dir} "
-            f"({'none' if now is None else now[:12]}), so its embedding rows belong to other tokens. "
-            "Preprocess the new data with the previous transform "
-            "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that."
+            f"({'none' if fingerprint is None else fingerprint[:12]}), so its embedding rows belong to other "
+            f"tokens. {advice}"
         )
 
 
@@ -532,6 +538,7 @@ def train(
     state = _State(model, optimizer, pv)
 
     step, examples, position = 0, 0, Position(selected[0], 0, 0)
+    fingerprint = vocabulary_fingerprint(manifest)  # hashes every vocabulary file: once per run start
     windows_done = 0
     exports: list[str] = []
     if resume:
@@ -557,7 +564,9 @@ def train(
             arrays, meta = _load_checkpoint(prev)
             if not meta.get("finished"):
                 raise InputError(f"--warm-start {warm_start}: that run did not finish; resume it first")
-            _check_same_vocabulary(warm_start, manifest)
+            check_same_vocabulary(warm_start, manifest, fingerprint, "--warm-start",
+                                  "Preprocess the new data with the previous transform "
+                                  "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that.")
             state.restore(arrays, meta["weight_names"], prev, metrics=False)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
@@ -574,7 +583,7 @@ def train(
             "warm_start": previous.get("warm_start") if resume else (os.path.abspath(warm_start) if warm_start else None),
             "status": "running",
             "config": config.name,
-            "vocabulary_fingerprint": vocabulary_fingerprint(manifest),
+            "vocabulary_fingerprint": fingerprint,
         },
     )
 
@@ -610,7 +619,11 @@ def train(
     # Lines in the logs so far (after a resume: what the checkpoint kept); a checkpoint records them.
     lines = {"batches": meta["batches_logged"], "metrics": meta["metrics_logged"]} if resume else {"batches": 0, "metrics": 0}
 
+    verified_step = [-1]  # the weights only change in a step: scan them once per step, not per save
+
     def require_finite(window: int, action: str) -> None:
+        if verified_step[0] == step:
+            return
         bad = state.non_finite()
         if bad:
             raise TrainingError(
@@ -619,6 +632,7 @@ def train(
                 f"was finite: an update overflowed. Nothing was {action} from this state. Lower "
                 "train.learning_rate or check the data for extreme numeric values."
             )
+        verified_step[0] = step
 
     def checkpoint(pos: Position, window: int, finished: bool = False) -> None:
         require_finite(window, "checkpointed")
