@@ -151,14 +151,10 @@ def replace_run_model(model: Any, run_dir: str) -> str:
     replaces is kept, once, as ``RUN/model_uncalibrated.keras``. Returns the path written."""
     import shutil
 
-    from ctrkit.trainer import RUN_MODEL
+    from ctrkit.trainer import RUN_MODEL, UNCALIBRATED_MODEL, save_run_model
 
-    final = os.path.join(run_dir, RUN_MODEL)
-    keep = os.path.join(run_dir, "model_uncalibrated.keras")
+    keep = os.path.join(run_dir, UNCALIBRATED_MODEL)
     if not os.path.exists(keep):
-        shutil.copy2(final, keep)
-    tmp = os.path.join(run_dir, ".model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, final)
-    return final
+        shutil.copy2(os.path.join(run_dir, RUN_MODEL), keep)
+    return save_run_model(model, run_dir)
 

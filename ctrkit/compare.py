@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ctrkit.manifest import Manifest
+from ctrkit.trainer import UNCALIBRATED_MODEL
 
 __all__ = ["prediction_difference", "compare_runs", "compare_models", "UNCALIBRATED_MODEL"]
 
@@ -50,9 +51,6 @@ def compare_models(model_a: Any, model_b: Any, manifest: Manifest, windows: Sequ
         r = m.result()
         out[name] = {k: r[k] for k in ("auc", "logloss", "calibration", "ece")}
     return out
-
-
-UNCALIBRATED_MODEL = "model_uncalibrated.keras"  # kept beside model.keras by ctrkit calibrate / ctrkit run
 
 
 def _is_calibrated(run_dir: str) -> bool:

@@ -48,6 +48,7 @@ __all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "make_opti
 
 ExportFn = Callable[[Any, Manifest, int], str]
 RUN_MODEL = "model.keras"
+UNCALIBRATED_MODEL = "model_uncalibrated.keras"  # the model before calibration, kept beside RUN_MODEL
 _STATE = "state.npz"
 _META = "meta.json"
 
@@ -460,7 +461,8 @@ def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[s
         )
 
 
-def _save_final(model: Any, run_dir: str) -> str:
+def save_run_model(model: Any, run_dir: str) -> str:
+    """Write ``model`` as ``RUN/model.keras`` atomically (a temporary file, then a rename)."""
     path = os.path.join(run_dir, RUN_MODEL)
     tmp = os.path.join(run_dir, ".model.tmp.keras")
     model.save(tmp)
@@ -736,7 +738,7 @@ def train(
             log_m.write(json.dumps({"type": "final", "step": step, "cumulative": final}) + "\n")
             lines["metrics"] += 1
             log_m.flush()
-            model_path = _save_final(model, run_dir)
+            model_path = save_run_model(model, run_dir)
             if windows_done % config.export.every_windows != 0:  # the last window did not export already
                 exports.append(export(model, manifest, step))
             checkpoint(Position(len(manifest.windows), 0, 0), current_window, finished=True)
