@@ -6,6 +6,7 @@ Uses a real (tiny) tensorflow-transform pipeline output and ctrkit's own DCN-V2 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -346,6 +347,20 @@ def test_ctrkit_export_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"ctrkit export: error: {tmp_path} has no run.json: not a ctrkit run directory (or pass --model and --data)"
     ]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"data_dir": "/d", "win', r"run\.json is not valid JSON \(.*\)\. ctrkit writes it atomically"),
+    ('["data_dir"]', r"run\.json holds a list, not the JSON object ctrkit writes"),
+    ('{"status": "completed"}', r"run\.json has no 'data_dir': not written by this version of ctrkit"),
+])
+def test_ctrkit_export_names_a_damaged_run_json(tmp_path, content, message, capsys):
+    from ctrkit.cli import main
+
+    (tmp_path / "run.json").write_text(content)
+    assert main(["export", str(tmp_path), "--base-path", str(tmp_path / "b"), "--model-name", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
 
 
 def test_default_warmup_needs_recorded_raw_inputs(exported, tmp_path):

@@ -38,13 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_dir(run_dir: str) -> str:
-    from ctrkit.errors import InputError
+    from ctrkit.trainer import read_run_info, run_info_field
 
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path):
-        raise InputError(f"{run_dir} has no run.json: not a ctrkit run directory (or pass --model and --data)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["data_dir"]
+    info = read_run_info(run_dir, "a ctrkit run directory (or pass --model and --data)")
+    return run_info_field(run_dir, info, "data_dir")
 
 
 def _keep_versions(args: argparse.Namespace) -> int:
