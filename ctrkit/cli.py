@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not shipped in this build
             raise
         module.register(sub)
+        if name in sub.choices:  # so an unknown option gets the command's usage line, not the top level's
+            sub.choices[name].set_defaults(command_parser=sub.choices[name])
     return parser
 
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         # Commands that run Beam (preprocess) pass options they don't know to Beam unchanged.
         if not getattr(args, "accepts_unknown_args", False):
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         args.beam_args = unknown
     if not getattr(args, "func", None):
         parser.print_help()

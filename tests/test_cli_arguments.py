@@ -75,3 +75,14 @@ def test_export_keep_versions_defaults_to_the_runs_config(tmp_path) -> None:
     bare = tmp_path / "bare"  # a run directory put together by hand: run.json + model.keras, no config.yaml
     bare.mkdir()
     assert _keep_versions(parse(["export", str(bare), "--base-path", "B", "--model-name", "m"])) == 5
+
+
+def test_an_unknown_option_shows_the_commands_usage_line(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "small", "--data", "D", "--run-dir", "R", "--bogus", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: ctrkit train" in err  # the command's own options, not `ctrkit [-h] [--version] COMMAND`
+    assert "unrecognized arguments: --bogus 1" in err
+    assert not (tmp_path / "R").exists()
