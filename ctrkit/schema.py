@@ -42,9 +42,19 @@ class ColumnSpec:
     separator: str | None = None
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values out of range, and settings this column's kind or encoding would silently ignore."""
         where = f"column {self.name!r}"
         if self.kind == "categorical" and self.encoding == "hash" and self.hash_buckets < 1:
             raise ConfigError(f"{where}: encoding 'hash' needs hash_buckets >= 1")
+        if self.hash_buckets < 0:
+            raise ConfigError(f"{where}: hash_buckets must be >= 1 with encoding 'hash' (0 otherwise), "
+                              f"got {self.hash_buckets}")
+        if self.frequency_threshold < 1:
+            raise ConfigError(f"{where}: frequency_threshold must be >= 1 (1 keeps every token), "
+                              f"got {self.frequency_threshold}")
         if self.oov_buckets < 1:
             raise ConfigError(f"{where}: oov_buckets must be >= 1 (unseen ids need a row), got {self.oov_buckets}")
         if self.buckets < 0:
@@ -58,6 +68,20 @@ class ColumnSpec:
                               "remove it")
         if self.separator == "":
             raise ConfigError(f"{where}: separator must be a non-empty string or null")
+        if self.kind == "numeric" and self.buckets == 1:
+            raise ConfigError(f"{where}: buckets must be 0 (off) or >= 2, got 1")
+        ignored = []
+        if self.kind != "numeric":
+            ignored += [k for k, v in (("buckets", self.buckets), ("log1p", self.log1p)) if v]
+        if self.kind == "categorical" and self.encoding == "vocabulary" and self.hash_buckets:
+            ignored.append("hash_buckets (only used by encoding: hash)")
+        if self.kind == "categorical" and self.encoding == "hash":
+            ignored += [f"{k} (only used by encoding: vocabulary)" for k, v, default in
+                        (("top_k", self.top_k, None), ("frequency_threshold", self.frequency_threshold, 1),
+                         ("oov_buckets", self.oov_buckets, 1)) if v != default]
+        if ignored:
+            raise ConfigError(f"{where} (kind {self.kind!r}, encoding {self.encoding!r}): {', '.join(ignored)} "
+                              "would be ignored; remove it or change the kind/encoding")
 
 
 def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:
@@ -86,6 +110,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.columns:
             self.columns = criteo_columns()
+        self.check()
+
+    def check(self) -> None:
+        """Validate the section; the pipeline calls it again at start, for configs changed after loading."""
+        for c in self.columns:
+            c.check()
         names = [c.name for c in self.columns]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -98,6 +128,10 @@ class DataConfig:
         teachers = [c.name for c in self.columns if c.kind == "teacher_logit"]
         if len(teachers) > 1:
             raise ConfigError(f"data.columns: at most one column may have kind 'teacher_logit', found {teachers}")
+        for c in self.columns:
+            if c.kind == "numeric" and c.buckets and f"{c.name}_bucket" in names:
+                raise ConfigError(f"data.columns: {c.name}_bucket (buckets of {c.name!r}) collides with a raw "
+                                  "column; rename that column")
         if not any(c.kind in ("numeric", "categorical") for c in self.columns):
             raise ConfigError("data.columns: no feature columns; at least one column must have kind 'numeric' "
                               "or 'categorical'")

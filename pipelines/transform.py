@@ -45,15 +45,8 @@ def vocabulary_columns(config: DataConfig) -> list[ColumnSpec]:
 
 
 def check_config(config: DataConfig) -> None:
-    """Reject configs whose transformed names would collide."""
-    names = {c.name for c in config.columns}
-    for c in config.columns:
-        if c.kind == "numeric" and c.buckets and f"{c.name}_bucket" in names:
-            raise ConfigError(f"data.columns: {c.name}_bucket (buckets of {c.name!r}) collides with a raw column")
-        if c.kind == "numeric" and c.buckets == 1:
-            raise ConfigError(f"column {c.name!r}: buckets must be 0 (off) or >= 2, got 1")
-        if c.kind == "categorical" and c.separator == "":
-            raise ConfigError(f"column {c.name!r}: separator must be a non-empty string or null")
+    """Validate again before preprocessing: a config may have been changed since it was loaded."""
+    config.check()
 
 
 def raw_feature_spec(config: DataConfig) -> dict:

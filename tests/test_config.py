@@ -235,6 +235,25 @@ def _columns(*extra: dict) -> list[dict]:
          r"column 'a': separator must be a non-empty string or null"),
         ({"format": "csv", "delimiter": ",,"}, r"data\.delimiter: must be a single character or null .*got ',,'"),
         ({"format": "criteo_tsv", "delimiter": ""}, r"data\.delimiter: must be a single character or null .*got ''"),
+        ({"format": "csv", "columns": _columns({"name": "a", "encoding": "hash", "hash_buckets": -5})},
+         r"column 'a': encoding 'hash' needs hash_buckets >= 1"),
+        ({"format": "csv", "columns": _columns({"name": "a", "hash_buckets": -5})},
+         r"column 'a': hash_buckets must be >= 1 with encoding 'hash' \(0 otherwise\), got -5"),
+        ({"format": "csv", "columns": _columns({"name": "a", "frequency_threshold": 0})},
+         r"column 'a': frequency_threshold must be >= 1 .*got 0"),
+        ({"format": "csv", "columns": _columns({"name": "a", "hash_buckets": 100})},
+         r"column 'a' \(kind 'categorical', encoding 'vocabulary'\): hash_buckets \(only used by encoding: hash\) "
+         r"would be ignored"),
+        ({"format": "csv", "columns": _columns({"name": "a", "encoding": "hash", "hash_buckets": 9, "top_k": 5,
+                                                "oov_buckets": 3})},
+         r"column 'a' .*: top_k \(only used by encoding: vocabulary\), oov_buckets \(only used by encoding: "
+         r"vocabulary\) would be ignored"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "categorical", "log1p": True, "buckets": 4})},
+         r"column 'a' .*: buckets, log1p would be ignored"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "buckets": 1})},
+         r"column 'a': buckets must be 0 \(off\) or >= 2, got 1"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "buckets": 4}, {"name": "a_bucket"})},
+         r"data\.columns: a_bucket \(buckets of 'a'\) collides with a raw column"),
     ],
 )
 def test_bad_data_sections_are_refused_at_load(data: dict, key: str) -> None:
