@@ -73,6 +73,8 @@ class Manifest:
     rows_read: int
     rows_written: int
     rows_rejected: int
+    # Short rows padded with missing values (data.short_rows: pad); counted in rows_written.
+    rows_padded: int = 0
     raw_schema: dict[str, Any] = dataclasses.field(default_factory=dict)
     teacher_logit_feature: str | None = None
     rejected_path: str = "rejected"
@@ -90,6 +92,8 @@ class Manifest:
                 f"rows read ({self.rows_read}) != rows written ({self.rows_written}) + rows rejected "
                 f"({self.rows_rejected}): the pipeline lost rows"
             )
+        if not 0 <= self.rows_padded <= self.rows_written:
+            raise ManifestError(f"rows_padded ({self.rows_padded}) must lie in [0, rows_written = {self.rows_written}]")
         if sum(w.rows for w in self.windows) != self.rows_written:
             raise ManifestError(
                 f"windows hold {sum(w.rows for w in self.windows)} rows but rows_written is {self.rows_written}"

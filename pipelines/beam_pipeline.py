@@ -52,13 +52,15 @@ class _ReadFile(beam.DoFn):
         self._read = beam.metrics.Metrics.counter(NAMESPACE, "rows_read")
         self._rejected = beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected")
         self._valid = beam.metrics.Metrics.counter(NAMESPACE, "rows_valid")
+        self._padded = beam.metrics.Metrics.counter(NAMESPACE, "rows_padded")
 
     def process(self, element):
         from ctrkit.pipelines.reading import read_file
 
         index, path, line_offset = element
         n_valid = n_rejected = 0
-        for clean, rejected in read_file(path, index, self._config):
+        counts = {"rows_padded": 0}
+        for clean, rejected in read_file(path, index, self._config, counts):
             n_valid += clean.num_rows
             n_rejected += len(rejected)
             if self._count:
@@ -69,11 +71,14 @@ class _ReadFile(beam.DoFn):
                 yield clean, line_offset
             for r in rejected:
                 yield beam.pvalue.TaggedOutput("rejected", r.to_dict())
-        log.info("ctrkit preprocess: read %s: %d rows, %d valid, %d rejected", path, n_valid + n_rejected,
-                 n_valid, n_rejected)
+        n_padded = counts["rows_padded"]
+        if self._count:
+            self._padded.inc(n_padded)
+        log.info("ctrkit preprocess: read %s: %d rows, %d valid (%d of them short rows padded), %d rejected",
+                 path, n_valid + n_rejected, n_valid, n_padded, n_rejected)
         yield beam.pvalue.TaggedOutput("stats", {"file": path, "rows_read": n_valid + n_rejected,
                                                  "rows_valid": n_valid, "rows_rejected": n_rejected,
-                                                 "pid": os.getpid()})
+                                                 "rows_padded": n_padded, "pid": os.getpid()})
 
 
 class ReadRawLogs(beam.PTransform):

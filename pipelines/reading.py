@@ -85,8 +85,13 @@ def _open_stream(path: str):
     return pa.input_stream(path, compression="detect")
 
 
-def read_file(path: str, file_index: int, config: DataConfig) -> Iterator[tuple[pa.RecordBatch, list[Rejected]]]:
+def read_file(path: str, file_index: int, config: DataConfig,
+              counts: dict[str, int] | None = None) -> Iterator[tuple[pa.RecordBatch, list[Rejected]]]:
     """Yield ``(clean_batch, rejected_rows)`` pairs for one input file, in file order.
+
+    ``counts``, when given, gets ``"rows_padded"`` raised by the short rows padded with missing values
+    (``short_rows: pad``): they are clean rows, but a config with one column too many pads every row, so
+    the pipeline reports how many there were.
 
     Raises:
         InputError: the file is missing, its header/schema does not match the config.
@@ -94,11 +99,11 @@ def read_file(path: str, file_index: int, config: DataConfig) -> Iterator[tuple[
     if config.format == "parquet":
         yield from _read_parquet(path, file_index, config)
     else:
-        yield from _read_delimited(path, file_index, config)
+        yield from _read_delimited(path, file_index, config, counts)
 
 
 # -- delimited text ---------------------------------------------------------------------------------
-def _read_delimited(path: str, file_index: int, config: DataConfig):
+def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict[str, int] | None):
     names = raw_columns(config)
     delim = delimiter_of(config)
     header = config.format == "csv" and config.header
@@ -168,14 +173,15 @@ def _read_delimited(path: str, file_index: int, config: DataConfig):
         if refused:
             lines = lines[~np.isin(lines, np.array([r[0] for r in refused], dtype=np.int64))]
         next_line = end
-        out = _settle(batch, lines, refused, file_index, path, config, names, delim, quote)
+        out = _settle(batch, lines, refused, file_index, path, config, names, delim, quote, counts)
         if out is not None:
             yield out
     # Refused rows after the last parsed row (e.g. a short last line) belong to no batch.
     pending = _take_refused(pending, bad, next_line, path)
     if pending:
         empty = pa.RecordBatch.from_pylist([], schema=pa.schema([pa.field(n, pa.binary()) for n in names]))
-        out = _settle(empty, np.zeros(0, dtype=np.int64), pending, file_index, path, config, names, delim, quote)
+        out = _settle(empty, np.zeros(0, dtype=np.int64), pending, file_index, path, config, names, delim, quote,
+                      counts)
         if out is not None:
             yield out
 
@@ -194,7 +200,7 @@ def _take_refused(pending: list, bad: list, next_line: int, path: str) -> list:
 
 
 def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index: int, path: str,
-            config: DataConfig, names: list[str], delim: str, quote):
+            config: DataConfig, names: list[str], delim: str, quote, counts: dict[str, int] | None):
     """Validate one parsed batch plus the refused rows of its span; None when nothing is left to yield.
 
     Short rows are padded (``short_rows: pad``) and merged back in line order; the others are rejected.
@@ -210,6 +216,8 @@ def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index:
             rejected.append(Rejected(path, int(number), text,
                                      f"wrong number of fields: {n_fields}, expected {len(names)}"))
     if padded_rows:
+        if counts is not None:
+            counts["rows_padded"] = counts.get("rows_padded", 0) + len(padded_rows)
         extra = _rows_to_batch(padded_rows, names)
         batch = pa.concat_tables([pa.Table.from_batches([batch]), pa.Table.from_batches([extra])]) \
             .combine_chunks().to_batches()[0] if batch.num_rows else extra

@@ -427,6 +427,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
     n_rejected_lines = len(_read_jsonl_dir(os.path.join(work, "rejected"), fs))
     rows_read = sum(s["rows_read"] for s in stats)
     rows_rejected = sum(s["rows_rejected"] for s in stats)
+    rows_padded = sum(s["rows_padded"] for s in stats)
     rows_written = sum(s["rows"] for s in shards)
     if len(stats) != len(files):
         raise RuntimeError(f"pipeline reported on {len(stats)} of {len(files)} input files")
@@ -458,6 +459,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
         rows_read=rows_read,
         rows_written=rows_written,
         rows_rejected=rows_rejected,
+        rows_padded=rows_padded,
         raw_schema={c.name: c.kind for c in config.columns},
         teacher_logit_feature=next((c.name for c in config.columns if c.kind == "teacher_logit"), None),
         config={"data": to_dict(config), "inputs": files, "transform_fn_from": transform_fn_dir,
@@ -468,8 +470,8 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
         ctrkit_version=__version__,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    log.info("ctrkit preprocess: %d rows read, %d written in %d windows, %d rejected (%.1f s)",
-             rows_read, rows_written, len(windows), rows_rejected, time.time() - started)
+    log.info("ctrkit preprocess: %d rows read, %d written in %d windows (%d short rows padded), %d rejected "
+             "(%.1f s)", rows_read, rows_written, len(windows), rows_padded, rows_rejected, time.time() - started)
     # Last: locally the rename that follows publishes a complete directory; remotely the manifest's
     # presence is the completeness mark.
     if _remote(work):

@@ -348,6 +348,7 @@ def test_bad_rows_rejected_counted_and_explained(bad_run, criteo_sample):
     assert m.rows_read == 205 + 1000
     rejected = [json.loads(line) for p in sorted(glob.glob(os.path.join(out, "rejected", "*"))) for line in open(p)]
     assert len(rejected) == m.rows_rejected == 5 + 498
+    assert m.rows_padded == 0  # short_rows: reject
     assert m.rows_written == m.rows_read - m.rows_rejected
     ours = {r["line"]: r for r in rejected if r["file"] == bad_path}
     assert ours[50]["reason"] == "wrong number of fields: 41, expected 40"
@@ -358,6 +359,14 @@ def test_bad_rows_rejected_counted_and_explained(bad_run, criteo_sample):
     assert ours[50]["raw"].endswith("\textra") and "12x" in ours[60]["raw"]
     criteo = collections.Counter(r["reason"] for r in rejected if r["file"] == criteo_sample)
     assert criteo == {"wrong number of fields: 38, expected 40": 469, "wrong number of fields: 37, expected 40": 29}
+
+
+def test_padded_short_rows_are_counted_in_the_manifest(work, criteo_sample):
+    # The sample's README: 469 rows with 38 fields and 29 with 37 (stripped trailing empties).
+    out = _run(work, "out_padded", [criteo_sample], DataConfig(short_rows="pad", window_rows=600))
+    m = Manifest.load(out)
+    assert (m.rows_read, m.rows_written, m.rows_rejected, m.rows_padded) == (1000, 1000, 0, 469 + 29)
+    assert m.config["counters"].get("rows_padded", 498) == 498  # runners that report counters agree
 
 
 def test_analyze_windows_limits_the_analyzed_span(bad_run, criteo_sample):

@@ -81,6 +81,15 @@ def test_each_bad_row_is_rejected_with_line_and_reason(bad_tsv, short_rows):
     assert sorted(table["__line"].to_pylist() + list(got)) == list(range(1, 27))
 
 
+@pytest.mark.parametrize("short_rows, padded", [("pad", 1), ("reject", 0)])
+def test_padded_short_rows_are_counted(bad_tsv, short_rows, padded):
+    path, _ = bad_tsv
+    counts = {}
+    table = pa.Table.from_batches([b for b, _ in read_file(path, 0, DataConfig(short_rows=short_rows), counts)])
+    assert counts.get("rows_padded", 0) == padded  # line 18, 30 of 40 fields
+    assert table.num_rows == 20 + padded
+
+
 def test_padded_short_row_keeps_its_values(bad_tsv):
     path, _ = bad_tsv
     table, _ = _read_all(path, DataConfig(short_rows="pad"))

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = preprocess(config.data, args.input, args.output, transform_fn_dir=args.transform_fn,
                           pipeline_args=list(getattr(args, "beam_args", []) or []), overwrite=args.overwrite)
     print(f"wrote {args.output}: {manifest.rows_written} rows in {len(manifest.windows)} windows, "
-          f"{manifest.rows_rejected} rejected (of {manifest.rows_read} read), "
+          f"{manifest.rows_rejected} rejected (of {manifest.rows_read} read), {manifest.rows_padded} short rows "
+          "padded, "
           f"{len(manifest.features)} features")
     return 0

@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     stages.start("preprocess", "preprocessing with the Beam + tensorflow-transform pipeline")
     manifest = preprocess(config.data, inputs, data_dir)
     print(f"      {manifest.rows_read:,} rows read, {manifest.rows_written:,} written, "
-          f"{manifest.rows_rejected:,} rejected (see {os.path.join(data_dir, manifest.rejected_path)}); "
+          f"{manifest.rows_rejected:,} rejected (see {os.path.join(data_dir, manifest.rejected_path)}), "
+          f"{manifest.rows_padded:,} short rows padded; "
           f"{len(manifest.windows)} windows", flush=True)
     holdout = config.calibration.holdout_windows if config.calibration.kind != "none" else 0
     if len(manifest.windows) <= holdout:
