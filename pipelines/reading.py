@@ -103,13 +103,35 @@ def read_file(path: str, file_index: int, config: DataConfig,
 
 
 # -- delimited text ---------------------------------------------------------------------------------
+class _UndecodableRefusedRow(Exception):
+    """pyarrow stopped on a row it refused (wrong field count) whose bytes are not UTF-8."""
+
+
 def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict[str, int] | None):
+    """Parse with pyarrow; if a refused row is not UTF-8 (pyarrow cannot hand such a row to the handler and
+    stops the file), read the file again with those rows masked, continuing after what was yielded."""
+    progress = {"done_through": 0}
+    try:
+        yield from _read_delimited_pass(path, file_index, config, counts, progress, None)
+    except _UndecodableRefusedRow:
+        masked = _MaskUndecodableRows(delimiter_of(config).encode(), len(raw_columns(config)))
+        yield from _read_delimited_pass(path, file_index, config, counts, progress, masked)
+
+
+def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts: dict[str, int] | None,
+                         progress: dict[str, int], masked: "_MaskUndecodableRows | None"):
+    """One parse of the file. Lines below ``progress["done_through"]`` were yielded by an earlier pass and are
+    skipped; ``progress`` is kept up to date for a later one."""
     names = raw_columns(config)
     delim = delimiter_of(config)
     header = config.format == "csv" and config.header
     quote = '"' if config.format == "csv" else False
+    skip_below = progress["done_through"]
     try:
         stream = _open_stream(path)
+        if masked is not None:
+            masked.source = stream
+            stream = masked
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
     except OSError as e:
@@ -144,6 +166,8 @@ def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict
     except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e):
             return  # an empty file has no rows; the driver decides whether *all* input is empty
+        if masked is None and _HANDLER_FAILED.search(str(e)):
+            raise _UndecodableRefusedRow() from e  # open_csv parses the first block already
         raise _read_error(path, first_line, e) from e
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
@@ -161,6 +185,8 @@ def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict
         except StopIteration:
             break
         except (pa.ArrowInvalid, OSError) as e:
+            if masked is None and _HANDLER_FAILED.search(str(e)):
+                raise _UndecodableRefusedRow() from e
             raise _read_error(path, next_line, e) from e
         pending = _take_refused(pending, bad, next_line, path)
         end = next_line + batch.num_rows
@@ -173,7 +199,11 @@ def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict
         if refused:
             lines = lines[~np.isin(lines, np.array([r[0] for r in refused], dtype=np.int64))]
         next_line = end
-        out = _settle(batch, lines, refused, file_index, path, config, names, delim, quote, counts)
+        if end <= skip_below:
+            continue  # yielded by the pass before
+        out = _settle(batch, lines, refused, file_index, path, config, names, delim, quote, counts, masked,
+                      skip_below)
+        progress["done_through"] = end
         if out is not None:
             yield out
     # Refused rows after the last parsed row (e.g. a short last line) belong to no batch.
@@ -181,7 +211,7 @@ def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict
     if pending:
         empty = pa.RecordBatch.from_pylist([], schema=pa.schema([pa.field(n, pa.binary()) for n in names]))
         out = _settle(empty, np.zeros(0, dtype=np.int64), pending, file_index, path, config, names, delim, quote,
-                      counts)
+                      counts, masked, skip_below)
         if out is not None:
             yield out
 
@@ -200,16 +230,28 @@ def _take_refused(pending: list, bad: list, next_line: int, path: str) -> list:
 
 
 def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index: int, path: str,
-            config: DataConfig, names: list[str], delim: str, quote, counts: dict[str, int] | None):
+            config: DataConfig, names: list[str], delim: str, quote, counts: dict[str, int] | None,
+            masked: "_MaskUndecodableRows | None" = None, skip_below: int = 0):
     """Validate one parsed batch plus the refused rows of its span; None when nothing is left to yield.
 
     Short rows are padded (``short_rows: pad``) and merged back in line order; the others are rejected.
+    Rows below line ``skip_below`` were yielded by an earlier pass over the file and are dropped.
     """
+    if skip_below:
+        keep = lines >= skip_below
+        if not keep.all():
+            batch, lines = batch.filter(pa.array(keep)), lines[keep]
+        refused = [r for r in refused if r[0] >= skip_below]
     rejected: list[Rejected] = []
     padded_rows = []
     padded_lines = []
     for number, text, n_fields in refused:
-        if n_fields < len(names) and config.short_rows == "pad":
+        raw = masked.rows.get(text) if masked is not None else None
+        if raw is not None:
+            rejected.append(Rejected(path, int(number), raw.decode("utf-8", "backslashreplace"),
+                                     f"wrong number of fields: {raw.count(masked.delimiter) + 1}, expected "
+                                     f"{len(names)}, and undecodable bytes (not UTF-8)"))
+        elif n_fields < len(names) and config.short_rows == "pad":
             padded_rows.append(_split(text, delim, quote))
             padded_lines.append(number)
         else:
@@ -234,6 +276,68 @@ def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index:
 
 
 _HANDLER_FAILED = re.compile(r"Row #(-?\d+): Expected (\d+) columns, got (\d+)")
+
+
+class _MaskUndecodableRows(io.RawIOBase):
+    """A byte stream that replaces each line that is not UTF-8 *and* has the wrong number of fields by a
+    one-field marker line, keeping the original in :attr:`rows` (marker → raw bytes).
+
+    pyarrow decodes a refused row's text before calling the invalid-row handler and stops the whole file
+    when that fails; a marker line is refused like any other row with the wrong field count (a config has
+    at least two columns) and :func:`_settle` rejects it with the original bytes. Lines keep their numbers.
+    Lines with the right field count pass unchanged: pyarrow reads their fields as bytes, and validation
+    rejects undecodable values per field. Used only for a second pass over a file that needed it.
+    """
+
+    MARKER = "\x01ctrkit-undecodable-row-"
+
+    def __init__(self, delimiter: bytes, n_columns: int) -> None:
+        super().__init__()
+        self.delimiter = delimiter
+        self.n_columns = n_columns
+        self.source = None  # set to the file's stream before reading
+        self.rows: dict[str, bytes] = {}
+        self._tail = b""
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not len(self._out):
+            chunk = self.source.read(1 << 22)
+            if not chunk:
+                if not self._tail:
+                    return 0
+                block, self._tail = self._tail, b""
+            else:
+                data = self._tail + chunk
+                cut = data.rfind(b"\n") + 1  # only whole lines: a character never straddles two blocks
+                block, self._tail = data[:cut], data[cut:]
+                if not block:
+                    continue
+            self._out = memoryview(self._mask(block))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _mask(self, block: bytes) -> bytes:
+        try:
+            block.decode("utf-8")
+            return block  # the common case: nothing to mask in this block
+        except UnicodeDecodeError:
+            pass
+        lines = block.split(b"\n")
+        for i, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                if line.rstrip(b"\r").count(self.delimiter) + 1 != self.n_columns:
+                    marker = f"{self.MARKER}{len(self.rows)}"
+                    self.rows[marker] = line.rstrip(b"\r")
+                    lines[i] = marker.encode()
+        return b"\n".join(lines)
 
 
 def _read_error(path: str, near_line: int, e: Exception) -> InputError:

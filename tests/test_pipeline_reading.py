@@ -212,15 +212,24 @@ def test_parquet_ignored_columns_are_neither_read_nor_type_checked(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, logged
-def test_refused_row_with_invalid_utf8_names_its_line(tmp_path):
-    """pyarrow decodes a refused row's text before calling the handler and fails on bad bytes; the
-    file cannot be read, but the error says which line and why."""
-    good = _good_lines(3)
+@pytest.mark.parametrize("short_rows", ["pad", "reject"])
+def test_refused_row_with_invalid_utf8_is_rejected_and_the_file_read_on(tmp_path, short_rows):
+    """pyarrow decodes a refused row's text before calling the handler and stops the file on bad bytes;
+    ctrkit reads the file again with such rows masked, so only that row is lost, to rejected/."""
+    good = _good_lines(4)
     short = "\t".join(good[1].split("\t")[:20]).encode() + b"\t\xff"
-    path = _write(tmp_path / "u8.tsv", good[0].encode() + b"\n" + short + b"\n" + good[2].encode() + b"\n")
-    with pytest.raises(InputError, match=r"u8\.tsv: line 2 has 21 fields instead of 40 and contains bytes that "
-                                         r"are not UTF-8"):
-        _read_all(path, DataConfig())
+    long = good[2].encode() + b"\t\xfe\xff"
+    path = _write(tmp_path / "u8.tsv", b"\n".join([good[0].encode(), short, long, good[3].encode()]) + b"\n")
+    counts = {}
+    clean, rejected = [], []
+    for batch, rej in read_file(path, 0, DataConfig(short_rows=short_rows), counts):
+        clean += batch["__line"].to_pylist()
+        rejected += rej
+    assert clean == [1, 4] and counts.get("rows_padded", 0) == 0
+    assert [(r.line, r.reason) for r in rejected] == [
+        (2, "wrong number of fields: 21, expected 40, and undecodable bytes (not UTF-8)"),
+        (3, "wrong number of fields: 41, expected 40, and undecodable bytes (not UTF-8)")]
+    assert rejected[0].raw.endswith("\t\\xff") and rejected[1].raw.startswith(good[2])
 
 
 # -- vocabulary rules (the Arrow analyzer must match tft.vocabulary) ----------------------------------

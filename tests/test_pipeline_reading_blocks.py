@@ -99,6 +99,35 @@ def test_every_line_of_a_multi_block_file_is_accounted_once(multi_block_tsv, sho
         assert not padded
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, logged
+def test_undecodable_refused_rows_in_later_blocks_lose_only_themselves(multi_block_tsv, tmp_path):
+    """A refused row with bytes that are not UTF-8 stops pyarrow's parse; the second pass must yield each
+    line once: nothing again from before the stop, nothing skipped after it."""
+    _, lines, kinds = multi_block_tsv
+    raw = [ln.encode() for ln in lines]
+    # From the third block on, so the first pass has yielded batches before it stops.
+    undecodable = [ln for ln, k in kinds.items() if k in ("short", "long") and ln > N_LINES // 2][5::150]
+    assert len(undecodable) > 3
+    for ln in undecodable:
+        raw[ln - 1] += b"\xff"
+    path = tmp_path / "undecodable.tsv"
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    config = DataConfig(short_rows="pad", batch_size=BATCH_SIZE)
+    counts = {}
+    clean_lines, rejected = [], []
+    for batch, rej in read_file(str(path), 0, config, counts):
+        clean_lines += batch["__line"].to_pylist()
+        rejected += rej
+    assert sorted(clean_lines + [r.line for r in rejected]) == list(range(1, N_LINES + 1))
+    bad = {r.line: r for r in rejected if "undecodable" in r.reason}
+    assert sorted(bad) == undecodable
+    for ln, r in bad.items():
+        n_fields = len(lines[ln - 1].split("\t"))
+        assert r.reason == f"wrong number of fields: {n_fields}, expected 40, and undecodable bytes (not UTF-8)"
+        assert r.raw == lines[ln - 1] + "\\xff"
+    assert counts["rows_padded"] == sum(1 for ln, k in kinds.items() if k == "short" and ln not in bad)
+
+
 def test_multi_block_file_through_the_beam_pipeline(tmp_path):
     """The same bookkeeping inside the job: rows read = written + rejected, rejected/ names real lines.
 
