@@ -439,14 +439,23 @@ def _rows_to_batch(rows: list[list[str]], names: list[str]) -> pa.RecordBatch:
 
 
 # -- validation (vectorised) ------------------------------------------------------------------------
-def _raw_lines(batch: pa.RecordBatch, rows: np.ndarray, names: list[str], delim: str) -> list[str]:
-    """Reconstruct the raw text of a few rows (for rejected/), missing fields as empty strings."""
+def _raw_lines(batch: pa.RecordBatch, rows: np.ndarray, names: list[str], delim: str, quoted: bool) -> list[str]:
+    """Reconstruct the raw text of a few rows (for rejected/), missing fields as empty strings.
+
+    CSV fields that need it are quoted again (minimal quoting), so a rejected row parses back to the fields
+    it was read as; TSV rows come back exactly.
+    """
     sub = batch.take(pa.array(rows)).to_pydict()
     out = []
     for i in range(len(rows)):
-        fields = [sub[n][i] for n in names]
-        out.append(delim.join("" if v is None else (v.decode("utf-8", "backslashreplace")
-                                                   if isinstance(v, bytes) else str(v)) for v in fields))
+        fields = ["" if v is None else (v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v))
+                  for v in (sub[n][i] for n in names)]
+        if quoted:
+            text = io.StringIO()
+            csv.writer(text, delimiter=delim, quotechar='"', lineterminator="").writerow(fields)
+            out.append(text.getvalue())
+        else:
+            out.append(delim.join(fields))
     return out
 
 
@@ -553,7 +562,7 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
     arrays = [out[c.name] for c in used_columns(config)]
     if not keep.all():
         idx = np.flatnonzero(~keep)
-        raws = _raw_lines(batch, idx, names, delim)
+        raws = _raw_lines(batch, idx, names, delim, quoted=config.format == "csv")
         for i, raw in zip(idx, raws):
             why = str(reason[i])
             if all(batch.column(c)[int(i)].as_py() is None for c in names):

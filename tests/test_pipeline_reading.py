@@ -257,3 +257,15 @@ def test_arrow_vocabulary_matches_tft_rules(top_k, threshold):
     counts = fn.extract_output(fn.merge_accumulators(accs))[0]
     got = order_and_filter(counts, VocabSpec("v", top_k, threshold))
     assert got == _reference_vocab(np.concatenate(batches).tolist(), top_k, threshold)
+
+
+def test_rejected_csv_rows_keep_their_quoting(tmp_path):
+    """A row rejected by validation is rebuilt from its fields; quoted fields must come back quoted, so the
+    raw line in rejected/ parses to the same fields (it used to lose the quotes and gain a column)."""
+    lines = ['label,x,c', '1,2.5,plain', '7,1.0,"with, comma"', '0,x9,"say ""hi"""', '1,3.0,"a\tb"']
+    path = _write(tmp_path / "q.csv", ("\n".join(lines) + "\n").encode())
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"),
+                                               ColumnSpec("c")])
+    table, rejected = _read_all(path, config)
+    assert table["__line"].to_pylist() == [2, 5]
+    assert [(r.line, r.raw) for r in rejected] == [(3, lines[2]), (4, lines[3])]
