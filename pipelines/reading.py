@@ -20,6 +20,7 @@ import codecs
 import csv
 import dataclasses
 import io
+import logging
 import re
 from collections.abc import Iterator
 
@@ -30,6 +31,8 @@ import pyarrow.csv as pacsv
 
 from ctrkit.errors import InputError
 from ctrkit.schema import DataConfig
+
+log = logging.getLogger(__name__)
 
 FILE_COLUMN = "__file"
 LINE_COLUMN = "__line"
@@ -109,11 +112,19 @@ class _UndecodableRefusedRow(Exception):
 
 def _read_delimited(path: str, file_index: int, config: DataConfig, counts: dict[str, int] | None):
     """Parse with pyarrow; if a refused row is not UTF-8 (pyarrow cannot hand such a row to the handler and
-    stops the file), read the file again with those rows masked, continuing after what was yielded."""
+    stops the file), read the file again with those rows masked, continuing after what was yielded.
+
+    Only for unquoted formats (Criteo TSV), where a line is a row and its field count is its delimiter
+    count: with CSV quoting a masked line could sit inside a quoted field, so a CSV file with such a row
+    still fails with an error naming the line.
+    """
     progress = {"done_through": 0}
     try:
         yield from _read_delimited_pass(path, file_index, config, counts, progress, None)
-    except _UndecodableRefusedRow:
+    except _UndecodableRefusedRow as e:
+        log.warning("%s: line %s has the wrong number of fields and bytes that are not UTF-8; reading the file "
+                    "again with such rows rejected (a UnicodeDecodeError pyarrow printed for it is handled)",
+                    path, e)
         masked = _MaskUndecodableRows(delimiter_of(config).encode(), len(raw_columns(config)))
         yield from _read_delimited_pass(path, file_index, config, counts, progress, masked)
 
@@ -166,8 +177,8 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
     except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e):
             return  # an empty file has no rows; the driver decides whether *all* input is empty
-        if masked is None and _HANDLER_FAILED.search(str(e)):
-            raise _UndecodableRefusedRow() from e  # open_csv parses the first block already
+        if masked is None and not quote and _HANDLER_FAILED.search(str(e)):
+            raise _UndecodableRefusedRow(_HANDLER_FAILED.search(str(e)).group(1)) from e  # open_csv parses too
         raise _read_error(path, first_line, e) from e
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
@@ -185,8 +196,8 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
         except StopIteration:
             break
         except (pa.ArrowInvalid, OSError) as e:
-            if masked is None and _HANDLER_FAILED.search(str(e)):
-                raise _UndecodableRefusedRow() from e
+            if masked is None and not quote and _HANDLER_FAILED.search(str(e)):
+                raise _UndecodableRefusedRow(_HANDLER_FAILED.search(str(e)).group(1)) from e
             raise _read_error(path, next_line, e) from e
         pending = _take_refused(pending, bad, next_line, path)
         end = next_line + batch.num_rows
@@ -258,8 +269,6 @@ def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index:
             rejected.append(Rejected(path, int(number), text,
                                      f"wrong number of fields: {n_fields}, expected {len(names)}"))
     if padded_rows:
-        if counts is not None:
-            counts["rows_padded"] = counts.get("rows_padded", 0) + len(padded_rows)
         extra = _rows_to_batch(padded_rows, names)
         batch = pa.concat_tables([pa.Table.from_batches([batch]), pa.Table.from_batches([extra])]) \
             .combine_chunks().to_batches()[0] if batch.num_rows else extra
@@ -272,10 +281,14 @@ def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index:
             return pa.RecordBatch.from_pylist([], schema=clean_schema(config)), rejected
         return None
     clean, more_rejected = validate(batch, lines, file_index, path, config, delim)
+    if padded_lines and counts is not None:  # only those validation kept: a padded row can lack its label
+        kept = np.isin(np.array(padded_lines, dtype=np.int64), clean.column(LINE_COLUMN).to_numpy())
+        counts["rows_padded"] = counts.get("rows_padded", 0) + int(kept.sum())
     return clean, rejected + more_rejected
 
 
 _HANDLER_FAILED = re.compile(r"Row #(-?\d+): Expected (\d+) columns, got (\d+)")
+_LINE_END = re.compile(rb"(\r\n|\r|\n)")  # what ends a row for pyarrow's CSV parser
 
 
 class _MaskUndecodableRows(io.RawIOBase):
@@ -286,7 +299,9 @@ class _MaskUndecodableRows(io.RawIOBase):
     when that fails; a marker line is refused like any other row with the wrong field count (a config has
     at least two columns) and :func:`_settle` rejects it with the original bytes. Lines keep their numbers.
     Lines with the right field count pass unchanged: pyarrow reads their fields as bytes, and validation
-    rejects undecodable values per field. Used only for a second pass over a file that needed it.
+    rejects undecodable values per field. Used only for a second pass over a file that needed it, and only
+    for unquoted formats: lines end where pyarrow's rows end (``\r\n``, ``\r`` or ``\n``), and the
+    delimiter count gives the field count.
     """
 
     MARKER = "\x01ctrkit-undecodable-row-"
@@ -297,7 +312,7 @@ class _MaskUndecodableRows(io.RawIOBase):
         self.n_columns = n_columns
         self.source = None  # set to the file's stream before reading
         self.rows: dict[str, bytes] = {}
-        self._tail = b""
+        self._tail = bytearray()
         self._out = memoryview(b"")
 
     def readable(self) -> bool:
@@ -309,13 +324,16 @@ class _MaskUndecodableRows(io.RawIOBase):
             if not chunk:
                 if not self._tail:
                     return 0
-                block, self._tail = self._tail, b""
+                block, self._tail = bytes(self._tail), bytearray()
             else:
-                data = self._tail + chunk
-                cut = data.rfind(b"\n") + 1  # only whole lines: a character never straddles two blocks
-                block, self._tail = data[:cut], data[cut:]
-                if not block:
+                # Only whole lines, so a character never straddles two blocks. A "\r\n" cut between
+                # its bytes leaves an empty line between them, which passes unchanged: the bytes are the same.
+                cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+                if not cut:
+                    self._tail += chunk
                     continue
+                block = bytes(self._tail) + chunk[:cut]
+                self._tail = bytearray(chunk[cut:])
             self._out = memoryview(self._mask(block))
         n = min(len(buffer), len(self._out))
         buffer[:n] = self._out[:n]
@@ -328,16 +346,17 @@ class _MaskUndecodableRows(io.RawIOBase):
             return block  # the common case: nothing to mask in this block
         except UnicodeDecodeError:
             pass
-        lines = block.split(b"\n")
-        for i, line in enumerate(lines):
+        parts = _LINE_END.split(block)  # contents at even positions, line ends (kept) at odd ones
+        for i in range(0, len(parts), 2):
+            line = parts[i]
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError:
-                if line.rstrip(b"\r").count(self.delimiter) + 1 != self.n_columns:
+                if line.count(self.delimiter) + 1 != self.n_columns:
                     marker = f"{self.MARKER}{len(self.rows)}"
-                    self.rows[marker] = line.rstrip(b"\r")
-                    lines[i] = marker.encode()
-        return b"\n".join(lines)
+                    self.rows[marker] = line
+                    parts[i] = marker.encode()
+        return b"".join(parts)
 
 
 def _read_error(path: str, near_line: int, e: Exception) -> InputError:

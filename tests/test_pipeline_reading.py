@@ -269,3 +269,71 @@ def test_rejected_csv_rows_keep_their_quoting(tmp_path):
     table, rejected = _read_all(path, config)
     assert table["__line"].to_pylist() == [2, 5]
     assert [(r.line, r.raw) for r in rejected] == [(3, lines[2]), (4, lines[3])]
+
+
+def _recorded_prep_dir(tmp_path, columns: list[dict]):
+    from ctrkit.manifest import Manifest, TransformedFeature, Window
+
+    for sub in ("transform_fn", "transformed_metadata"):
+        (tmp_path / sub).mkdir()
+    Manifest(features=(TransformedFeature("a", "categorical", vocab_size=9),), label="y",
+             windows=(Window("w0", ("x",), 1),), rows_read=1, rows_written=1, rows_rejected=0,
+             config={"data": {"format": "csv", "columns": columns}}).save(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_transform_fn_reuse_compares_the_settings_that_decide_ids(tmp_path):
+    """--transform-fn: an ignored setting recorded by an older ctrkit (hash column with a frequency
+    threshold) is no difference; a setting that changes ids is, and the error names the column."""
+    from ctrkit.configio import ConfigError
+    from ctrkit.pipelines.runner import _check_transform_fn_dir
+
+    prep = _recorded_prep_dir(tmp_path, [{"name": "y", "kind": "label"},
+                                         {"name": "a", "encoding": "hash", "hash_buckets": 9, "frequency_threshold": 2}])
+    ours = DataConfig(format="csv", columns=[ColumnSpec("y", kind="label"), ColumnSpec("a", encoding="hash", hash_buckets=9)])
+    assert _check_transform_fn_dir(prep, ours) == prep
+    other = DataConfig(format="csv", columns=[ColumnSpec("y", kind="label"), ColumnSpec("a", encoding="hash", hash_buckets=8)])
+    with pytest.raises(ConfigError, match=r"was analyzed with different data\.columns \(differs at \['a'\]\)"):
+        _check_transform_fn_dir(prep, other)
+
+
+def test_padded_rows_that_validation_rejects_are_not_counted_as_padded(tmp_path):
+    """A short row that lacks a required trailing field (here the timestamp) is padded, then rejected; the
+    manifest counts padded rows among those written, so it must not count this one."""
+    path = _write(tmp_path / "ts.tsv", b"1\ta\t100\n0\tb\n1\tc\n0\td\t200\n1\te\n")
+    config = DataConfig(columns=[ColumnSpec("y", kind="label"), ColumnSpec("c"), ColumnSpec("ts", kind="timestamp")])
+    counts = {}
+    clean, rejected = [], []
+    for batch, rej in read_file(path, 0, config, counts):
+        clean += batch["__line"].to_pylist()
+        rejected += rej
+    assert clean == [1, 4] and [r.line for r in rejected] == [2, 3, 5]
+    assert counts["rows_padded"] == 0
+    path2 = _write(tmp_path / "c.tsv", b"1\ta\t100\n0\t\t150\n1\n0\td\t200\n")  # line 3: c and ts missing
+    config2 = DataConfig(columns=[ColumnSpec("y", kind="label"), ColumnSpec("c"), ColumnSpec("n", kind="numeric")])
+    counts2 = {}
+    assert sum(b.num_rows for b, _ in read_file(path2, 0, config2, counts2)) == 4 and counts2["rows_padded"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, logged
+@pytest.mark.parametrize("newline", [b"\r", b"\r\n"])
+def test_undecodable_refused_row_with_cr_line_ends(tmp_path, newline):
+    """pyarrow ends rows at a lone \\r too; the second pass must mask that one row, not the whole file."""
+    config = DataConfig(columns=[ColumnSpec("y", kind="label"), ColumnSpec("c"), ColumnSpec("n", kind="numeric")])
+    rows = [b"1\ta\t1", b"0\tb\xff", b"1\tc\t2", b"0\td\t3"]
+    path = _write(tmp_path / "cr.tsv", newline.join(rows) + newline)
+    table, rejected = _read_all(path, config)
+    assert table["__line"].to_pylist() == [1, 3, 4] and table["c"].to_pylist() == [b"a", b"c", b"d"]
+    assert [(r.line, r.reason, r.raw) for r in rejected] == [
+        (2, "wrong number of fields: 2, expected 3, and undecodable bytes (not UTF-8)", "0\tb\\xff")]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, logged
+def test_csv_with_an_undecodable_refused_row_still_fails_naming_the_line(tmp_path):
+    """With CSV quoting a line is not a row (a quoted field can span lines), so no masking: a clear error."""
+    config = DataConfig(format="csv", columns=[ColumnSpec("y", kind="label"), ColumnSpec("c"),
+                                               ColumnSpec("n", kind="numeric")])
+    path = _write(tmp_path / "q.csv", b'y,c,n\n1,a,1\n0,"x\ny\xff"\n1,c,2\n')
+    with pytest.raises(InputError, match=r"q\.csv: line 3 has 2 fields instead of 3 and contains bytes that are "
+                                         r"not UTF-8"):
+        _read_all(path, config)
