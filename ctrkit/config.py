@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ctrkit.configio import ConfigError, from_dict, load_yaml, to_dict
+from ctrkit.configio import ConfigError, from_dict, load_yaml, refuses_ignored_settings, to_dict
 from ctrkit.schema import DataConfig
 
 __all__ = [
@@ -56,7 +56,7 @@ def _check_used(section: Any, prefix: str, name: str, used: bool, because: str, 
     ``because`` names the other setting that makes it so; ``fix`` says how to make it take effect.
     """
     value = getattr(section, name)
-    if not used and value != _field_default(section, name):
+    if not used and value != _field_default(section, name) and refuses_ignored_settings():
         raise ConfigError(f"{prefix}.{name}: {value!r} would be ignored because {because}; remove it or {fix}")
 
 
@@ -122,7 +122,8 @@ class ModelConfig:
         _check(self.rank_loss_weight >= 0, "model.rank_loss_weight", f"must be >= 0, got {self.rank_loss_weight}")
         no_dnn = "model.structure is 'cross_only' (no DNN)"
         dnn = self.structure != "cross_only"
-        _check(dnn or not self.dnn_units or self.dnn_units == _field_default(self, "dnn_units"), "model.dnn_units",
+        _check(dnn or not self.dnn_units or self.dnn_units == _field_default(self, "dnn_units")
+               or not refuses_ignored_settings(), "model.dnn_units",
                f"{self.dnn_units!r} would be ignored because {no_dnn}; remove it or choose another model.structure")
         for name in ("dropout", "activation"):
             _check_used(self, "model", name, dnn, no_dnn, "choose another model.structure")

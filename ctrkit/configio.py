@@ -6,6 +6,8 @@ config file fails loudly instead of silently falling back to a default.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -41,6 +43,30 @@ ConfigLoader.add_implicit_resolver(
 def load_yaml(stream: str | IO[str]) -> Any:
     """Parse config YAML (a string or an open file) with :class:`ConfigLoader`; use it for every config file."""
     return yaml.load(stream, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+
+
+_READING_RECORDED = contextvars.ContextVar("ctrkit_reading_recorded_config", default=False)
+
+
+@contextlib.contextmanager
+def reading_recorded_config():
+    """Within this block, settings a config would ignore are accepted instead of refused.
+
+    For configs ctrkit recorded itself (a pipeline output's ``manifest.json``, a run directory's
+    ``config.yaml``): an older ctrkit may have accepted such a setting, which had no effect there either,
+    and refusing it now would make that data or run unusable. Values that are wrong, not just ineffective,
+    are still refused.
+    """
+    token = _READING_RECORDED.set(True)
+    try:
+        yield
+    finally:
+        _READING_RECORDED.reset(token)
+
+
+def refuses_ignored_settings() -> bool:
+    """False inside :func:`reading_recorded_config`."""
+    return not _READING_RECORDED.get()
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:

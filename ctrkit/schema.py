@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ctrkit.configio import ConfigError
+from ctrkit.configio import ConfigError, refuses_ignored_settings
 
 ColumnKind = Literal["label", "numeric", "categorical", "timestamp", "teacher_logit", "ignore"]
 
@@ -44,44 +44,51 @@ class ColumnSpec:
     def __post_init__(self) -> None:
         self.check()
 
+    def applicable_settings(self) -> tuple[str, ...]:
+        """The settings this column's kind (and encoding) uses; the others must keep their defaults."""
+        if self.kind == "numeric":
+            return ("fill", "log1p", "zscore", "buckets")
+        if self.kind == "categorical":
+            by_encoding = ("top_k", "frequency_threshold", "oov_buckets") if self.encoding == "vocabulary" \
+                else ("hash_buckets",)
+            return ("encoding", "separator") + by_encoding
+        return ()
+
+    def effective(self) -> dict:
+        """Name, kind and the settings this column uses: what decides its transformed ids and values."""
+        return {k: getattr(self, k) for k in ("name", "kind", *self.applicable_settings())}
+
+    def ignored_settings(self) -> list[str]:
+        """Settings set away from their defaults that this column's kind or encoding would not use."""
+        used = {"name", "kind", *self.applicable_settings()}
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in used and getattr(self, f.name) != f.default]
+
     def check(self) -> None:
         """Refuse values out of range, and settings this column's kind or encoding would silently ignore."""
         where = f"column {self.name!r}"
-        if self.kind == "categorical" and self.encoding == "hash" and self.hash_buckets < 1:
-            raise ConfigError(f"{where}: encoding 'hash' needs hash_buckets >= 1")
-        if self.hash_buckets < 0:
-            raise ConfigError(f"{where}: hash_buckets must be >= 1 with encoding 'hash' (0 otherwise), "
-                              f"got {self.hash_buckets}")
-        if self.frequency_threshold < 1:
-            raise ConfigError(f"{where}: frequency_threshold must be >= 1 (1 keeps every token), "
-                              f"got {self.frequency_threshold}")
-        if self.oov_buckets < 1:
-            raise ConfigError(f"{where}: oov_buckets must be >= 1 (unseen ids need a row), got {self.oov_buckets}")
-        if self.buckets < 0:
-            raise ConfigError(f"{where}: buckets must be >= 0, got {self.buckets}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"{where}: top_k must be >= 1 or null, got {self.top_k}")
         if not self.name:
             raise ConfigError("data.columns: a column has an empty name; every column needs a non-empty name")
-        if self.separator is not None and self.kind != "categorical":
-            raise ConfigError(f"{where}: separator only applies to categorical columns, not kind {self.kind!r}; "
-                              "remove it")
-        if self.separator == "":
+        ignored = self.ignored_settings()
+        if ignored and refuses_ignored_settings():
+            uses = ", ".join(self.applicable_settings()) or "no other settings"
+            raise ConfigError(f"{where}: {', '.join(ignored)} would be ignored: a {self.kind} column"
+                              f"{' with encoding ' + repr(self.encoding) if self.kind == 'categorical' else ''} "
+                              f"uses {uses}; remove it or change the kind/encoding")
+        if self.kind == "categorical" and self.encoding == "hash" and self.hash_buckets < 1:
+            raise ConfigError(f"{where}: encoding 'hash' needs hash_buckets >= 1, got {self.hash_buckets}")
+        if self.kind == "categorical" and self.encoding == "vocabulary":
+            if self.oov_buckets < 1:
+                raise ConfigError(f"{where}: oov_buckets must be >= 1 (unseen ids need a row), got {self.oov_buckets}")
+            if self.top_k is not None and self.top_k < 1:
+                raise ConfigError(f"{where}: top_k must be >= 1 or null, got {self.top_k}")
+            if self.frequency_threshold < 1 and refuses_ignored_settings():  # an older ctrkit read < 1 as 1
+                raise ConfigError(f"{where}: frequency_threshold must be >= 1 (1 keeps every token), "
+                                  f"got {self.frequency_threshold}")
+        if self.kind == "numeric" and (self.buckets < 0 or self.buckets == 1):
+            raise ConfigError(f"{where}: buckets must be 0 (off) or >= 2, got {self.buckets}")
+        if self.separator == "" and self.kind == "categorical":
             raise ConfigError(f"{where}: separator must be a non-empty string or null")
-        if self.kind == "numeric" and self.buckets == 1:
-            raise ConfigError(f"{where}: buckets must be 0 (off) or >= 2, got 1")
-        ignored = []
-        if self.kind != "numeric":
-            ignored += [k for k, v in (("buckets", self.buckets), ("log1p", self.log1p)) if v]
-        if self.kind == "categorical" and self.encoding == "vocabulary" and self.hash_buckets:
-            ignored.append("hash_buckets (only used by encoding: hash)")
-        if self.kind == "categorical" and self.encoding == "hash":
-            ignored += [f"{k} (only used by encoding: vocabulary)" for k, v, default in
-                        (("top_k", self.top_k, None), ("frequency_threshold", self.frequency_threshold, 1),
-                         ("oov_buckets", self.oov_buckets, 1)) if v != default]
-        if ignored:
-            raise ConfigError(f"{where} (kind {self.kind!r}, encoding {self.encoding!r}): {', '.join(ignored)} "
-                              "would be ignored; remove it or change the kind/encoding")
 
 
 def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:

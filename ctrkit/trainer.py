@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 
 from ctrkit.config import Config
-from ctrkit.configio import ConfigError, load_yaml
+from ctrkit.configio import ConfigError, load_yaml, reading_recorded_config
 from ctrkit.data import Position, iterate_batches
 from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
@@ -465,7 +465,8 @@ def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | N
 def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[str]) -> None:
     """A resume must continue the same run: same config, same data, same windows."""
     with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-        saved = Config.from_dict(load_yaml(f), source=f"{run_dir}/config.yaml")
+        with reading_recorded_config():  # the run's own record, possibly an older ctrkit's
+            saved = Config.from_dict(load_yaml(f), source=f"{run_dir}/config.yaml")
     differ = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
     if differ:
         raise InputError(f"--resume: the config differs from the run's {run_dir}/config.yaml in section(s) {differ}")

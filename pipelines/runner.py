@@ -27,10 +27,10 @@ import tempfile
 import time
 from typing import Any
 
-from ctrkit.configio import ConfigError, from_dict, to_dict
+from ctrkit.configio import ConfigError, from_dict, reading_recorded_config, to_dict
 from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest, Window
-from ctrkit.schema import DataConfig
+from ctrkit.schema import ColumnSpec, DataConfig
 
 log = logging.getLogger("ctrkit.pipelines")
 RESULT_FILE = "_result.json"
@@ -149,9 +149,12 @@ def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
     if os.path.exists(manifest):
         prev = Manifest.load(path).config.get("data")
         if prev is not None:
-            ours = to_dict(config)
-            diff = [c["name"] for c, p in zip(ours["columns"], prev.get("columns", [])) if c != p]
-            if len(ours["columns"]) != len(prev.get("columns", [])) or diff:
+            # Compare what decides the ids and values: a setting the column ignored (which an older
+            # ctrkit accepted) may be in the record and gone from the config, or the other way round.
+            with reading_recorded_config():
+                theirs = [from_dict(ColumnSpec, c, f"{manifest} data.columns") for c in prev.get("columns", [])]
+            diff = [c.name for c, p in zip(config.columns, theirs) if c.effective() != p.effective()]
+            if len(config.columns) != len(theirs) or diff:
                 raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
                                   f"(differs at {diff or 'the column count'}); ids would not match")
     return path

@@ -197,7 +197,10 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
         raise ExportError(f"the manifest in {manifest.root} records no raw inputs to build warmup requests from: {hint}")
     from ctrkit.pipelines import read_file
 
-    config = from_dict(DataConfig, data, "manifest.config.data")
+    from ctrkit.configio import reading_recorded_config
+
+    with reading_recorded_config():  # written by the pipeline, possibly an older ctrkit's
+        config = from_dict(DataConfig, data, "manifest.config.data")
     rows: list[dict[str, Any]] = []
     for i, path in enumerate(inputs):
         if not os.path.exists(path) and "://" not in path:

@@ -230,7 +230,7 @@ def _columns(*extra: dict) -> list[dict]:
          r"data\.columns: no feature columns"),
         ({"format": "csv", "columns": _columns({"name": ""})}, r"data\.columns: a column has an empty name"),
         ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "separator": "|"})},
-         r"column 'a': separator only applies to categorical columns, not kind 'numeric'"),
+         r"column 'a': separator would be ignored: a numeric column uses fill, log1p, zscore, buckets"),
         ({"format": "csv", "columns": _columns({"name": "a", "separator": ""}, )},
          r"column 'a': separator must be a non-empty string or null"),
         ({"format": "csv", "delimiter": ",,"}, r"data\.delimiter: must be a single character or null .*got ',,'"),
@@ -238,18 +238,21 @@ def _columns(*extra: dict) -> list[dict]:
         ({"format": "csv", "columns": _columns({"name": "a", "encoding": "hash", "hash_buckets": -5})},
          r"column 'a': encoding 'hash' needs hash_buckets >= 1"),
         ({"format": "csv", "columns": _columns({"name": "a", "hash_buckets": -5})},
-         r"column 'a': hash_buckets must be >= 1 with encoding 'hash' \(0 otherwise\), got -5"),
+         r"column 'a': hash_buckets would be ignored: a categorical column with encoding 'vocabulary' uses "
+         r"encoding, separator, top_k, frequency_threshold, oov_buckets;"),
         ({"format": "csv", "columns": _columns({"name": "a", "frequency_threshold": 0})},
          r"column 'a': frequency_threshold must be >= 1 .*got 0"),
-        ({"format": "csv", "columns": _columns({"name": "a", "hash_buckets": 100})},
-         r"column 'a' \(kind 'categorical', encoding 'vocabulary'\): hash_buckets \(only used by encoding: hash\) "
-         r"would be ignored"),
         ({"format": "csv", "columns": _columns({"name": "a", "encoding": "hash", "hash_buckets": 9, "top_k": 5,
                                                 "oov_buckets": 3})},
-         r"column 'a' .*: top_k \(only used by encoding: vocabulary\), oov_buckets \(only used by encoding: "
-         r"vocabulary\) would be ignored"),
-        ({"format": "csv", "columns": _columns({"name": "a", "kind": "categorical", "log1p": True, "buckets": 4})},
-         r"column 'a' .*: buckets, log1p would be ignored"),
+         r"column 'a': top_k, oov_buckets would be ignored: a categorical column with encoding 'hash' uses "
+         r"encoding, separator, hash_buckets; remove it or change the kind/encoding"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "categorical", "log1p": True, "buckets": 4,
+                                                "zscore": False, "fill": 3.0})},
+         r"column 'a': fill, log1p, zscore, buckets would be ignored"),
+        ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "encoding": "hash"})},
+         r"column 'a': encoding would be ignored: a numeric column uses fill, log1p, zscore, buckets"),
+        ({"format": "csv", "columns": [{"name": "y", "kind": "label", "top_k": 5}, {"name": "a"}]},
+         r"column 'y': top_k would be ignored: a label column uses no other settings"),
         ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "buckets": 1})},
          r"column 'a': buckets must be 0 \(off\) or >= 2, got 1"),
         ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "buckets": 4}, {"name": "a_bucket"})},
@@ -259,6 +262,28 @@ def _columns(*extra: dict) -> list[dict]:
 def test_bad_data_sections_are_refused_at_load(data: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         Config.from_dict({"data": data})
+
+
+def test_recorded_configs_keep_loading_with_settings_that_are_ignored() -> None:
+    """A manifest or run directory written by an older ctrkit may record a setting that had no effect; it must
+    still load there, while a config a user loads is refused."""
+    from ctrkit.configio import reading_recorded_config
+
+    old = {"data": {"format": "csv", "columns": _columns({"name": "a", "encoding": "hash", "hash_buckets": 9,
+                                                          "frequency_threshold": 2},
+                                                         {"name": "b", "frequency_threshold": 0},
+                                                         {"name": "n", "kind": "numeric", "separator": "|"})},
+           "model": {"cross_kind": "full", "projection_dim": 8}}
+    with pytest.raises(ConfigError, match="would be ignored"):
+        Config.from_dict(old)
+    with reading_recorded_config():
+        cfg = Config.from_dict(old)
+    assert cfg.data.columns[1].hash_buckets == 9 and cfg.model.projection_dim == 8
+    with pytest.raises(ConfigError, match=r"column 'a': encoding 'hash' needs hash_buckets >= 1"), \
+            reading_recorded_config():
+        Config.from_dict({"data": {"format": "csv", "columns": _columns({"name": "a", "encoding": "hash"})}})
+    with pytest.raises(ConfigError, match="would be ignored"):  # the block ends: refused again
+        Config.from_dict(old)
 
 
 def test_good_data_sections_load() -> None:

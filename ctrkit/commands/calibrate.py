@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.manifest import Manifest
     from ctrkit.trainer import load_run_model
 
-    config = load_config(os.path.join(args.run_dir, "config.yaml"))
+    from ctrkit.configio import reading_recorded_config
+
+    with reading_recorded_config():  # the run's own record, possibly an older ctrkit's
+        config = load_config(os.path.join(args.run_dir, "config.yaml"))
     cal = config.calibration
     if args.downsampling_rate is not None:
         from ctrkit.configio import ConfigError

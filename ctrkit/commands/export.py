@@ -52,7 +52,10 @@ def _keep_versions(args: argparse.Namespace) -> int:
     if args.keep_versions is not None:
         return args.keep_versions
     if args.run_dir and os.path.exists(os.path.join(args.run_dir, "config.yaml")):
-        return load_config(os.path.join(args.run_dir, "config.yaml")).export.keep_versions
+        from ctrkit.configio import reading_recorded_config
+
+        with reading_recorded_config():  # the run's own record, possibly an older ctrkit's
+            return load_config(os.path.join(args.run_dir, "config.yaml")).export.keep_versions
     return ExportConfig.keep_versions
 
 
