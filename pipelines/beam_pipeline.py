@@ -45,10 +45,19 @@ def window_ids(clean: pa.RecordBatch, config: DataConfig, line_offset: int) -> n
     return pos // config.window_rows
 
 
+def report_progress(progress_dir: str, name: str, rows: int) -> None:
+    """Record ``rows`` done under ``name`` for the driver's progress bar (a local run's workers share its disk)."""
+    path = os.path.join(progress_dir, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(str(rows))
+    os.replace(path + ".tmp", path)
+
+
 class _ReadFile(beam.DoFn):
-    def __init__(self, config: DataConfig, count: bool = True):
+    def __init__(self, config: DataConfig, count: bool = True, progress_dir: str | None = None):
         self._config = config
         self._count = count
+        self._progress_dir = progress_dir
         self._read = beam.metrics.Metrics.counter(NAMESPACE, "rows_read")
         self._rejected = beam.metrics.Metrics.counter(NAMESPACE, "rows_rejected")
         self._valid = beam.metrics.Metrics.counter(NAMESPACE, "rows_valid")
@@ -67,6 +76,9 @@ class _ReadFile(beam.DoFn):
                 self._read.inc(clean.num_rows + len(rejected))
                 self._valid.inc(clean.num_rows)
                 self._rejected.inc(len(rejected))
+            if self._progress_dir:
+                report_progress(self._progress_dir, f"{'read' if self._count else 'analyze'}-{index}",
+                                n_valid + n_rejected)
             if clean.num_rows:
                 yield clean, line_offset
             for r in rejected:
@@ -86,18 +98,20 @@ class ReadRawLogs(beam.PTransform):
 
     ``clean`` elements are ``(record_batch, line_offset)``; a file is read by one worker, files in parallel.
     ``count=False`` leaves the Beam row counters alone, for a second read of the same files.
+    ``progress_dir`` (local runs only): where each file's rows read so far are recorded for a progress bar.
     """
 
-    def __init__(self, config: DataConfig, count: bool = True):
+    def __init__(self, config: DataConfig, count: bool = True, progress_dir: str | None = None):
         super().__init__()
         self._config = config
         self._count = count
+        self._progress_dir = progress_dir
 
     def expand(self, files):
         return (
             files
             | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadAndValidate" >> beam.ParDo(_ReadFile(self._config, self._count))
+            | "ReadAndValidate" >> beam.ParDo(_ReadFile(self._config, self._count, self._progress_dir))
             .with_output_types(tuple[pa.RecordBatch, int])
             .with_outputs("rejected", "stats", main="clean")
         )
@@ -220,7 +234,7 @@ class WriteWindowShards(beam.PTransform):
 def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tuple[int, str, int]],
                    output_dir: str, temp_dir: str, transform_fn_dir: str | None = None,
                    vocabulary: str = "arrow", tf_compat_v1: bool = True,
-                   analyze_window_ids: list[int] | None = None) -> None:
+                   analyze_window_ids: list[int] | None = None, progress_dir: str | None = None) -> None:
     """Add the whole preprocessing job to ``pipeline``; outputs land under ``output_dir``.
 
     ``files`` holds ``(file_index, path, line_offset)`` tuples (see ``runner.line_offsets``);
@@ -245,7 +259,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
     arrow_coder.register()
     with tft_beam.Context(temp_dir=temp_dir, passthrough_keys=set(PASSTHROUGH), force_tf_compat_v1=tf_compat_v1):
         file_list = pipeline | "Files" >> beam.Create(files)
-        read = file_list | "Read" >> ReadRawLogs(config)
+        read = file_list | "Read" >> ReadRawLogs(config, progress_dir=progress_dir)
         batches = read.clean | "Window" >> ToWindowedTFTBatches(config)
         adapter = tensor_adapter_config(config)
 
@@ -254,7 +268,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
             # sharing forces the runner to materialize every parsed batch between the two stages
             # (pickle + copies: ~12 s of a 1M-row run), while parsing again costs ~3 s. The transform's
             # read stays the one that counts rows and reports rejects.
-            to_analyze = (file_list | "ReadForAnalysis" >> ReadRawLogs(config, count=False)).clean \
+            to_analyze = (file_list | "ReadForAnalysis" >> ReadRawLogs(config, count=False,
+                                                                     progress_dir=progress_dir)).clean \
                 | "WindowForAnalysis" >> ToWindowedTFTBatches(config)
             if config.analyze_windows is not None:
                 if analyze_window_ids is None:

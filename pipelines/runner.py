@@ -215,11 +215,51 @@ class _Spec:
     transform_fn_dir: str | None
     pipeline_args: list
     vocabulary: str
+    progress_dir: str | None = None  # local runs: where readers record rows read, for the progress bar
+
+
+def check_pipeline_args(pipeline_args: list[str], own_options: list[str] = ()) -> None:
+    """Refuse arguments no Beam pipeline-options class defines (Beam itself only logs "Discarding
+    unparseable args" and runs on): a mistyped option must not silently change the job.
+
+    ``own_options``: the caller's own option strings (the CLI's), offered first as corrections.
+    """
+    import difflib
+
+    from apache_beam.options import pipeline_options as po
+
+    parser = po._BeamArgumentParser(allow_abbrev=False)  # how PipelineOptions.get_all_options parses
+    classes: dict[str, type] = {}
+    for cls in po.PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    known_args, unknown = parser.parse_known_args(pipeline_args)
+    runner = getattr(known_args, "runner", None)
+    if runner and "." not in runner:  # a dotted name is a runner class Beam imports
+        names = {n.lower(): n for n in po.StandardOptions.KNOWN_RUNNER_NAMES}
+        if runner.lower() not in names and runner.lower() + "runner" not in names:
+            raise InputError(f"--runner: unknown Beam runner {runner!r}; known runners are "
+                             f"{', '.join(po.StandardOptions.KNOWN_RUNNER_NAMES)}, or give the dotted name of a "
+                             "PipelineRunner class")
+    flags = [a for a in unknown if a.startswith("-")]
+    if not flags:
+        return
+    beam = [s for action in parser._actions for s in action.option_strings]
+    hints = []
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        ours = [o for o in own_options if o.replace("_", "-") == name.replace("_", "-")]
+        close = ours or difflib.get_close_matches(name, list(own_options) + beam, n=1, cutoff=0.8)
+        if close:
+            hints.append(f"{name}: did you mean {close[0]}?")
+    raise InputError(f"unrecognized pipeline options {' '.join(flags)}: neither a ctrkit option nor an Apache Beam "
+                     f"pipeline option{' (' + '; '.join(hints) + ')' if hints else ''}")
 
 
 def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform_fn_dir: str | None = None,
                pipeline_args: list[str] | None = None, *, isolate: bool = True, overwrite: bool = False,
-               vocabulary: str = "arrow") -> Manifest:
+               vocabulary: str = "arrow", progress: bool = True) -> Manifest:
     """Read raw logs, analyze (or apply a saved ``transform_fn``), write windows of TFRecords + manifest.
 
     Args:
@@ -234,6 +274,8 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
         isolate: run the job in a child process (see the module docstring). ``False`` runs it here.
         overwrite: replace a non-empty ``output_dir``.
         vocabulary: ``"arrow"`` (fast, default) or ``"tft"`` (textbook analyzers; same output).
+        progress: show a progress bar of rows read on stderr (local runners in a child process only; a
+            remote runner has its own monitoring).
 
     Returns:
         The written :class:`~ctrkit.manifest.Manifest` (loaded from ``output_dir``).
@@ -244,6 +286,7 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     from ctrkit.pipelines.transform import check_config
 
     check_config(config)
+    check_pipeline_args(list(pipeline_args or []))
     files = expand_inputs(list(inputs))
     if all(("://" not in f and os.path.getsize(f) == 0) for f in files):
         raise InputError(f"input is empty: {len(files)} file(s), 0 bytes ({', '.join(files[:3])})")
@@ -261,8 +304,12 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     started = time.time()
     try:
         analyzed = analysis_windows(config, files) if transform_fn_dir is None else None
+        progress_dir = None
+        if progress and isolate and _local_runner(list(pipeline_args or [])):
+            progress_dir = os.path.join(control, "progress")
+            os.makedirs(progress_dir)
         spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work, control,
-                     analyzed, transform_fn_dir, list(pipeline_args or []), vocabulary)
+                     analyzed, transform_fn_dir, list(pipeline_args or []), vocabulary, progress_dir)
         result = _run_isolated(spec) if isolate else run_job(spec)
         c = result.get("counters", {})
         if c:  # progress per stage, from the Beam counters (the files are checked again in _finish)
@@ -309,7 +356,7 @@ def run_job(spec: _Spec) -> dict[str, Any]:
     tmp = os.path.join(spec.work_dir, "_tft_tmp")
     pipeline = beam.Pipeline(runner=runner, options=options)
     build_pipeline(pipeline, config, [tuple(f) for f in spec.files], spec.work_dir, tmp, spec.transform_fn_dir,
-                   spec.vocabulary, analyze_window_ids=spec.analyze_window_ids)
+                   spec.vocabulary, analyze_window_ids=spec.analyze_window_ids, progress_dir=spec.progress_dir)
     result = pipeline.run()
     result.wait_until_finish()
     counters = {}
@@ -327,14 +374,61 @@ def run_job(spec: _Spec) -> dict[str, Any]:
     }
 
 
+_LOCAL_RUNNERS = {"directrunner", "fnapirunner", "bundlebaseddirectrunner", "switchingdirectrunner", "prismrunner"}
+
+
+def _local_runner(pipeline_args: list[str]) -> bool:
+    """Whether the job runs on this machine (no --runner: ctrkit pins the FnApiRunner)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    runner = PipelineOptions(pipeline_args).view_as(StandardOptions).runner
+    if runner is None:
+        return True
+    name = runner.rsplit(".", 1)[-1].lower()
+    return name in _LOCAL_RUNNERS or name + "runner" in _LOCAL_RUNNERS
+
+
+def _rows_reported(progress_dir: str) -> int:
+    """Rows read so far, summed over every file and read the job's workers reported."""
+    total = 0
+    for name in os.listdir(progress_dir):
+        if not name.endswith(".tmp"):
+            try:
+                with open(os.path.join(progress_dir, name), encoding="utf-8") as f:
+                    total += int(f.read() or 0)
+            except (OSError, ValueError):
+                pass  # replaced while we read it: the next poll counts it
+    return total
+
+
 def _run_isolated(spec: _Spec) -> dict[str, Any]:
+    import threading
+
+    from tqdm import tqdm
+
     spec_path = os.path.join(spec.control_dir, "_spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(dataclasses.asdict(spec), f)
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.run([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=env,
-                          stdout=None, stderr=subprocess.PIPE, text=True, errors="replace")
+    proc = subprocess.Popen([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=env,
+                            stdout=None, stderr=subprocess.PIPE, text=True, errors="replace")
+    stderr: list[str] = []
+    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    drain.start()  # a full pipe would block the child
+    if spec.progress_dir is None:
+        proc.wait()
+    else:
+        analyzing = spec.transform_fn_dir is None
+        # Analysis reads the input once and the transform again, so with analysis each row counts twice.
+        with tqdm(unit=" rows", desc="rows read (analysis, then transform)" if analyzing else "rows read",
+                  dynamic_ncols=True, leave=False, disable=None) as bar:  # None: off when stderr is no terminal
+            while proc.poll() is None:
+                time.sleep(0.5)
+                bar.update(_rows_reported(spec.progress_dir) - bar.n)
+            bar.update(_rows_reported(spec.progress_dir) - bar.n)
+    drain.join()
+    proc.stderr.close()
     os.remove(spec_path)
     result_path = os.path.join(spec.control_dir, RESULT_FILE)
     if os.path.exists(result_path):
@@ -352,7 +446,7 @@ def _run_isolated(spec: _Spec) -> dict[str, Any]:
         if kind == "ConfigError":
             raise ConfigError(message)
         raise RuntimeError(f"preprocessing pipeline failed: {message}\n{result.get('traceback', '')}")
-    tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+    tail = "\n".join("".join(stderr).strip().splitlines()[-30:])
     raise RuntimeError(f"preprocessing pipeline process died (exit {proc.returncode}) before reporting:\n{tail}")
 
 

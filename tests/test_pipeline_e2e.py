@@ -402,7 +402,8 @@ def test_failure_inside_the_job_leaves_no_output(work):
 
 
 # -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
-@pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty"])
+@pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown",
+                                  "runner"])
 def test_cli_one_line_errors(raw, work, case):
     empty = work / "empty.tsv"
     empty.write_bytes(b"")
@@ -422,6 +423,14 @@ def test_cli_one_line_errors(raw, work, case):
         "header": (["--config", str(csv_config), "--input", str(bad_header), "--output", str(work / "o3")],
                    "header does not match data.columns"),
         "not_empty": (["--input", raw["tsv"], "--output", str(occupied)], "exists and is not empty"),
+        # Beam would only log "Discarding unparseable args" and run: a mistyped --transform-fn re-analyzed.
+        "typo": (["--input", raw["tsv"], "--output", str(work / "o4"), "--transform_fn=prep"],
+                 "unrecognized pipeline options --transform_fn=prep: neither a ctrkit option nor an Apache Beam "
+                 "pipeline option (--transform_fn: did you mean --transform-fn?)"),
+        "unknown": (["--input", raw["tsv"], "--output", str(work / "o5"), "--direct_num_worker=2"],
+                    "(--direct_num_worker: did you mean --direct_num_workers?)"),
+        "runner": (["--input", raw["tsv"], "--output", str(work / "o6"), "--runner=NoSuchRunner"],
+                   "unknown Beam runner 'NoSuchRunner'"),
     }[case]
     if "--config" not in args:
         args = ["--config", raw["config"], *args]
@@ -431,6 +440,7 @@ def test_cli_one_line_errors(raw, work, case):
     assert len(err) == 1 and message in err[0], proc.stderr
     assert err[0].startswith("ctrkit preprocess: error:")
     assert (occupied / "keep.txt").exists()
+    assert not any((work / o).exists() for o in ("o4", "o5", "o6"))
 
 
 def test_config_yaml_round_trip(raw):

@@ -167,3 +167,22 @@ def test_multi_block_file_through_the_beam_pipeline(tmp_path):
     assert all(r["raw"] == lines[r["line"] - 1] for r in rejected)
     assert [w.rows for w in m.windows] == list(np.bincount(
         [ln * 3 // n_lines for ln in range(1, n_lines + 1) if ln not in expected_rejected]))
+
+
+def test_readers_report_rows_read_for_the_progress_bar(multi_block_tsv, tmp_path):
+    """Each read (the transform's, and analysis's second one) records its rows per file as it goes; the
+    driver's bar sums them."""
+    from ctrkit.pipelines.beam_pipeline import _ReadFile
+    from ctrkit.pipelines.runner import _rows_reported
+
+    path, lines, _ = multi_block_tsv
+    config = DataConfig(short_rows="pad", batch_size=BATCH_SIZE)
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    seen = []
+    for _ in _ReadFile(config, True, str(progress)).process((3, path, 0)):
+        seen.append(_rows_reported(str(progress)))
+    assert seen[0] < N_LINES and seen[-1] == N_LINES and seen == sorted(seen)  # it grows while reading
+    list(_ReadFile(config, False, str(progress)).process((3, path, 0)))
+    assert sorted(os.listdir(progress)) == ["analyze-3", "read-3"]
+    assert _rows_reported(str(progress)) == 2 * N_LINES

@@ -34,11 +34,15 @@ def run(args: argparse.Namespace) -> int:
 
     from ctrkit.config import load_config
     from ctrkit.pipelines import preprocess
+    from ctrkit.pipelines.runner import check_pipeline_args
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = load_config(args.config)
+    beam_args = list(getattr(args, "beam_args", []) or [])
+    parser = getattr(args, "command_parser", None)
+    check_pipeline_args(beam_args, [s for a in parser._actions for s in a.option_strings] if parser else [])
     manifest = preprocess(config.data, args.input, args.output, transform_fn_dir=args.transform_fn,
-                          pipeline_args=list(getattr(args, "beam_args", []) or []), overwrite=args.overwrite)
+                          pipeline_args=beam_args, overwrite=args.overwrite)
     print(f"wrote {args.output}: {manifest.rows_written} rows in {len(manifest.windows)} windows, "
           f"{manifest.rows_rejected} rejected (of {manifest.rows_read} read), {manifest.rows_padded} short rows "
           "padded, "
