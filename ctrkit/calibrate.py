@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,17 +28,29 @@ from ctrkit.metrics import StreamingMetrics
 __all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "replace_run_model"]
 
 
+_SCORERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def _scorer(model: Any) -> Any:
+    """One compiled inference function per model: a new ``tf.function`` per call retraced every time (and
+    TensorFlow warned about frequent retracing once a run had scored a few streams)."""
+    import tensorflow as tf
+
+    if model not in _SCORERS:
+        @tf.function(reduce_retracing=True)
+        def predict(features):
+            out = model(features, training=False)
+            return out["probabilities"], out["uncalibrated_logits"]
+
+        _SCORERS[model] = predict
+    return _SCORERS[model]
+
+
 def score_stream(
     model: Any, manifest: Manifest, windows: Sequence[int] | None = None, batch_size: int = 4096, segment: str | None = None
 ) -> dict[str, np.ndarray]:
     """Score windows with ``model`` (inference mode): labels, served probabilities, uncalibrated logits."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def predict(features):
-        out = model(features, training=False)
-        return out["probabilities"], out["uncalibrated_logits"]
-
+    predict = _scorer(model)
     labels, probs, logits, segs = [], [], [], []
     for batch in iterate_batches(manifest, batch_size, windows=windows):
         p, z = predict(batch.features)

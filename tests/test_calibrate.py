@@ -123,3 +123,17 @@ def test_calibrate_command_applies_the_closed_form_correction_whatever_the_fit_s
     assert main(["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP)]) == 0
     report = json.load(open(os.path.join(run_dir, "calibration.json")))
     assert abs(report["after"]["calibration"] - 1) < 0.1 < report["before"]["calibration"] - 1
+
+
+def test_scoring_a_model_again_reuses_its_compiled_function(setup) -> None:
+    """calibrate and compare score the same model several times; each call used to trace a new function."""
+    from ctrkit.calibrate import _scorer
+
+    _, run, holdout, test = setup
+    model = load_run_model(run.run_dir)
+    first = score_stream(model, holdout.manifest)
+    traces = _scorer(model).experimental_get_tracing_count()
+    again = score_stream(model, holdout.manifest)
+    score_stream(model, test.manifest)
+    assert _scorer(model).experimental_get_tracing_count() == traces <= 2  # full batches, then the short last one
+    np.testing.assert_array_equal(first["probabilities"], again["probabilities"])
