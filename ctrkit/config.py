@@ -62,12 +62,16 @@ def _check_used(section: Any, prefix: str, name: str, used: bool, because: str, 
 
 # A directory name that is also safe in a URL path (TF Serving's /v1/models/NAME:predict) and a Keras name.
 _DIR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+DIR_NAME_RULE = "a plain directory name (letters, digits, '_', '-', '.'; not starting with '.' or '-')"
+
+
+def is_dir_name(value: str) -> bool:
+    """Whether ``value`` is a run or model name ctrkit accepts (see :data:`DIR_NAME_RULE`)."""
+    return bool(_DIR_NAME.fullmatch(value))
 
 
 def _check_dir_name(value: str, key: str) -> None:
-    _check(bool(_DIR_NAME.fullmatch(value)), key,
-           f"must be a plain directory name (letters, digits, '_', '-', '.'; not starting with '.' or '-'), "
-           f"got {value!r}")
+    _check(is_dir_name(value), key, f"must be {DIR_NAME_RULE}, got {value!r}")
 
 
 _ACTIVATIONS = ("relu", "smelu", "gelu", "swish", "tanh", "sigmoid", "elu", "selu", "linear")

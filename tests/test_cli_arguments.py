@@ -30,6 +30,12 @@ from ctrkit.config import Config
         (["serve", "B", "--model-name", "m", "--max-batch-size", "0"],
          "argument --max-batch-size: must be a positive integer, got 0"),
         (["serve", "B", "--model-name", "m", "--poll-seconds", "0"], "argument --poll-seconds: must be a positive number, got 0"),
+        (["export", "R", "--base-path", "B", "--model-name", "a b"],
+         "argument --model-name: must be a plain directory name (letters, digits, '_', '-', '.'; not starting with "
+         "'.' or '-'), got 'a b'"),
+        (["serve", "B", "--model-name", "../up"],
+         "argument --model-name: must be a plain directory name (letters, digits, '_', '-', '.'; not starting with "
+         "'.' or '-'), got '../up'"),
     ],
 )
 def test_non_positive_counts_exit_2_naming_the_argument(argv, message, capsys, tmp_path, monkeypatch) -> None:

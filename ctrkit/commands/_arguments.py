@@ -30,6 +30,15 @@ def positive_float(text: str) -> float:
     return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
+def model_name(text: str) -> str:
+    """A model name, by the rule ``export.model_name`` follows in a config (it becomes a directory and a URL part)."""
+    from ctrkit.config import DIR_NAME_RULE, is_dir_name
+
+    if not is_dir_name(text):
+        raise argparse.ArgumentTypeError(f"must be {DIR_NAME_RULE}, got {text!r}")
+    return text
+
+
 def port(text: str) -> int:
     """A TCP port, 1..65535."""
     return _checked(text, int, lambda v: 1 <= v <= 65535, "a port number (1-65535)")

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from ctrkit.commands._arguments import positive_int
+from ctrkit.commands._arguments import model_name, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory")
     p.add_argument("--base-path", required=True, help="TF Serving model base path parent (BASE)")
-    p.add_argument("--model-name", required=True, help="model name (versions go to BASE/NAME/<version>)")
+    p.add_argument("--model-name", required=True, type=model_name, help="model name (versions go to BASE/NAME/<version>)")
     p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model")
     p.add_argument("--data", help="pipeline output directory (default: the one RUN_DIR trained on)")
     p.add_argument("--version", type=positive_int, help="integer version (default: above every existing one)")
