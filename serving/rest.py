@@ -77,6 +77,8 @@ def to_array(name: str, value: Any, dtype: Any, shape: list[int | None]) -> np.n
         raise RequestError(f"input {name!r}: cannot convert to {dtype.name}: {e}") from None
     if arr.dtype == object and dtype.name != "string":
         raise RequestError(f"input {name!r}: ragged or mixed values")
+    if dtype.is_floating and np.isinf(arr).any():
+        raise RequestError(f"input {name!r}: ±inf has no meaning (NaN marks a missing value)")
     if arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape)):
         want = "(" + ", ".join("-1" if s is None else str(s) for s in shape) + ")"
         raise RequestError(f"input {name!r}: shape {tuple(arr.shape)} does not fit the signature's {want}")
@@ -205,6 +207,11 @@ def _feature(name: str, value: Any, dtype: Any) -> Any:
                 f"feature {name!r}: expected numbers with a fraction ({dtype.name}), got {_json_type(v)} {v!r}"
                 f"{hint}; TF Serving sends JSON integers and booleans as int64 and the model rejects them"
             )
+        if not all(math.isfinite(v) for v in values):
+            v = next(v for v in values if not math.isfinite(v))
+            # The model refuses it too (its assertion cannot name the feature); say which one, here.
+            raise RequestError(f"feature {name!r}: {v!r} is not a value the model can score; leave the feature out "
+                               "of the example to send it as missing")
         big = [v for v in values if math.isfinite(v) and abs(v) > _FLOAT32_MAX]
         if big:
             raise RequestError(f"feature {name!r}: cannot convert {big[0]!r} to {dtype.name} without loss of precision")

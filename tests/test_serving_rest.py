@@ -261,7 +261,12 @@ def test_nan_is_missing_in_predict_raw_and_a_bad_request_in_regress(client, load
     for bad in (float("nan"), float("inf")):
         body = json.dumps({"examples": [_BASE, {**_BASE, "I2": bad}]})
         reg = client.post("/v1/models/ctr:regress", content=body, headers={"content-type": "application/json"})
-        assert reg.status_code == 400 and "leave a missing feature out" in reg.json()["error"], reg.text
+        assert reg.status_code == 400, reg.text
+        assert reg.json()["error"].startswith(f"examples[1]: feature 'I2': {bad!r} is not a value the model can "
+                                              "score; leave the feature out"), reg.text
+    body = json.dumps({"signature_name": "predict_raw", "instances": [{**_BASE, "I3": float("-inf")}]})
+    raw = client.post("/v1/models/ctr:predict", content=body, headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"] == "input 'I3': ±inf has no meaning (NaN marks a missing value)"
 
 
 def test_oversized_batch_and_unknown_model_status(client, serving_spec):
