@@ -138,6 +138,7 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
     header = config.format == "csv" and config.header
     quote = '"' if config.format == "csv" else False
     skip_below = progress["done_through"]
+    can_mask = masked is None and not quote  # a first pass over an unquoted file may be read again, masked
     try:
         stream = _open_stream(path)
         if masked is not None:
@@ -177,9 +178,7 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
     except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e):
             return  # an empty file has no rows; the driver decides whether *all* input is empty
-        if masked is None and not quote and _HANDLER_FAILED.search(str(e)):
-            raise _UndecodableRefusedRow(_HANDLER_FAILED.search(str(e)).group(1)) from e  # open_csv parses too
-        raise _read_error(path, first_line, e) from e
+        raise _parse_failure(path, first_line, e, can_mask) from e  # open_csv parses the first block
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
 
@@ -196,9 +195,7 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
         except StopIteration:
             break
         except (pa.ArrowInvalid, OSError) as e:
-            if masked is None and not quote and _HANDLER_FAILED.search(str(e)):
-                raise _UndecodableRefusedRow(_HANDLER_FAILED.search(str(e)).group(1)) from e
-            raise _read_error(path, next_line, e) from e
+            raise _parse_failure(path, next_line, e, can_mask) from e
         pending = _take_refused(pending, bad, next_line, path)
         end = next_line + batch.num_rows
         k = 0
@@ -357,6 +354,15 @@ class _MaskUndecodableRows(io.RawIOBase):
                     self.rows[marker] = line
                     parts[i] = marker.encode()
         return b"".join(parts)
+
+
+def _parse_failure(path: str, near_line: int, e: Exception, can_mask: bool) -> Exception:
+    """What a parse failure raises: :class:`_UndecodableRefusedRow` (read the file again, masked) when pyarrow
+    stopped on an undecodable refused row and ``can_mask``, else the user's :func:`_read_error`."""
+    m = _HANDLER_FAILED.search(str(e))
+    if m and can_mask:
+        return _UndecodableRefusedRow(m.group(1))
+    return _read_error(path, near_line, e)
 
 
 def _read_error(path: str, near_line: int, e: Exception) -> InputError:
