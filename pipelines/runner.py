@@ -283,9 +283,7 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     Raises:
         InputError / ConfigError: missing or empty input, schema mismatch, unwritable output.
     """
-    from ctrkit.pipelines.transform import check_config
-
-    check_config(config)
+    config.check()  # again: a config may have been changed since it was loaded
     check_pipeline_args(list(pipeline_args or []))
     files = expand_inputs(list(inputs))
     if all(("://" not in f and os.path.getsize(f) == 0) for f in files):

@@ -22,7 +22,6 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from ctrkit.configio import ConfigError
 from ctrkit.manifest import TransformedFeature
 from ctrkit.schema import ColumnSpec, DataConfig
 
@@ -42,11 +41,6 @@ def model_columns(config: DataConfig) -> list[ColumnSpec]:
 
 def vocabulary_columns(config: DataConfig) -> list[ColumnSpec]:
     return [c for c in config.columns if c.kind == "categorical" and c.encoding == "vocabulary"]
-
-
-def check_config(config: DataConfig) -> None:
-    """Validate again before preprocessing: a config may have been changed since it was loaded."""
-    config.check()
 
 
 def raw_feature_spec(config: DataConfig) -> dict:
@@ -124,7 +118,7 @@ def make_preprocessing_fn(config: DataConfig, vocabulary: str = "arrow", token_c
     """
     if vocabulary not in ("arrow", "tft"):
         raise ValueError(f"vocabulary must be 'arrow' or 'tft', got {vocabulary!r}")
-    check_config(config)
+    config.check()  # again: a config may have been changed since it was loaded
     columns = model_columns(config)
 
     def preprocessing_fn(inputs):
