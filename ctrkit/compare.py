@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ctrkit.manifest import Manifest
-from ctrkit.trainer import UNCALIBRATED_MODEL
+from ctrkit.trainer import RUN_MODEL, UNCALIBRATED_MODEL
 
 __all__ = ["prediction_difference", "compare_runs", "compare_models", "UNCALIBRATED_MODEL"]
 
@@ -93,8 +93,6 @@ def compare_runs(
     keeps ``model_uncalibrated.keras`` beside it) against an uncalibrated one is refused: PD would measure
     the calibration, not the training. ``uncalibrated=True`` compares the models as trained.
     """
-    import keras
-
     from ctrkit.errors import InputError
     from ctrkit.trainer import load_run_model, vocabulary_fingerprint
 
@@ -108,12 +106,7 @@ def compare_runs(
         )
     models = []
     for run in (run_a, run_b):
-        if uncalibrated and _is_calibrated(run):
-            import ctrkit.layers  # noqa: F401 - registers the custom layers for loading
-
-            model = keras.saving.load_model(os.path.join(run, UNCALIBRATED_MODEL), compile=False)
-        else:
-            model = load_run_model(run)
+        model = load_run_model(run, UNCALIBRATED_MODEL if uncalibrated and _is_calibrated(run) else RUN_MODEL)
         _check_run_fits_data(run, model, manifest, fingerprint)
         models.append(model)
     out = compare_models(models[0], models[1], manifest, windows, batch_size)

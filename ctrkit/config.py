@@ -309,8 +309,10 @@ def builtin_config_path(name: str) -> str:
     return path
 
 
-def load_config(path: str) -> Config:
-    """Load a YAML config file; a bare name (no ``.yaml``) loads a built-in config."""
+def load_config(path: str, source: str | None = None) -> Config:
+    """Load a YAML config file; a bare name (no ``.yaml``) loads a built-in config.
+
+    ``source`` names the file in error messages (default: its base name)."""
     if not path.endswith((".yaml", ".yml")) and not os.path.exists(path):
         path = builtin_config_path(path)
     if not os.path.exists(path):
@@ -322,7 +324,7 @@ def load_config(path: str) -> Config:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    source = os.path.basename(path)
+    source = source or os.path.basename(path)
     try:
         return Config.from_dict(raw, source=source)
     except ConfigError as e:

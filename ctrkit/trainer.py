@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ctrkit.config import Config
-from ctrkit.configio import ConfigError, load_yaml, reading_recorded_config
+from ctrkit.config import Config, load_config
+from ctrkit.configio import ConfigError, reading_recorded_config
 from ctrkit.data import Position, iterate_batches
 from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
@@ -94,16 +94,25 @@ def _truncate_lines(path: str, keep: int) -> None:
     os.replace(tmp, path)
 
 
-def load_run_model(run_dir: str) -> Any:
-    """Load the final model of a ctrkit run directory."""
+def load_run_model(run_dir: str, name: str = RUN_MODEL) -> Any:
+    """Load the final model of a ctrkit run directory (``name``: another model file kept there, such as
+    :data:`UNCALIBRATED_MODEL`)."""
     import keras
 
     import ctrkit.layers  # noqa: F401 - registers the custom layers
 
-    path = os.path.join(run_dir, RUN_MODEL)
+    path = os.path.join(run_dir, name)
     if not os.path.exists(path):
-        raise InputError(f"{run_dir} has no {RUN_MODEL}: not a finished ctrkit run directory")
+        raise InputError(f"{run_dir} has no {name}: not a finished ctrkit run directory")
     return keras.saving.load_model(path, compile=False)
+
+
+def read_run_config(run_dir: str) -> Config:
+    """The run's recorded ``config.yaml``, read as recorded: settings it would ignore are accepted, since an
+    older ctrkit may have written them (see :func:`ctrkit.configio.reading_recorded_config`)."""
+    path = os.path.join(run_dir, "config.yaml")
+    with reading_recorded_config():
+        return load_config(path, source=path)
 
 
 def read_run_info(run_dir: str, what: str = "a ctrkit run directory") -> dict[str, Any]:
@@ -464,9 +473,7 @@ def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | N
 
 def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[str]) -> None:
     """A resume must continue the same run: same config, same data, same windows."""
-    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-        with reading_recorded_config():  # the run's own record, possibly an older ctrkit's
-            saved = Config.from_dict(load_yaml(f), source=f"{run_dir}/config.yaml")
+    saved = read_run_config(run_dir)
     differ = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
     if differ:
         raise InputError(f"--resume: the config differs from the run's {run_dir}/config.yaml in section(s) {differ}")

@@ -27,15 +27,12 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ctrkit.calibrate import fit_calibration, replace_run_model
-    from ctrkit.config import CalibrationConfig, load_config
+    from ctrkit.config import CalibrationConfig
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
-    from ctrkit.trainer import load_run_model
+    from ctrkit.trainer import load_run_model, read_run_config
 
-    from ctrkit.configio import reading_recorded_config
-
-    with reading_recorded_config():  # the run's own record, possibly an older ctrkit's
-        config = load_config(os.path.join(args.run_dir, "config.yaml"))
+    config = read_run_config(args.run_dir)
     cal = config.calibration
     if args.downsampling_rate is not None:
         from ctrkit.configio import ConfigError

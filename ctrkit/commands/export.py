@@ -47,15 +47,13 @@ def _run_data_dir(run_dir: str) -> str:
 def _keep_versions(args: argparse.Namespace) -> int:
     """--keep-versions, else the run's ``export.keep_versions``; the config default (5) where there is no run
     config (--model, or a run directory assembled by hand with only run.json and model.keras)."""
-    from ctrkit.config import ExportConfig, load_config
+    from ctrkit.config import ExportConfig
+    from ctrkit.trainer import read_run_config
 
     if args.keep_versions is not None:
         return args.keep_versions
     if args.run_dir and os.path.exists(os.path.join(args.run_dir, "config.yaml")):
-        from ctrkit.configio import reading_recorded_config
-
-        with reading_recorded_config():  # the run's own record, possibly an older ctrkit's
-            return load_config(os.path.join(args.run_dir, "config.yaml")).export.keep_versions
+        return read_run_config(args.run_dir).export.keep_versions
     return ExportConfig.keep_versions
 
 
