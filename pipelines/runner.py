@@ -237,8 +237,7 @@ def check_pipeline_args(pipeline_args: list[str], own_options: list[str] = ()) -
     known_args, unknown = parser.parse_known_args(pipeline_args)
     runner = getattr(known_args, "runner", None)
     if runner and "." not in runner:  # a dotted name is a runner class Beam imports
-        names = {n.lower(): n for n in po.StandardOptions.KNOWN_RUNNER_NAMES}
-        if runner.lower() not in names and runner.lower() + "runner" not in names:
+        if _runner_key(runner) not in {_runner_key(n) for n in po.StandardOptions.KNOWN_RUNNER_NAMES}:
             raise InputError(f"--runner: unknown Beam runner {runner!r}; known runners are "
                              f"{', '.join(po.StandardOptions.KNOWN_RUNNER_NAMES)}, or give the dotted name of a "
                              "PipelineRunner class")
@@ -375,15 +374,19 @@ def run_job(spec: _Spec) -> dict[str, Any]:
 _LOCAL_RUNNERS = {"directrunner", "fnapirunner", "bundlebaseddirectrunner", "switchingdirectrunner", "prismrunner"}
 
 
+def _runner_key(runner: str) -> str:
+    """A runner name as Beam matches it: class name only, case-insensitive, "Runner" optional
+    ("direct", "DirectRunner" and "apache_beam...DirectRunner" are one runner)."""
+    name = runner.rsplit(".", 1)[-1].lower()
+    return name if name.endswith("runner") else name + "runner"
+
+
 def _local_runner(pipeline_args: list[str]) -> bool:
     """Whether the job runs on this machine (no --runner: ctrkit pins the FnApiRunner)."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     runner = PipelineOptions(pipeline_args).view_as(StandardOptions).runner
-    if runner is None:
-        return True
-    name = runner.rsplit(".", 1)[-1].lower()
-    return name in _LOCAL_RUNNERS or name + "runner" in _LOCAL_RUNNERS
+    return runner is None or _runner_key(runner) in _LOCAL_RUNNERS
 
 
 def _rows_reported(progress_dir: str) -> int:
