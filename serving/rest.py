@@ -207,12 +207,12 @@ def _feature(name: str, value: Any, dtype: Any) -> Any:
                 f"feature {name!r}: expected numbers with a fraction ({dtype.name}), got {_json_type(v)} {v!r}"
                 f"{hint}; TF Serving sends JSON integers and booleans as int64 and the model rejects them"
             )
-        if not all(math.isfinite(v) for v in values):
-            v = next(v for v in values if not math.isfinite(v))
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
             # The model refuses it too (its assertion cannot name the feature); say which one, here.
-            raise RequestError(f"feature {name!r}: {v!r} is not a value the model can score; leave the feature out "
-                               "of the example to send it as missing")
-        big = [v for v in values if math.isfinite(v) and abs(v) > _FLOAT32_MAX]
+            raise RequestError(f"feature {name!r}: {bad[0]!r} is not a value the model can score; leave the "
+                               "feature out of the example to send it as missing")
+        big = [v for v in values if abs(v) > _FLOAT32_MAX]
         if big:
             raise RequestError(f"feature {name!r}: cannot convert {big[0]!r} to {dtype.name} without loss of precision")
         return tf.train.Feature(float_list=tf.train.FloatList(value=values))
