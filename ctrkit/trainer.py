@@ -600,19 +600,17 @@ def train(
         for path in (batches_log, metrics_log):
             open(path, "w").close()
     previous = read_run_info(run_dir) if resume else {}
-    _write_json_atomic(
-        run_json,
-        {
-            **previous,
-            "data_dir": os.path.abspath(data_dir),
-            "manifest": os.path.join(os.path.abspath(data_dir), "manifest.json"),
-            "windows": [manifest.windows[i].name for i in selected],
-            "warm_start": previous.get("warm_start") if resume else (os.path.abspath(warm_start) if warm_start else None),
-            "status": "running",
-            "config": config.name,
-            "vocabulary_fingerprint": fingerprint,
-        },
-    )
+    run_info = {  # this process is run.json's only writer until it returns: later writes update this dict
+        **previous,
+        "data_dir": os.path.abspath(data_dir),
+        "manifest": os.path.join(os.path.abspath(data_dir), "manifest.json"),
+        "windows": [manifest.windows[i].name for i in selected],
+        "warm_start": previous.get("warm_start") if resume else (os.path.abspath(warm_start) if warm_start else None),
+        "status": "running",
+        "config": config.name,
+        "vocabulary_fingerprint": fingerprint,
+    }
+    _write_json_atomic(run_json, run_info)
 
     # With teacher_as_of "previous_window" the teacher model's weights are swapped at each window boundary
     # (set_weights: no retrace) and the distillation term is off where the teacher has no earlier snapshot.
@@ -773,17 +771,15 @@ def train(
         log_b.close()
         log_m.close()
         bar.close()
-        info = json.load(open(run_json, encoding="utf-8"))
-        _write_json_atomic(run_json, {**info, "status": "failed", "steps": step, "examples": examples})
+        _write_json_atomic(run_json, {**run_info, "status": "failed", "steps": step, "examples": examples})
         raise
     log_b.close()
     log_m.close()
     tb.flush()
-    info = json.load(open(run_json, encoding="utf-8"))
     _write_json_atomic(
         run_json,
         {
-            **info,
+            **run_info,
             "status": "stopped" if stopped_early else "completed",
             "steps": step,
             "examples": examples,
