@@ -512,6 +512,18 @@ def _to_float(col: pa.Array) -> pa.Array | None:
     return number
 
 
+# Timestamps are Unix seconds. Outside these years a value is a unit mistake (a log in milliseconds is
+# ~1.7e12, the year ~55,000) or garbage: it would make its own window and end a job after all its work
+# on a date Python cannot represent.
+TIMESTAMP_RANGE = (-2_208_988_800, 32_503_680_000)  # [1900-01-01, 3000-01-01) UTC
+
+
+def _implausible_seconds(seconds: pa.Array) -> np.ndarray:
+    low, high = TIMESTAMP_RANGE
+    outside = pc.or_(pc.less(seconds, low), pc.greater_equal(seconds, high))
+    return pc.fill_null(outside, False).to_numpy(zero_copy_only=False)
+
+
 def _to_int64(good: pa.Array, reject) -> pa.Array:
     """Cast trimmed integer strings (null where invalid) to int64; ``reject(mask)`` the ones beyond int64."""
     try:
@@ -567,13 +579,19 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
             reject(~missing & ~ok, lambda i, s=spec.name, v=values, w=what: f"field {s}: {_show(v()[i])} is not a valid {w}")
             good = pc.utf8_trim_whitespace(pc.if_else(pa.array(ok), col, pa.nulls(n, pa.binary())).cast(pa.string()))
             if spec.kind == "timestamp":
-                out[spec.name] = _to_int64(good, lambda mask, s=spec.name, v=values: reject(
+                seconds = _to_int64(good, lambda mask, s=spec.name, v=values: reject(
                     mask, lambda i: f"field {s}: {_show(v()[i])} is out of int64 range"))
+                reject(_implausible_seconds(seconds), lambda i, s=spec.name, v=values: (
+                    f"field {s}: {_show(v()[i])} is not a Unix time in seconds between the years 1900 and 3000 "
+                    "(timestamps in milliseconds or microseconds must be divided down to seconds)"))
+                out[spec.name] = seconds
                 continue
             number = pc.cast(good, pa.float64())
         if spec.kind == "label":
-            is01 = pc.fill_null(pc.is_in(number, value_set=pa.array([0.0, 1.0])), True).to_numpy(zero_copy_only=False)
+            # Compared by value, not with is_in, which hashes bit patterns and so refused "-0".
+            is01 = pc.fill_null(pc.or_(pc.equal(number, 0.0), pc.equal(number, 1.0)), True).to_numpy(zero_copy_only=False)
             reject(~is01, lambda i, s=spec.name, v=col.to_pylist: f"field {s}: label {_show(v()[i])} is not 0 or 1")
+            number = pc.add(number, 0.0)  # -0.0 + 0.0 is +0.0: the label written is a plain 0
         number = pc.cast(number, pa.float32(), safe=False)
         # The regex bounds the syntax, not the size: 1e39 overflows float32 (1e400 float64) to inf, which
         # must not reach the model.

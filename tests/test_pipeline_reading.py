@@ -165,10 +165,26 @@ def test_timestamp_beyond_int64_is_rejected_and_window_planning_agrees(tmp_path)
         3: "field ts: '99999999999999999999' is out of int64 range",
         4: "field ts: '-9223372036854775809' is out of int64 range",
         6: "field label: label '7' is not 0 or 1",
+        8: "field ts: '9223372036854775807' is not a Unix time in seconds between the years 1900 and 3000 "
+           "(timestamps in milliseconds or microseconds must be divided down to seconds)",
     }
-    assert table["ts"].to_pylist() == [100, 5, 300, 9223372036854775807]
-    assert table["__line"].to_pylist() == [2, 5, 7, 8]
+    assert table["ts"].to_pylist() == [100, 5, 300]
+    assert table["__line"].to_pylist() == [2, 5, 7]
     assert read_timestamps(str(path), config).tolist() == table["ts"].to_pylist()
+
+
+def test_timestamps_outside_1900_to_3000_are_rejected(tmp_path):
+    """A timestamp in milliseconds (or a stray far-future value) used to make its own window and then end
+    the job, after all its work, on a date Python cannot represent; the row is rejected instead."""
+    path = tmp_path / "ts.csv"
+    path.write_text("label,ts,c\n1,1700000000,a\n0,1700000000000,a\n1,-2208988800,a\n0,-2208988801,a\n"
+                    "1,32503679999,a\n0,32503680000,a\n")
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
+                                               ColumnSpec("c")])
+    table, rejected = _read_all(str(path), config)
+    assert sorted(r.line for r in rejected) == [3, 5, 7]
+    assert all("not a Unix time in seconds" in r.reason for r in rejected)
+    assert table["ts"].to_pylist() == [1700000000, -2208988800, 32503679999]
 
 
 def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
@@ -337,3 +353,15 @@ def test_csv_with_an_undecodable_refused_row_still_fails_naming_the_line(tmp_pat
     with pytest.raises(InputError, match=r"q\.csv: line 3 has 2 fields instead of 3 and contains bytes that are "
                                          r"not UTF-8"):
         _read_all(path, config)
+
+
+def test_label_minus_zero_is_a_zero_label(tmp_path):
+    """"-0" is 0 (it was refused: a set lookup compares bit patterns); -1 and 2 stay refused."""
+    path = _write(tmp_path / "labels.csv", b"label,x\n-0,1\n+1,1\n1.0,1\n0.0,1\n-1,1\n2,1\n-0.0,1\n")
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric")])
+    table, rejected = _read_all(path, config)
+    assert {r.line: r.reason for r in rejected} == {6: "field label: label '-1' is not 0 or 1",
+                                                    7: "field label: label '2' is not 0 or 1"}
+    labels = table["label"].to_numpy()
+    assert labels.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert not np.signbit(labels).any()  # written as +0, like any other 0 label
