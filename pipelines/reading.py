@@ -259,6 +259,15 @@ def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index:
             rejected.append(Rejected(path, int(number), raw.decode("utf-8", "backslashreplace"),
                                      f"wrong number of fields: {raw.count(masked.delimiter) + 1}, expected "
                                      f"{len(names)}, and undecodable bytes (not UTF-8)"))
+        elif quote and ("\n" in text or "\r" in text):
+            # A quote opened and never closed swallows every line up to the next quote (often the end of
+            # the file) into one field; padding that row would train on it and hide the lost lines.
+            spans = len(_LINE_END.split(text.encode())) // 2 + 1
+            log.warning("%s: the row at line %d has a quoted field running over %d lines (an unterminated "
+                        "quote?); it is rejected with those lines (see rejected/)", path, number, spans)
+            rejected.append(Rejected(path, int(number), text,
+                                     f"wrong number of fields: {n_fields}, expected {len(names)}; a quoted field "
+                                     f"runs over {spans} lines (an unterminated quote?)"))
         elif n_fields < len(names) and config.short_rows == "pad":
             padded_rows.append(_split(text, delim, quote))
             padded_lines.append(number)
@@ -554,6 +563,14 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
         for i in np.flatnonzero(fresh):
             reason[i] = why(i) if callable(why) else why
 
+    if config.format == "csv":
+        for name in names:
+            for i, spans in _swallowed_lines(batch.column(name), delim, len(names)).items():
+                log.warning("%s: field %s of the row at line %d runs over %d lines that look like rows (an "
+                            "unterminated quote?); it is rejected with those lines (see rejected/)",
+                            path, name, lines[i], spans)
+                reject(np.arange(n) == i, f"field {name}: a quoted field runs over {spans} lines, and the later "
+                                          "ones look like rows of the file (an unterminated quote?)")
     out: dict[str, pa.Array] = {}
     for spec in used_columns(config):
         col = batch.column(spec.name)
@@ -615,6 +632,22 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
         arrays = [a.take(take) for a in arrays]
     arrays += [pa.array(np.full(int(keep.sum()), file_index, dtype=np.int64)), pa.array(lines[keep])]
     return pa.RecordBatch.from_arrays(arrays, schema=clean_schema(config)), rejected
+
+
+def _swallowed_lines(col: pa.Array, delim: str, n_columns: int) -> dict[int, int]:
+    """Row → line count, for values whose later lines hold a full row's delimiters.
+
+    A quote opened and never closed takes every line up to the next quote (often the end of the file) into
+    one field; the row can still have the right number of fields. A quoted line break in real data
+    (free text) rarely carries a whole row's worth of delimiters on its later lines.
+    """
+    breaks = pc.fill_null(pc.match_substring_regex(col, "[\r\n]"), False).to_numpy(zero_copy_only=False)
+    found = {}
+    for i in np.flatnonzero(breaks):
+        later = _LINE_END.split(col[int(i)].as_py().rstrip(b"\r\n"))[2::2]
+        if any(line.count(delim.encode()) >= n_columns - 1 for line in later):
+            found[int(i)] = len(later) + 1
+    return found
 
 
 def _show(v) -> str:

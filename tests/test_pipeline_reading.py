@@ -365,3 +365,39 @@ def test_label_minus_zero_is_a_zero_label(tmp_path):
     labels = table["label"].to_numpy()
     assert labels.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
     assert not np.signbit(labels).any()  # written as +0, like any other 0 label
+
+
+@pytest.mark.parametrize("short_rows", ["reject", "pad"])
+def test_csv_unterminated_quote_is_rejected_not_padded(tmp_path, short_rows, caplog):
+    """A field that opens a quote and never closes it swallows the rest of the file into one short row,
+    which short_rows: pad used to keep (and train on) without a word; it is rejected, lines and all."""
+    good = [f"{i % 2},{i},c{i}" for i in range(40)]
+    lines = ["label,x,c"] + good[:12] + ['1,5,"unterminated'] + good[12:]
+    path = _write(tmp_path / "q.csv", ("\n".join(lines) + "\n").encode())
+    config = DataConfig(format="csv", short_rows=short_rows,
+                        columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"), ColumnSpec("c")])
+    with caplog.at_level("WARNING", logger="ctrkit.pipelines.reading"):
+        table, rejected = _read_all(path, config)
+    assert table["__line"].to_pylist() == list(range(2, 14))
+    [row] = rejected
+    assert row.line == 14 and row.reason == ("field c: a quoted field runs over 29 lines, and the later ones look "
+                                             "like rows of the file (an unterminated quote?)")
+    assert all(line in row.raw for line in good[12:])  # the swallowed lines are in rejected/, not lost
+    assert "unterminated" in caplog.text and "line 14" in caplog.text
+    # A quoted newline inside a complete row is data, not a mistake.
+    ok = _write(tmp_path / "ok.csv", b'label,x,c\n1,2,"two\nlines"\n0,3,d\n')
+    table, rejected = _read_all(ok, config)
+    assert rejected == [] and table["c"].to_pylist() == [b"two\nlines", b"d"]
+
+
+def test_csv_row_refused_for_its_field_count_is_not_padded_when_a_quote_ran_over_lines(tmp_path):
+    """When a stray quote later closes the run-on field, the row comes out with the wrong field count; a
+    short one must not be padded and kept."""
+    lines = ["label,x,c,d", "1,1,a,b", '0,"open', "1,2,b,c", "0,3,c,d", 'q",e']
+    path = _write(tmp_path / "q.csv", ("\n".join(lines) + "\n").encode())
+    config = DataConfig(format="csv", short_rows="pad", columns=[
+        ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"), ColumnSpec("c"), ColumnSpec("d")])
+    table, rejected = _read_all(path, config)
+    assert table["__line"].to_pylist() == [2]
+    [row] = rejected
+    assert row.reason == "wrong number of fields: 3, expected 4; a quoted field runs over 4 lines (an unterminated quote?)"
