@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from typing import Any
 
 from ctrkit.configio import ConfigError, from_dict, reading_recorded_config, to_dict
@@ -113,10 +114,16 @@ def _open_binary(path: str):
 
 def _count_lines(path: str) -> int:
     n, last = 0, b"\n"
-    with _open_binary(path) as f:
-        while chunk := f.read(1 << 24):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
+    try:
+        with _open_binary(path) as f:
+            while chunk := f.read(1 << 24):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+    except FileNotFoundError as e:
+        raise InputError(f"input file {path} not found") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{path}: cannot read it to count its rows ({e}); is it a truncated or corrupt "
+                         "file?") from e
     return n + (last != b"\n")
 
 
@@ -158,6 +165,20 @@ def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
                 raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
                                   f"(differs at {diff or 'the column count'}); ids would not match")
     return path
+
+
+def _refuse_output_holding_inputs(output_dir: str, files: list[str], transform_fn_dir: str | None) -> None:
+    """The finished output replaces ``output_dir`` (``--overwrite``): nothing the job reads may live there."""
+    if _remote(output_dir):
+        return
+    out = os.path.realpath(output_dir)
+    inside = [f for f in files if "://" not in f and os.path.realpath(f).startswith(out + os.sep)]
+    if inside:
+        raise InputError(f"input {inside[0]} is inside the output directory {output_dir}, which the new output "
+                         "replaces; write the output somewhere else")
+    if transform_fn_dir is not None and (os.path.realpath(transform_fn_dir) + os.sep).startswith(out + os.sep):
+        raise InputError(f"--transform-fn {transform_fn_dir} is the output directory {output_dir} or inside it, "
+                         "which the new output replaces; write the output somewhere else")
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> str:
@@ -294,6 +315,7 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
             check_schema(f, config)
     if transform_fn_dir is not None:
         transform_fn_dir = _check_transform_fn_dir(transform_fn_dir, config)
+    _refuse_output_holding_inputs(output_dir, files, transform_fn_dir)
     offsets = line_offsets(config, files)
     work = _prepare_output(output_dir, overwrite)
     fs = _FS(_remote(work))
@@ -522,7 +544,8 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
 
     stats = _read_jsonl_dir(os.path.join(work, STATS_DIR), fs)
     shards = _read_jsonl_dir(os.path.join(work, SHARDS_DIR), fs)
-    n_rejected_lines = len(_read_jsonl_dir(os.path.join(work, "rejected"), fs))
+    rejected = _read_jsonl_dir(os.path.join(work, "rejected"), fs)
+    n_rejected_lines = len(rejected)
     rows_read = sum(s["rows_read"] for s in stats)
     rows_rejected = sum(s["rows_rejected"] for s in stats)
     rows_padded = sum(s["rows_padded"] for s in stats)
@@ -534,6 +557,11 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
     if rows_read != rows_written + rows_rejected or n_rejected_lines != rows_rejected:
         raise RuntimeError(f"row accounting failed: read {rows_read}, written {rows_written}, rejected "
                            f"{rows_rejected} ({n_rejected_lines} in rejected/)")
+    if rows_written == 0:
+        # Data with no rows would only fail at `ctrkit train` ("no windows"), far from the reason.
+        first = sorted(rejected, key=lambda r: (r["file"], r["line"]))[:3]
+        raise InputError(f"every row was rejected ({rows_rejected} of {rows_read}), so there is no data to write. "
+                         "First: " + "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in first))
     for d in (STATS_DIR, SHARDS_DIR, "_tft_tmp"):
         fs.rmtree(os.path.join(work, d))
 

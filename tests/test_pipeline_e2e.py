@@ -403,10 +403,18 @@ def test_failure_inside_the_job_leaves_no_output(work):
 
 # -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
 @pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown",
-                                  "runner"])
+                                  "runner", "inside", "truncated"])
 def test_cli_one_line_errors(raw, work, case):
     empty = work / "empty.tsv"
     empty.write_bytes(b"")
+    holder = work / "holder"  # --overwrite would delete the input it holds
+    holder.mkdir(exist_ok=True)
+    (holder / "in.tsv").write_bytes(open(raw["tsv"], "rb").read()[:5000])
+    truncated = work / "truncated"  # two files, row windows: the driver counts lines before the job
+    truncated.mkdir(exist_ok=True)
+    (truncated / "a.tsv").write_bytes(open(raw["tsv"], "rb").read()[:5000])
+    whole = gzip.compress(open(raw["tsv"], "rb").read())
+    (truncated / "b.tsv.gz").write_bytes(whole[:len(whole) // 2])
     bad_header = work / "bad_header.csv"
     bad_header.write_text("label,I1\n1,2\n")
     csv_config = work / "csv.yaml"
@@ -431,6 +439,10 @@ def test_cli_one_line_errors(raw, work, case):
                     "(--direct_num_worker: did you mean --direct_num_workers?)"),
         "runner": (["--input", raw["tsv"], "--output", str(work / "o6"), "--runner=NoSuchRunner"],
                    "unknown Beam runner 'NoSuchRunner'"),
+        "inside": (["--input", str(holder / "in.tsv"), "--output", str(holder), "--overwrite"],
+                   f"input {holder / 'in.tsv'} is inside the output directory"),
+        "truncated": (["--input", str(truncated / "*"), "--output", str(work / "o7")],
+                      f"{truncated / 'b.tsv.gz'}: cannot read it to count its rows"),
     }[case]
     if "--config" not in args:
         args = ["--config", raw["config"], *args]
@@ -439,8 +451,20 @@ def test_cli_one_line_errors(raw, work, case):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
     assert err[0].startswith("ctrkit preprocess: error:")
-    assert (occupied / "keep.txt").exists()
-    assert not any((work / o).exists() for o in ("o4", "o5", "o6"))
+    assert (occupied / "keep.txt").exists() and (holder / "in.tsv").exists()
+    assert not any((work / o).exists() for o in ("o4", "o5", "o6", "o7"))
+
+
+def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
+    """Zero rows written used to exit 0 and fail only later, at `ctrkit train` ("no windows")."""
+    from ctrkit.pipelines import preprocess
+
+    blank = work / "blank.tsv"
+    blank.write_bytes(b"\n\n\n")
+    out = work / "out_blank"
+    with pytest.raises(InputError, match=r"every row was rejected \(3 of 3\).*blank.tsv line 1: empty line"):
+        preprocess(DataConfig(), [str(blank)], str(out))
+    assert not out.exists()
 
 
 def test_config_yaml_round_trip(raw):
