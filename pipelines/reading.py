@@ -176,7 +176,7 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
             ),
         )
     except (pa.ArrowInvalid, OSError) as e:
-        if "Empty CSV file" in str(e):
+        if "Empty CSV file" in str(e) or (header and _only_a_header(path)):
             return  # an empty file has no rows; the driver decides whether *all* input is empty
         raise _parse_failure(path, first_line, e, can_mask) from e  # open_csv parses the first block
     except FileNotFoundError as e:
@@ -414,6 +414,9 @@ def check_schema(path: str, config: DataConfig) -> None:
         missing = [n for n in names if n not in file_names]
         extra = [n for n in file_names if n not in names]
         detail = []
+        duplicated = sorted({n for n in file_names if file_names.count(n) > 1})
+        if duplicated:
+            detail.append(f"duplicated columns {duplicated}")
         if missing:
             detail.append(f"missing columns {missing}")
         if extra:
@@ -455,6 +458,13 @@ def _read_header(path: str, delim: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: header line is not UTF-8 ({e})") from e
     return next(csv.reader(io.StringIO(text), delimiter=delim))
+
+
+def _only_a_header(path: str) -> bool:
+    """Whether the file is one line (pyarrow cannot skip a header that has no line end after it)."""
+    with _open_stream(path) as s:
+        head = s.read(1 << 21)
+    return len(head) < (1 << 21) and not _LINE_END.search(head.rstrip(b"\r\n"))
 
 
 def _split(text: str, delim: str, quote) -> list[str]:

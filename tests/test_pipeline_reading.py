@@ -401,3 +401,21 @@ def test_csv_row_refused_for_its_field_count_is_not_padded_when_a_quote_ran_over
     assert table["__line"].to_pylist() == [2]
     [row] = rejected
     assert row.reason == "wrong number of fields: 3, expected 4; a quoted field runs over 4 lines (an unterminated quote?)"
+
+
+@pytest.mark.parametrize("ending", [b"", b"\n", b"\r\n"])
+def test_csv_of_only_a_header_has_no_rows(tmp_path, ending):
+    """Without a line end after the header pyarrow could not skip it, and the file failed the whole job."""
+    path = _write(tmp_path / "h.csv", b'"label","x","c"' + ending)
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"),
+                                               ColumnSpec("c")])
+    check_schema(path, config)
+    assert _read_all(path, config) == (None, [])
+
+
+def test_duplicated_header_column_is_named(tmp_path):
+    path = _write(tmp_path / "d.csv", b"label,x,x\n1,2,3\n")
+    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"),
+                                               ColumnSpec("c")])
+    with pytest.raises(InputError, match=r"duplicated columns \['x'\]; missing columns \['c'\]"):
+        check_schema(path, config)
