@@ -691,18 +691,39 @@ def _read_parquet(path: str, file_index: int, config: DataConfig):
         lines = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
         next_row += batch.num_rows
         # Typed Parquet columns go through the same validation as text: render them as text once.
-        cols = []
-        for name in names:
-            col = batch.column(name)
-            if pa.types.is_binary(col.type):
-                cols.append(col)
-            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-                cols.append(col.cast(pa.binary()))
-            elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
-                if pa.types.is_boolean(col.type):
-                    col = col.cast(pa.int8())
-                cols.append(col.cast(pa.string()).cast(pa.binary()))
-            else:
-                raise InputError(f"{path}: column {name} has unsupported Parquet type {col.type}")
+        cols = [_parquet_as_text(batch.column(name), name, path) for name in names]
         text_batch = pa.RecordBatch.from_arrays(cols, names=names)
         yield validate(text_batch, lines, file_index, path, config, delim="\t")
+
+
+def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
+    """One Parquet column as the binary text a delimited file would hold, missing values as nulls.
+
+    Missing is what the writers use for it: null, an empty string (as an empty field is in text), and NaN
+    in a float column (pandas without nullable dtypes). Dictionary (pandas ``category``) columns are
+    decoded, an all-null column is all missing, dates and timestamps become Unix seconds (truncated to
+    whole seconds), decimals become floats.
+    """
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_null(col.type):
+        return pa.nulls(len(col), pa.binary())
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        col = col.cast(pa.timestamp("s", tz=getattr(col.type, "tz", None)), safe=False).cast(pa.int64())
+    elif pa.types.is_decimal(col.type):
+        col = col.cast(pa.float64())
+    elif pa.types.is_boolean(col.type):
+        col = col.cast(pa.int8())
+    if pa.types.is_floating(col.type):
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        return col.cast(pa.string()).cast(pa.binary())
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        col = col.cast(pa.binary())
+    if pa.types.is_large_binary(col.type):
+        col = col.cast(pa.binary())
+    if pa.types.is_binary(col.type):
+        return pc.if_else(pc.equal(col, b""), pa.scalar(None, pa.binary()), col)
+    raise InputError(f"{path}: column {name} has unsupported Parquet type {col.type} (supported: strings, "
+                     "binary, integers, floats, booleans, decimals, dates, timestamps, dictionary-encoded "
+                     "columns of these)")

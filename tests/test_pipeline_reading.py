@@ -419,3 +419,37 @@ def test_duplicated_header_column_is_named(tmp_path):
                                                ColumnSpec("c")])
     with pytest.raises(InputError, match=r"duplicated columns \['x'\]; missing columns \['c'\]"):
         check_schema(path, config)
+
+
+def test_parquet_types_pandas_writes_read_like_the_same_csv(tmp_path):
+    """category (dictionary), all-missing (null), timestamp, date and decimal columns, NaN and '' as
+    missing: each used to be refused ("unsupported Parquet type", "'nan' is not a valid number")."""
+    import datetime
+    import decimal
+
+    import pyarrow.parquet as pq
+
+    ts = [datetime.datetime(2023, 11, 14, 0, 0, 1, 900_000), datetime.datetime(2023, 11, 15),
+          datetime.datetime(2023, 11, 16, 12)]
+    table = pa.table({
+        "label": [1.0, 0.0, 1.0],
+        "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
+        "day": pa.array([datetime.date(2023, 11, 14), None, datetime.date(2023, 11, 16)], pa.date32()),
+        "x": [1.5, float("nan"), None],
+        "s": ["2.5", "", None],
+        "price": pa.array([decimal.Decimal("1.25"), None, decimal.Decimal("-3.50")], pa.decimal128(6, 2)),
+        "cat": pa.array(["a", None, "b"]).dictionary_encode(),
+        "empty": pa.nulls(3),
+    })
+    pq.write_table(table, tmp_path / "p.parquet")
+    csv = ("label,ts,day,x,s,price,cat,empty\n1,1699920001,1699920000,1.5,2.5,1.25,a,\n"
+           "0,1700006400,,,,,,\n1,1700136000,1700092800,,,-3.5,b,\n")
+    columns = [ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
+               ColumnSpec("day", kind="numeric"), ColumnSpec("x", kind="numeric"), ColumnSpec("s", kind="numeric"),
+               ColumnSpec("price", kind="numeric"), ColumnSpec("cat"), ColumnSpec("empty")]
+    from_parquet, rejected = _read_all(str(tmp_path / "p.parquet"), DataConfig(format="parquet", columns=columns))
+    assert rejected == []
+    from_csv, _ = _read_all(_write(tmp_path / "p.csv", csv.encode()), DataConfig(format="csv", columns=columns))
+    assert from_parquet.drop_columns(["__line"]).equals(from_csv.drop_columns(["__line"]))
+    assert from_parquet["ts"].to_pylist() == [1699920001, 1700006400, 1700136000]
+    assert from_parquet["x"].to_pylist() == [1.5, None, None]
