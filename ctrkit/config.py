@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -81,6 +81,7 @@ _ACTIVATIONS = ("relu", "smelu", "gelu", "swish", "tanh", "sigmoid", "elu", "sel
 class ModelConfig:
     """The network: FeatureEmbedding -> DCN-V2 (cross network + DNN) -> heads."""
 
+    CONFIG_KEY: ClassVar[str] = "model"  # the prefix its checks name; configio rewrites it for teacher_model
     embedding_dim: int = 10  # embedding width of every categorical feature
     embedding_dims: dict[str, int] = dataclasses.field(default_factory=dict)  # per-feature overrides
     cross_kind: Literal["full", "low_rank", "mixture"] = "full"  # full-rank W, low-rank U Vᵀ, or mixture of low-rank experts
@@ -291,8 +292,14 @@ class Config:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, source: str = "config") -> Config:
-        return from_dict(cls, d or {}, source)
+    def from_dict(cls, d: dict[str, Any] | None, source: str | None = None) -> Config:
+        """Errors read ``section.key: problem``, after ``SOURCE: `` when a source (file) is named."""
+        try:
+            return from_dict(cls, d or {}, "")
+        except ConfigError as e:
+            if source is None:
+                raise
+            raise ConfigError(f"{source}: {e}") from e
 
 
 def builtin_config_path(name: str) -> str:
@@ -324,10 +331,4 @@ def load_config(path: str, source: str | None = None) -> Config:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    source = source or os.path.basename(path)
-    try:
-        return Config.from_dict(raw, source=source)
-    except ConfigError as e:
-        if str(e).startswith(source):  # a type error already carries the file in its dotted path
-            raise
-        raise ConfigError(f"{source}: {e}") from e  # a section's own checks name the key only
+    return Config.from_dict(raw, source=source or os.path.basename(path))

@@ -69,9 +69,17 @@ def refuses_ignored_settings() -> bool:
     return not _READING_RECORDED.get()
 
 
-def from_dict(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise :class:`ConfigError`."""
-    return _convert(cls, data, path or cls.__name__)
+def from_dict(cls: type[T], data: Any, path: str | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise :class:`ConfigError`.
+
+    ``path`` is the dotted key of ``data`` in error messages (default: the class name; ``""``: the root, so
+    its fields are named bare, ``model.embedding_dim``).
+    """
+    return _convert(cls, data, cls.__name__ if path is None else path)
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def to_dict(obj: Any) -> Any:
@@ -102,18 +110,28 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        where = path or "config"
         unknown = sorted(set(value) - set(fields))
         if unknown:
             raise ConfigError(
-                f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys are {', '.join(sorted(fields))}"
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys are {', '.join(sorted(fields))}"
             )
-        kwargs = {name: _convert(hints[name], value[name], f"{path}.{name}") for name in fields if name in value}
+        missing = [name for name, f in fields.items() if name not in value
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {', '.join(map(repr, missing))}")
+        kwargs = {name: _convert(hints[name], value[name], _key(path, name)) for name in fields if name in value}
         try:
             return tp(**kwargs)
-        except ConfigError:
+        except ConfigError as e:
+            # A section's own checks name keys from where it usually sits (``model.``); the teacher's
+            # model sits at ``distill.teacher_model``.
+            usual = getattr(tp, "CONFIG_KEY", None)
+            if usual and path and path != usual:
+                raise ConfigError(re.sub(rf"(?<![\w.]){re.escape(usual)}\.", f"{path}.", str(e))) from e
             raise
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from e
+            raise ConfigError(f"{where}: {e}") from e
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -140,7 +158,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         key_tp, val_tp = args if args else (Any, Any)
-        return {_convert(key_tp, k, f"{path}.<key>"): _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+        return {_convert(key_tp, k, _key(path, "<key>")): _convert(val_tp, v, _key(path, str(k))) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")

@@ -64,7 +64,7 @@ def test_default_config_is_criteo(tmp_path):
     assert [c.name for c in cfg.data.columns if c.kind == "numeric"] == [f"I{i}" for i in range(1, 14)]
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  batch_sise: 3\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml\.train: unknown key\(s\) 'batch_sise'"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: train: unknown key\(s\) 'batch_sise'"):
         load_config(str(path))
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
