@@ -8,9 +8,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import re
+
 from ctrkit.configio import ConfigError, refuses_ignored_settings
 
 ColumnKind = Literal["label", "numeric", "categorical", "timestamp", "teacher_logit", "ignore"]
+
+# A column the pipeline reads becomes a Keras input and weight name, a TF scope and a SavedModel argument:
+# Keras refuses "/", TF scopes refuse spaces (found at export, after a whole training run).
+_COLUMN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+COLUMN_NAME_RULE = "letters, digits, '_', '-', '.' (not starting with '.' or '-')"
 
 CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -28,7 +35,7 @@ class ColumnSpec:
                  column multi-valued.
     """
 
-    name: str
+    name: str  # as in the CSV header or Parquet schema; letters, digits, '_', '-', '.' unless kind is ignore
     kind: ColumnKind = "categorical"
     fill: float = 0.0
     log1p: bool = False
@@ -69,6 +76,10 @@ class ColumnSpec:
         where = f"column {self.name!r}"
         if not self.name:
             raise ConfigError("data.columns: a column has an empty name; every column needs a non-empty name")
+        if self.kind != "ignore" and not _COLUMN_NAME.fullmatch(self.name):
+            raise ConfigError(f"{where}: a column the pipeline reads needs a name of {COLUMN_NAME_RULE}, since it "
+                              "becomes a model input name; rename it (in the file's header too), or give it "
+                              "kind: ignore")
         ignored = self.ignored_settings()
         if ignored and refuses_ignored_settings():
             uses = ", ".join(self.applicable_settings()) or "no other settings"
@@ -127,6 +138,15 @@ class DataConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"data.columns: duplicate column names {dupes}")
+        # SavedModel signatures turn argument names into Python names ('-' and '.' become '_'): two columns
+        # equal after that would fail at export.
+        as_argument: dict[str, str] = {}
+        for c in self.columns:
+            if c.kind != "ignore":
+                other = as_argument.setdefault(re.sub(r"[^A-Za-z0-9]", "_", c.name), c.name)
+                if other != c.name:
+                    raise ConfigError(f"data.columns: {other!r} and {c.name!r} differ only in '-', '.' or '_', "
+                                      "which SavedModel signatures cannot tell apart; rename one")
         labels = [c.name for c in self.columns if c.kind == "label"]
         if len(labels) != 1:
             raise ConfigError(f"data.columns: exactly one column must have kind 'label', found {labels or 'none'}")
@@ -151,6 +171,29 @@ class DataConfig:
         if self.format != "parquet" and self.delimiter is not None and len(self.delimiter) != 1:
             raise ConfigError(f"data.delimiter: must be a single character or null for format {self.format!r}, "
                               f"got {self.delimiter!r}")
+        for name, because in self.ignored_settings().items():
+            raise ConfigError(f"data.{name}: {getattr(self, name)!r} would be ignored because {because}; remove it")
+
+    def ignored_settings(self) -> dict[str, str]:
+        """Settings away from their defaults that the format or the columns make ineffective → why.
+
+        Empty inside :func:`~ctrkit.configio.reading_recorded_config` (an older ctrkit recorded them).
+        """
+        if not refuses_ignored_settings():
+            return {}
+        fmt = f"data.format is {self.format!r}"
+        timed = self.timestamp is not None
+        unused = {
+            "delimiter": (self.format != "parquet", fmt),
+            "short_rows": (self.format != "parquet", fmt),
+            "header": (self.format == "csv", fmt),
+            "window_rows": (not timed, f"column {self.timestamp!r} has kind 'timestamp' (windows are "
+                                       "window_seconds long)"),
+            "window_seconds": (timed, "no column has kind 'timestamp' (windows are window_rows long)"),
+        }
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {name: because for name, (used, because) in unused.items()
+                if not used and getattr(self, name) != defaults[name]}
 
     @property
     def label(self) -> str:

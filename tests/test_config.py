@@ -99,7 +99,7 @@ def test_non_finite_numbers_are_refused_naming_file_and_key(tmp_path, section: s
     path = tmp_path / "nf.yaml"
     path.write_text(f"{section}:\n  {key}: {text}\n")
     expected = "an integer" if section == "data" else "a finite number"
-    with pytest.raises(ConfigError, match=rf"nf\.yaml\.{section}\.{key}: expected {expected}, got -?(inf|nan)"):
+    with pytest.raises(ConfigError, match=rf"nf\.yaml: {section}\.{key}: expected {expected}, got -?(inf|nan)"):
         load_config(str(path))
 
 
@@ -292,3 +292,55 @@ def test_good_data_sections_load() -> None:
                                                         {"name": "t", "kind": "teacher_logit"})}})
     assert (ok.data.delimiter, ok.data.analyze_windows, ok.data.batch_size) == (";", 1, 1)
     assert Config.from_dict({"data": {"analyze_windows": None}}).data.analyze_windows is None
+
+
+@pytest.mark.parametrize("text, message", [
+    # The teacher's model section is checked by the same code as `model:`, which named `model.` keys.
+    ("distill: {teacher_model: {embedding_dim: 0}}", "c.yaml: distill.teacher_model.embedding_dim: must be >= 1, got 0"),
+    ("distill: {teacher_model: {cross_kind: full, num_experts: 8}}",
+     "c.yaml: distill.teacher_model.num_experts: 8 would be ignored because distill.teacher_model.cross_kind is 'full'"),
+    ("model: {embedding_dim: 0}", "c.yaml: model.embedding_dim: must be >= 1, got 0"),
+    # Type errors and a section's own checks read alike: FILE: section.key: problem.
+    ("name: 5", "c.yaml: name: expected a string, got 5"),
+    ("model: {embedding_dim: x}", "c.yaml: model.embedding_dim: expected an integer, got 'x'"),
+    # A missing required key is named (it was "ColumnSpec.__init__() missing 1 required positional argument").
+    ("data: {columns: [{kind: label}]}", "c.yaml: data.columns[0]: missing required key(s) 'name'"),
+])
+def test_errors_name_the_key_where_it_is_in_the_file(tmp_path, text, message) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    # A column name becomes a Keras input/weight name and a TF scope: "/" failed at train, " " at export.
+    ({"columns": [{"name": "click", "kind": "label"}, {"name": "a/b", "kind": "numeric"}]},
+     "column 'a/b': a column the pipeline reads needs a name of letters, digits"),
+    ({"columns": [{"name": "click", "kind": "label"}, {"name": "my col"}]}, "column 'my col': a column the pipeline"),
+    ({"columns": [{"name": "click", "kind": "label"}, {"name": "a-b"}, {"name": "a.b"}]},
+     "data.columns: 'a-b' and 'a.b' differ only in"),
+    # Data settings the format or the columns make ineffective, like the other sections' ignored settings.
+    ({"header": False}, "data.header: False would be ignored because data.format is 'criteo_tsv'"),
+    ({"format": "parquet", "delimiter": ";"}, "data.delimiter: ';' would be ignored because data.format is 'parquet'"),
+    ({"format": "parquet", "short_rows": "reject"}, "data.short_rows: 'reject' would be ignored because data.format"),
+    ({"window_seconds": 3600}, "data.window_seconds: 3600 would be ignored because no column has kind 'timestamp'"),
+    ({"window_rows": 10, "columns": [{"name": "y", "kind": "label"}, {"name": "t", "kind": "timestamp"}, {"name": "c"}]},
+     "data.window_rows: 10 would be ignored because column 't' has kind 'timestamp'"),
+])
+def test_data_section_refuses_unusable_names_and_ignored_settings(data, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"data": data})
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_column_names_the_model_can_take_and_recorded_ignored_data_settings_load() -> None:
+    cfg = Config.from_dict({"data": {"format": "csv", "columns": [
+        {"name": "click", "kind": "label"}, {"name": "user-id"}, {"name": "ad.price", "kind": "numeric"},
+        {"name": "free text (ignored)", "kind": "ignore"}]}})
+    assert [c.name for c in cfg.data.columns][1:3] == ["user-id", "ad.price"]
+    from ctrkit.configio import reading_recorded_config
+
+    with reading_recorded_config():  # what an older ctrkit wrote in a manifest still loads
+        assert Config.from_dict({"data": {"header": False}}).data.header is False
