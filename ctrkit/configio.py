@@ -158,7 +158,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         key_tp, val_tp = args if args else (Any, Any)
-        return {_convert(key_tp, k, _key(path, "<key>")): _convert(val_tp, v, _key(path, str(k))) for k, v in value.items()}
+        return {_convert(key_tp, k, _key(path, "<key>")): _convert(val_tp, v, _key(path, str(k)))
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")

@@ -616,7 +616,8 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
             number = pc.cast(good, pa.float64())
         if spec.kind == "label":
             # Compared by value, not with is_in, which hashes bit patterns and so refused "-0".
-            is01 = pc.fill_null(pc.or_(pc.equal(number, 0.0), pc.equal(number, 1.0)), True).to_numpy(zero_copy_only=False)
+            is01 = pc.fill_null(pc.or_(pc.equal(number, 0.0), pc.equal(number, 1.0)), True)
+            is01 = is01.to_numpy(zero_copy_only=False)
             reject(~is01, lambda i, s=spec.name, v=col.to_pylist: f"field {s}: label {_show(v()[i])} is not 0 or 1")
             number = pc.add(number, 0.0)  # -0.0 + 0.0 is +0.0: the label written is a plain 0
         number = pc.cast(number, pa.float32(), safe=False)

@@ -63,9 +63,10 @@ def serialize_rows(rows: Sequence[Mapping[str, Any] | bytes], spec: Mapping[str,
             try:
                 out.append(row_to_example(row, spec).SerializeToString())
             except ValueError as e:
-                raise ValueError(f"row {i}: {e}") from e
+                raise ValueError(f"warmup_examples[{i}]: {e}") from e
         else:
-            raise TypeError(f"row {i}: expected a dict of raw features or serialized tf.Example bytes, got {type(row)}")
+            raise TypeError(f"warmup_examples[{i}]: expected a dict of raw features or serialized tf.Example bytes, "
+                            f"got {type(row).__name__}")
     return out
 
 

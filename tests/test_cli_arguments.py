@@ -92,3 +92,35 @@ def test_an_unknown_option_shows_the_commands_usage_line(capsys, tmp_path, monke
     assert "usage: ctrkit train" in err  # the command's own options, not `ctrkit [-h] [--version] COMMAND`
     assert "unrecognized arguments: --bogus 1" in err
     assert not (tmp_path / "R").exists()
+
+
+def test_warmup_rows_errors_name_the_file_and_its_line(tmp_path) -> None:
+    """They said "row 0" (a list index) or showed a bare [Errno 2]."""
+    from ctrkit.commands.export import _name_warmup_line, _read_warmup_rows
+    from ctrkit.errors import InputError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"I1": 1}\n\n{"I1": "abc"}\n')
+    rows, lines = _read_warmup_rows(str(path))
+    assert rows == [{"I1": 1}, {"I1": "abc"}] and lines == [1, 3]
+    message = "warmup_examples[1]: feature 'I1': value 'abc' is not a valid float32"
+    assert _name_warmup_line(message, str(path), lines) == f"{path} line 3: feature 'I1': value 'abc' is not a valid float32"
+    path.write_text('{"I1": 1}\n{"I1": \n')
+    with pytest.raises(InputError, match=r"rows.jsonl line 2: not a JSON object"):
+        _read_warmup_rows(str(path))
+    with pytest.raises(InputError, match=r"--warmup-rows .*nope.jsonl: No such file or directory"):
+        _read_warmup_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_export_takes_a_runs_other_model_with_run_dir_and_model() -> None:
+    """--help promised "--model ... instead of RUN_DIR's final model", but the two together were refused."""
+    from ctrkit.commands.export import run
+    from ctrkit.errors import InputError
+
+    parse = build_parser().parse_args
+    with pytest.raises(InputError, match="give RUN_DIR, or --model PATH.keras with --data"):
+        run(parse(["export", "--base-path", "B", "--model-name", "m"]))
+    with pytest.raises(InputError, match="--model without RUN_DIR needs --data"):
+        run(parse(["export", "--model", "m.keras", "--base-path", "B", "--model-name", "m"]))
+    with pytest.raises(InputError, match="no_such_run"):  # both: the run's data, the given model
+        run(parse(["export", "no_such_run", "--model", "m.keras", "--base-path", "B", "--model-name", "m"]))

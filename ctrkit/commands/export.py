@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 from ctrkit.commands._arguments import model_name, positive_int
 
@@ -12,16 +13,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained model as a TF Serving SavedModel version BASE/NAME/<version>/",
-        description="Exports RUN_DIR's final model (or --model PATH.keras with --data PIPELINE_OUT) with the "
-        "pipeline's tensorflow-transform graph inside, so clients send raw features. Signatures: "
+        description="Exports RUN_DIR's final model (or --model PATH.keras, with RUN_DIR or --data PIPELINE_OUT) "
+        "with the pipeline's tensorflow-transform graph inside, so clients send raw features. Signatures: "
         "serving_default (serialized tf.Example 'examples'), predict_raw, classify, regress. The version is "
         "validated (saved_model_cli, fresh-process reload) before it is renamed into place.",
     )
-    p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory")
+    p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory (its final model, data and "
+                   "export settings)")
     p.add_argument("--base-path", required=True, help="TF Serving model base path parent (BASE)")
     p.add_argument("--model-name", required=True, type=model_name, help="model name (versions go to BASE/NAME/<version>)")
-    p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model")
-    p.add_argument("--data", help="pipeline output directory (default: the one RUN_DIR trained on)")
+    p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model (e.g. "
+                   "RUN_DIR/model_uncalibrated.keras); without RUN_DIR it needs --data")
+    p.add_argument("--data", help="pipeline output directory the model was trained on (default: RUN_DIR's)")
     p.add_argument("--version", type=positive_int, help="integer version (default: above every existing one)")
     p.add_argument("--keep-versions", type=positive_int,
                    help="newest versions to keep (default: export.keep_versions of RUN_DIR's config.yaml; 5 with "
@@ -60,10 +63,11 @@ def _keep_versions(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from ctrkit.errors import InputError
 
-    if bool(args.run_dir) == bool(args.model):
-        raise InputError("give either RUN_DIR or --model PATH.keras (with --data PIPELINE_OUT)")
-    if args.model and not args.data:
-        raise InputError("--model needs --data PIPELINE_OUT (the pipeline output the model was trained on)")
+    if not args.run_dir and not args.model:
+        raise InputError("give RUN_DIR, or --model PATH.keras with --data PIPELINE_OUT")
+    if args.model and not args.data and not args.run_dir:
+        raise InputError("--model without RUN_DIR needs --data PIPELINE_OUT (the pipeline output the model was "
+                         "trained on)")
     data_dir = args.data or _run_data_dir(args.run_dir)
     keep_versions = _keep_versions(args)
 
@@ -82,13 +86,9 @@ def run(args: argparse.Namespace) -> int:
         from ctrkit.trainer import load_run_model
 
         model = load_run_model(args.run_dir)
-    warmup = None
+    warmup, warmup_lines = None, []
     if args.warmup_rows:
-        with open(args.warmup_rows, encoding="utf-8") as f:
-            try:
-                warmup = [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as e:
-                raise InputError(f"{args.warmup_rows}: not JSON lines ({e})") from e
+        warmup, warmup_lines = _read_warmup_rows(args.warmup_rows)
     try:
         path = export_model(
             model,
@@ -100,9 +100,38 @@ def run(args: argparse.Namespace) -> int:
             warmup_examples=warmup,
             validate=not args.no_validate,
         )
-    except (ExportError, ValidationError, ValueError) as e:
+    except (ExportError, ValidationError, ValueError, TypeError) as e:
         if args.debug:
             raise
-        raise InputError(str(e)) from e
+        raise InputError(_name_warmup_line(str(e), args.warmup_rows, warmup_lines)) from e
     print(path)
     return 0
+
+
+def _name_warmup_line(message: str, path: str | None, lines: list[int]) -> str:
+    """``warmup_examples[i]: ...`` (the library's list index) → ``PATH line N: ...`` (the file's line)."""
+    row = re.match(r"warmup_examples\[(\d+)\]: ", message)
+    if row is None or path is None:
+        return message
+    return f"{path} line {lines[int(row.group(1))]}: {message[row.end():]}"
+
+
+def _read_warmup_rows(path: str) -> tuple[list, list[int]]:
+    """The JSON lines of ``--warmup-rows`` and the 1-based line number of each (blank lines skipped)."""
+    from ctrkit.errors import InputError
+
+    rows, lines = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path} line {number}: not a JSON object ({e})") from e
+                    lines.append(number)
+    except OSError as e:
+        raise InputError(f"--warmup-rows {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"--warmup-rows {path}: not UTF-8 text ({e})") from e
+    return rows, lines
