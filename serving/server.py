@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -212,6 +213,10 @@ class ModelRegistry:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+
+    def loaded_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._loaded)
 
     # -- lookup --------------------------------------------------------------------------------------
     def get(self, model_name: str, version: int | None) -> LoadedVersion:
@@ -405,7 +410,7 @@ class Handler:
 
 
 def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               inference_threads: int = 4) -> Any:
+               inference_threads: int = 4, on_ready: Callable[[], None] | None = None) -> Any:
     """The ASGI application (Starlette); starts and stops the registry's polling with the app.
 
     Starlette routes straight to :class:`Handler`, responses are encoded with orjson, and inference runs
@@ -446,6 +451,8 @@ def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH,
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
         await asyncio.get_running_loop().run_in_executor(pool, registry.start)
+        if on_ready is not None:  # after the first poll: what is served is known
+            on_ready()
         yield
         registry.stop()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -472,4 +479,20 @@ def serve(
     import uvicorn
 
     registry = ModelRegistry(base_path, model_name, num_versions=num_versions, poll_seconds=poll_seconds)
-    uvicorn.run(create_app(registry, max_batch_size), host=host, port=port, log_level="warning")
+
+    def ready() -> None:
+        # uvicorn runs at log level "warning": without this line a server serving nothing looked the same as
+        # one serving a model.
+        log.warning(startup_line(registry, host, port))
+
+    uvicorn.run(create_app(registry, max_batch_size, on_ready=ready), host=host, port=port, log_level="warning")
+
+
+def startup_line(registry: ModelRegistry, host: str, port: int) -> str:
+    """What the server serves after its first look at the model directory, and where."""
+    url = f"http://{host}:{port}/v1/models/{registry.model_name}"
+    loaded = registry.loaded_versions()
+    if loaded:
+        return f"serving {registry.model_name} version(s) {loaded} from {registry.path} at {url}"
+    return (f"no loadable version of {registry.model_name} in {registry.path} yet: {url} answers 404 until one "
+            f"appears (looking every {registry.poll_seconds:g} s)")

@@ -395,3 +395,21 @@ def test_ctrkit_serve_under_short_load(exported, serving_spec):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_startup_line_says_what_is_served_or_that_nothing_is(exported, tmp_path):
+    """`ctrkit serve` printed nothing: a server with no loadable version looked like a working one."""
+    from starlette.testclient import TestClient
+
+    from ctrkit.serving.server import ModelRegistry, create_app, startup_line
+
+    empty = ModelRegistry(str(tmp_path), "none", poll_seconds=0.5)
+    empty.poll_once()
+    assert startup_line(empty, "127.0.0.1", 8501) == (
+        f"no loadable version of none in {tmp_path / 'none'} yet: http://127.0.0.1:8501/v1/models/none answers 404 "
+        "until one appears (looking every 0.5 s)")
+    shutil.copytree(exported["path"], tmp_path / "m" / "4")
+    lines = []
+    registry = ModelRegistry(str(tmp_path), "m", poll_seconds=0.2)
+    with TestClient(create_app(registry, on_ready=lambda: lines.append(startup_line(registry, "h", 1)))):
+        assert lines == [f"serving m version(s) [4] from {tmp_path / 'm'} at http://h:1/v1/models/m"]

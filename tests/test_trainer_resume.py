@@ -67,3 +67,19 @@ def test_sigkill_then_resume_trains_every_example_exactly_once(tmp_path) -> None
     assert info["status"] == "completed" and info["examples"] == WINDOWS * ROWS
     windows = [ln for ln in _jsonl(os.path.join(run, "metrics.jsonl")) if ln["type"] == "window"]
     assert [w["window"]["examples"] for w in windows] == [ROWS] * WINDOWS
+
+
+def test_run_stopped_by_max_steps_says_so_and_how_to_continue(tmp_path, capsys) -> None:
+    """It printed the same lines as a finished run; `ctrkit export` then refused it without saying why."""
+    from ctrkit.cli import main
+
+    data = write_dataset(tmp_path / "data", windows=2, rows_per_window=200, seed=6)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "stop", "model": {"embedding_dim": 2, "cross_layers": 1, "dnn_units": [4]},
+                                   "train": {"batch_size": 50}}))
+    args = ["train", "--config", str(cfg), "--data", data.directory, "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(args + ["--max-steps", "3"]) == 0
+    assert "stopped at step 3 by --max-steps" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 400 examples in 8 steps" in out and "stopped at step" not in out

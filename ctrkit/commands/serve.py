@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port, default=8501, help="REST port (default: 8501, TF Serving's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--num-versions", type=positive_int, default=1, help="newest versions kept loaded (default: 1)")
-    p.add_argument("--poll-seconds", type=positive_float, default=1.0, help="how often to look for new versions")
-    p.add_argument("--max-batch-size", type=positive_int, default=1024, help="largest batch one request may send")
+    p.add_argument("--poll-seconds", type=positive_float, default=1.0,
+                   help="how often to look for new versions (default: 1.0)")
+    p.add_argument("--max-batch-size", type=positive_int, default=1024,
+                   help="largest batch one request may send (default: 1024)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -39,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise InputError(f"ctrkit serve needs the 'serve' extra: pip install 'ctrkit[serve]' ({e})") from e
+    import logging
+    import sys
+
+    # Versions loaded, failed or incomplete, and the startup line: an operator's view of what is served.
+    logging.basicConfig(level=logging.WARNING, format="ctrkit serve: %(message)s", stream=sys.stderr)
+    logging.getLogger("ctrkit.serving").setLevel(logging.INFO)
     serve(
         args.base_path,
         args.model_name,

@@ -71,4 +71,7 @@ def run(args: argparse.Namespace) -> int:
         f"progressive validation: AUC {fmt(m.get('auc'))}  log loss {fmt(m.get('logloss'))}  "
         f"NE {fmt(m.get('ne'))}  calibration {fmt(m.get('calibration'))}  ECE {fmt(m.get('ece'))}"
     )
+    if not result.model_path:  # max_steps stopped it: the run looked finished, then `export` refused it
+        print(f"stopped at step {result.steps} by --max-steps, before the end of the data: checkpointed, no final "
+              "model.keras yet; run the same command with --resume to continue")
     return 0
