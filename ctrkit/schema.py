@@ -102,6 +102,24 @@ class ColumnSpec:
             raise ConfigError(f"{where}: separator must be a non-empty string or null")
 
 
+def recorded_columns(recorded_data: dict | None, where: str) -> list[ColumnSpec] | None:
+    """The columns of a ``data:`` section ctrkit recorded (a manifest's ``config["data"]``); None if absent."""
+    from ctrkit.configio import from_dict, reading_recorded_config
+
+    if not recorded_data or "columns" not in recorded_data:
+        return None
+    with reading_recorded_config():  # an older ctrkit recorded settings a column ignores
+        return [from_dict(ColumnSpec, c, f"{where} data.columns") for c in recorded_data["columns"]]
+
+
+def differing_columns(ours: list[ColumnSpec], theirs: list[ColumnSpec]) -> list[str]:
+    """Columns whose ids or values would differ: name, kind or a setting the column uses (a setting it
+    ignores does not count); ``["the column count"]`` when the lists differ in length."""
+    if len(ours) != len(theirs):
+        return ["the column count"]
+    return [c.name for c, t in zip(ours, theirs) if c.effective() != t.effective()]
+
+
 def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:
     """The default Criteo schema: label, I1..I13 numeric, C1..C26 categorical."""
     return (

@@ -447,6 +447,21 @@ def vocabulary_fingerprint(manifest: Manifest) -> str | None:
     return digest.hexdigest()
 
 
+def _warn_if_other_columns(config: Config, manifest: Manifest, data_dir: str, run_dir: str) -> None:
+    """The model follows the data's manifest, whatever the config's ``data:`` says; a config that describes
+    other columns would go into the run's config.yaml as if it had been used."""
+    from ctrkit.schema import differing_columns, recorded_columns
+
+    theirs = recorded_columns(manifest.config.get("data"), os.path.join(data_dir, "manifest.json"))
+    diff = differing_columns(config.data.columns, theirs) if theirs is not None else []
+    if diff:
+        import warnings
+
+        warnings.warn(f"{data_dir} was preprocessed with other data.columns than this config's (they differ at "
+                      f"{diff}): the model follows the data, but {os.path.join(run_dir, 'config.yaml')} records the "
+                      "config as given; train with the config the data was preprocessed with", stacklevel=3)
+
+
 def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | None, who: str, advice: str) -> None:
     """Refuse data whose vocabularies differ from those ``run_dir`` was trained on (its run.json records
     their :func:`vocabulary_fingerprint`): that run's embedding rows would belong to other tokens there.
@@ -528,6 +543,7 @@ def train(
     from ctrkit.model import build_model
 
     manifest = Manifest.load(data_dir)
+    _warn_if_other_columns(config, manifest, data_dir, run_dir)
     tc = config.train
     if tc.deterministic:
         tf.config.experimental.enable_op_determinism()

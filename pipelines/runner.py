@@ -28,10 +28,10 @@ import time
 import zlib
 from typing import Any
 
-from ctrkit.configio import ConfigError, from_dict, reading_recorded_config, to_dict
+from ctrkit.configio import ConfigError, from_dict, to_dict
 from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest, Window
-from ctrkit.schema import ColumnSpec, DataConfig
+from ctrkit.schema import DataConfig, differing_columns, recorded_columns
 
 log = logging.getLogger("ctrkit.pipelines")
 RESULT_FILE = "_result.json"
@@ -154,16 +154,11 @@ def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
             raise InputError(f"--transform-fn {path}: no {sub}/ there (pass a previous `ctrkit preprocess` output)")
     manifest = os.path.join(path, "manifest.json")
     if os.path.exists(manifest):
-        prev = Manifest.load(path).config.get("data")
-        if prev is not None:
-            # Compare what decides the ids and values: a setting the column ignored (which an older
-            # ctrkit accepted) may be in the record and gone from the config, or the other way round.
-            with reading_recorded_config():
-                theirs = [from_dict(ColumnSpec, c, f"{manifest} data.columns") for c in prev.get("columns", [])]
-            diff = [c.name for c, p in zip(config.columns, theirs) if c.effective() != p.effective()]
-            if len(config.columns) != len(theirs) or diff:
-                raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
-                                  f"(differs at {diff or 'the column count'}); ids would not match")
+        theirs = recorded_columns(Manifest.load(path).config.get("data"), manifest)
+        diff = differing_columns(config.columns, theirs) if theirs is not None else []
+        if diff:
+            raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
+                              f"(differs at {diff}); ids would not match")
     return path
 
 

@@ -375,3 +375,27 @@ def test_a_window_end_logged_before_a_crash_is_not_logged_twice(dataset, tmp_pat
     events = _tensorboard_events(run)
     assert len(events) == len(set(events))  # no (tag, step) twice
     assert sorted(step for tag, step in events if tag == "window/auc") == [12, 24, 36, done.steps]
+
+
+def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path) -> None:
+    """The model follows the manifest; a config whose data section describes other columns trained without
+    a word and went into the run's config.yaml as if it had been used."""
+    import warnings
+
+    from ctrkit.configio import to_dict
+
+    data = write_dataset(tmp_path / "data", windows=1, rows_per_window=300, seed=2)
+    path = os.path.join(data.directory, "manifest.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["config"]["data"] = to_dict(Config().data)  # as if preprocessed with the default (Criteo) columns
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    with pytest.warns(UserWarning, match=r"preprocessed with other data\.columns than this config's \(they differ "
+                                         r"at \['the column count'\]\)"):
+        train(Config.from_dict({**small_config().to_dict(), "data": {"format": "csv", "columns": [
+            {"name": "y", "kind": "label"}, {"name": "c"}]}}), data.directory, str(tmp_path / "a"),
+              progress=False, max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config the data was made with: no warning
+        train(small_config(), data.directory, str(tmp_path / "b"), progress=False, max_steps=1)
