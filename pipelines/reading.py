@@ -652,7 +652,8 @@ def _swallowed_lines(col: pa.Array, delim: str, n_columns: int) -> dict[int, int
     one field; the row can still have the right number of fields. A quoted line break in real data
     (free text) rarely carries a whole row's worth of delimiters on its later lines.
     """
-    breaks = pc.fill_null(pc.match_substring_regex(col, "[\r\n]"), False).to_numpy(zero_copy_only=False)
+    breaks = pc.or_(pc.match_substring(col, "\n"), pc.match_substring(col, "\r"))
+    breaks = pc.fill_null(breaks, False).to_numpy(zero_copy_only=False)
     found = {}
     for i in np.flatnonzero(breaks):
         later = _LINE_END.split(col[int(i)].as_py().rstrip(b"\r\n"))[2::2]
