@@ -189,6 +189,8 @@ class ModelRegistry:
                 self._loaded[v] = loaded
             log.info("loaded %s version %s", self.model_name, v)
         present = set(versions.list_versions(self.path))
+        for v in [v for v in self._failed if v not in present or v not in wanted]:
+            del self._failed[v]  # deleted or superseded: no longer a version the server would serve
         with self._lock:
             # Keep the newest loaded versions still on disk; if all were deleted, keep serving what we have.
             candidates = [v for v in self._loaded if v in present] or list(self._loaded)
@@ -235,15 +237,19 @@ class ModelRegistry:
         if model_name != self.model_name:
             raise NotFoundError(f"Could not find any versions of model {model_name}")
         with self._lock:
-            loaded = sorted(self._loaded, reverse=True)
+            states = {v: ("AVAILABLE", "OK", "") for v in self._loaded}
+        # A version that failed to load is listed as TF Serving lists it (state END with the error), so a
+        # broken export does not look like a missing one.
+        for v, (_, error) in list(self._failed.items()):
+            states.setdefault(v, ("END", "UNKNOWN", error))
         if version is not None:
-            if version not in loaded:
+            if version not in states:
                 raise NotFoundError(f"Could not find version {version} of model {model_name}")
-            loaded = [version]
-        if not loaded:
+            states = {version: states[version]}
+        if not states:
             raise NotFoundError(f"Could not find any versions of model {model_name}")
-        ok = {"error_code": "OK", "error_message": ""}
-        return [{"version": str(v), "state": "AVAILABLE", "status": ok} for v in loaded]
+        return [{"version": str(v), "state": state, "status": {"error_code": code, "error_message": message}}
+                for v, (state, code, message) in sorted(states.items(), reverse=True)]
 
 
 # -- request handling (framework-independent, so tests and the benchmark can call it directly) ---------

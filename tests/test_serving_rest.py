@@ -297,7 +297,8 @@ def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, servi
     shutil.copytree(exported["path"], model_dir / "1")
     ex = {"instances": [_b64(_serialized([{"I1": 2.0}], serving_spec)[0])]}
     with TestClient(create_app(ModelRegistry(str(tmp_path), "m", poll_seconds=0.2))) as c:
-        status = lambda: [s["version"] for s in c.get("/v1/models/m").json().get("model_version_status", [])]  # noqa: E731
+        status = lambda: [s["version"] for s in c.get("/v1/models/m").json().get("model_version_status", [])  # noqa: E731
+                          if s["state"] == "AVAILABLE"]
         assert status() == ["1"]
         # Half-written: the graph is there, the variables are not (yet).
         half = model_dir / "3"
@@ -413,3 +414,23 @@ def test_startup_line_says_what_is_served_or_that_nothing_is(exported, tmp_path)
     registry = ModelRegistry(str(tmp_path), "m", poll_seconds=0.2)
     with TestClient(create_app(registry, on_ready=lambda: lines.append(startup_line(registry, "h", 1)))):
         assert lines == [f"serving m version(s) [4] from {tmp_path / 'm'} at http://h:1/v1/models/m"]
+
+
+def test_a_version_that_failed_to_load_is_listed_with_its_error(exported, tmp_path):
+    """It answered 404 "Could not find any versions", as if nothing had been exported; TF Serving lists it."""
+    from starlette.testclient import TestClient
+
+    from ctrkit.serving.server import ModelRegistry, create_app
+
+    broken = tmp_path / "m" / "7"
+    shutil.copytree(exported["path"], broken)
+    (broken / "saved_model.pb").write_bytes(b"garbage")
+    with TestClient(create_app(ModelRegistry(str(tmp_path), "m", poll_seconds=0.2))) as c:
+        reply = c.get("/v1/models/m")
+        assert reply.status_code == 200
+        [status] = reply.json()["model_version_status"]
+        assert status["version"] == "7" and status["state"] == "END"
+        assert status["status"]["error_code"] == "UNKNOWN" and status["status"]["error_message"]
+        assert c.post("/v1/models/m:predict", json={"instances": []}).status_code == 404
+        shutil.rmtree(broken)  # gone from disk: no longer listed
+        assert _wait_for(lambda: c.get("/v1/models/m").status_code == 404)
