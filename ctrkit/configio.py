@@ -106,11 +106,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
+        where = path or "top level"
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
-        where = path or "config"
         unknown = sorted(set(value) - set(fields))
         if unknown:
             raise ConfigError(
@@ -128,7 +128,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             # model sits at ``distill.teacher_model``.
             usual = getattr(tp, "CONFIG_KEY", None)
             if usual and path and path != usual:
-                raise ConfigError(re.sub(rf"(?<![\w.]){re.escape(usual)}\.", f"{path}.", str(e))) from e
+                keys = "|".join(map(re.escape, fields))  # only keys: a value such as 'model.relu' stays as given
+                raise ConfigError(re.sub(rf"(?<![\w.]){re.escape(usual)}\.(?=(?:{keys})\b)", f"{path}.", str(e))) from e
             raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from e

@@ -102,12 +102,20 @@ class ColumnSpec:
             raise ConfigError(f"{where}: separator must be a non-empty string or null")
 
 
+def _as_tf_argument(name: str) -> str:
+    """TensorFlow's ``sanitize_arg_name``: non-alphanumerics to '_', 'arg_' before a non-letter start."""
+    swapped = "".join(ch if ch.isalnum() else "_" for ch in name)
+    return swapped if swapped[0].isalpha() else "arg_" + swapped
+
+
 def recorded_columns(recorded_data: dict | None, where: str) -> list[ColumnSpec] | None:
     """The columns of a ``data:`` section ctrkit recorded (a manifest's ``config["data"]``); None if absent."""
     from ctrkit.configio import from_dict, reading_recorded_config
 
-    if not recorded_data or "columns" not in recorded_data:
+    if not recorded_data:
         return None
+    if not recorded_data.get("columns"):  # as in a config: no columns means the Criteo schema
+        return criteo_columns()
     with reading_recorded_config():  # an older ctrkit recorded settings a column ignores
         return [from_dict(ColumnSpec, c, f"{where} data.columns") for c in recorded_data["columns"]]
 
@@ -156,15 +164,15 @@ class DataConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"data.columns: duplicate column names {dupes}")
-        # SavedModel signatures turn argument names into Python names ('-' and '.' become '_'): two columns
-        # equal after that would fail at export.
+        # The serving signature takes each column clients send as a function argument, whose name TF makes
+        # a Python name (tensorflow function_type.sanitize_arg_name): two columns equal after that fail at export.
         as_argument: dict[str, str] = {}
         for c in self.columns:
-            if c.kind != "ignore":
-                other = as_argument.setdefault(re.sub(r"[^A-Za-z0-9]", "_", c.name), c.name)
+            if c.kind in ("numeric", "categorical", "timestamp"):
+                other = as_argument.setdefault(_as_tf_argument(c.name), c.name)
                 if other != c.name:
-                    raise ConfigError(f"data.columns: {other!r} and {c.name!r} differ only in '-', '.' or '_', "
-                                      "which SavedModel signatures cannot tell apart; rename one")
+                    raise ConfigError(f"data.columns: {other!r} and {c.name!r} become the same argument name "
+                                      f"{_as_tf_argument(c.name)!r} in a SavedModel signature; rename one")
         labels = [c.name for c in self.columns if c.kind == "label"]
         if len(labels) != 1:
             raise ConfigError(f"data.columns: exactly one column must have kind 'label', found {labels or 'none'}")

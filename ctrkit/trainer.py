@@ -452,11 +452,15 @@ def _warn_if_other_columns(config: Config, manifest: Manifest, data_dir: str, ru
     other columns would go into the run's config.yaml as if it had been used."""
     from ctrkit.schema import differing_columns, recorded_columns
 
-    theirs = recorded_columns(manifest.config.get("data"), os.path.join(data_dir, "manifest.json"))
+    import warnings
+
+    try:
+        theirs = recorded_columns(manifest.config.get("data"), os.path.join(data_dir, "manifest.json"))
+    except ConfigError as e:  # a record an older ctrkit wrote, which this one would refuse: only a warning
+        warnings.warn(f"cannot compare the config's data.columns with the data's: {e}", stacklevel=3)
+        return
     diff = differing_columns(config.data.columns, theirs) if theirs is not None else []
     if diff:
-        import warnings
-
         warnings.warn(f"{data_dir} was preprocessed with other data.columns than this config's (they differ at "
                       f"{diff}): the model follows the data, but {os.path.join(run_dir, 'config.yaml')} records the "
                       "config as given; train with the config the data was preprocessed with", stacklevel=3)

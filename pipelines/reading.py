@@ -259,10 +259,9 @@ def _settle(batch: pa.RecordBatch, lines: np.ndarray, refused: list, file_index:
             rejected.append(Rejected(path, int(number), raw.decode("utf-8", "backslashreplace"),
                                      f"wrong number of fields: {raw.count(masked.delimiter) + 1}, expected "
                                      f"{len(names)}, and undecodable bytes (not UTF-8)"))
-        elif quote and ("\n" in text or "\r" in text):
-            # A quote opened and never closed swallows every line up to the next quote (often the end of
-            # the file) into one field; padding that row would train on it and hide the lost lines.
-            spans = len(_LINE_END.split(text.encode())) // 2 + 1
+        elif quote and (spans := _runs_over_rows(text.encode(), delim, len(names))):
+            # A quote opened and never closed swallows the lines up to the next quote (often the end of the
+            # file) into one field; padding that row would train on it and hide the lost lines.
             log.warning("%s: the row at line %d has a quoted field running over %d lines (an unterminated "
                         "quote?); it is rejected with those lines (see rejected/)", path, number, spans)
             rejected.append(Rejected(path, int(number), text,
@@ -646,20 +645,31 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
 
 
 def _swallowed_lines(col: pa.Array, delim: str, n_columns: int) -> dict[int, int]:
-    """Row → line count, for values whose later lines hold a full row's delimiters.
-
-    A quote opened and never closed takes every line up to the next quote (often the end of the file) into
-    one field; the row can still have the right number of fields. A quoted line break in real data
-    (free text) rarely carries a whole row's worth of delimiters on its later lines.
-    """
+    """Row → line count, for the values of ``col`` that :func:`_runs_over_rows` finds."""
     breaks = pc.or_(pc.match_substring(col, "\n"), pc.match_substring(col, "\r"))
     breaks = pc.fill_null(breaks, False).to_numpy(zero_copy_only=False)
     found = {}
     for i in np.flatnonzero(breaks):
-        later = _LINE_END.split(col[int(i)].as_py().rstrip(b"\r\n"))[2::2]
-        if any(line.count(delim.encode()) >= n_columns - 1 for line in later):
-            found[int(i)] = len(later) + 1
+        spans = _runs_over_rows(col[int(i)].as_py(), delim, n_columns)
+        if spans:
+            found[int(i)] = spans
     return found
+
+
+def _runs_over_rows(text: bytes, delim: str, n_columns: int) -> int | None:
+    """The number of lines of ``text`` if its later lines look like rows of the file, else None.
+
+    A quote opened and never closed takes the lines up to the next quote (often the end of the file) into
+    one field, and the row can still have the right number of fields. Such lines each hold exactly a row's
+    delimiters. Free text with line breaks seldom does, line after line: at least two later lines, and
+    most of them, must look like rows. (So a quote left open on the second-to-last line, swallowing one
+    row, goes unnoticed.)
+    """
+    later = _LINE_END.split(text.rstrip(b"\r\n"))[2::2]
+    like_rows = sum(line.count(delim.encode()) == n_columns - 1 for line in later)
+    if like_rows >= 2 and 2 * like_rows > len(later):
+        return len(later) + 1
+    return None
 
 
 def _show(v) -> str:
@@ -703,17 +713,19 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
 
     Missing is what the writers use for it: null, an empty string (as an empty field is in text), and NaN
     in a float column (pandas without nullable dtypes). Dictionary (pandas ``category``) columns are
-    decoded, an all-null column is all missing, dates and timestamps become Unix seconds (truncated to
-    whole seconds), decimals become floats.
+    decoded, an all-null column is all missing, dates and timestamps become Unix seconds (floored to whole
+    seconds), decimals their exact text.
     """
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
     if pa.types.is_null(col.type):
         return pa.nulls(len(col), pa.binary())
-    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        col = col.cast(pa.timestamp("s", tz=getattr(col.type, "tz", None)), safe=False).cast(pa.int64())
+    if pa.types.is_timestamp(col.type):  # floored, so -1.5 s is -2 like any time before 1970
+        col = pc.floor_temporal(col, unit="second").cast(pa.timestamp("s", tz=col.type.tz)).cast(pa.int64())
+    elif pa.types.is_date(col.type):
+        col = col.cast(pa.timestamp("s")).cast(pa.int64())
     elif pa.types.is_decimal(col.type):
-        col = col.cast(pa.float64())
+        col = col.cast(pa.string())  # exact: a float would merge long decimal ids of a categorical column
     elif pa.types.is_boolean(col.type):
         col = col.cast(pa.int8())
     if pa.types.is_floating(col.type):

@@ -176,22 +176,24 @@ class ModelRegistry:
                 stamp = _tree_stamp(vdir)
             except OSError:
                 continue  # deleted meanwhile
-            if v in self._failed and self._failed[v][0] == stamp:
-                continue  # broken and no file changed since we tried
+            with self._lock:
+                if v in self._failed and self._failed[v][0] == stamp:
+                    continue  # broken and no file changed since we tried
             try:
                 loaded = load_version(vdir, v)
             except Exception as e:  # noqa: BLE001 - a broken version must not stop the server
-                self._failed[v] = (stamp, f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self._failed[v] = (stamp, f"{type(e).__name__}: {e}")
                 log.error("could not load version %s of %s: %s", v, self.model_name, e)
                 continue
-            self._failed.pop(v, None)
-            with self._lock:
+            with self._lock:  # one step, so a status request sees the version in one of the two
+                self._failed.pop(v, None)
                 self._loaded[v] = loaded
             log.info("loaded %s version %s", self.model_name, v)
         present = set(versions.list_versions(self.path))
-        for v in [v for v in self._failed if v not in present or v not in wanted]:
-            del self._failed[v]  # deleted or superseded: no longer a version the server would serve
         with self._lock:
+            for v in [v for v in self._failed if v not in present or v not in wanted]:
+                del self._failed[v]  # deleted or superseded: no longer a version the server would serve
             # Keep the newest loaded versions still on disk; if all were deleted, keep serving what we have.
             candidates = [v for v in self._loaded if v in present] or list(self._loaded)
             keep = set(sorted(candidates)[-self.num_versions :])
@@ -238,10 +240,10 @@ class ModelRegistry:
             raise NotFoundError(f"Could not find any versions of model {model_name}")
         with self._lock:
             states = {v: ("AVAILABLE", "OK", "") for v in self._loaded}
-        # A version that failed to load is listed as TF Serving lists it (state END with the error), so a
-        # broken export does not look like a missing one.
-        for v, (_, error) in list(self._failed.items()):
-            states.setdefault(v, ("END", "UNKNOWN", error))
+            # A version that failed to load is listed as TF Serving lists it (state END with the error), so a
+            # broken export does not look like a missing one.
+            for v, (_, error) in self._failed.items():
+                states.setdefault(v, ("END", "UNKNOWN", error))
         if version is not None:
             if version not in states:
                 raise NotFoundError(f"Could not find version {version} of model {model_name}")
@@ -498,7 +500,8 @@ def startup_line(registry: ModelRegistry, host: str, port: int) -> str:
     """What the server serves after its first look at the model directory, and where."""
     url = f"http://{host}:{port}/v1/models/{registry.model_name}"
     loaded = registry.loaded_versions()
+    # Said before uvicorn binds the port: a port in use still fails after this line, with uvicorn's error.
     if loaded:
-        return f"serving {registry.model_name} version(s) {loaded} from {registry.path} at {url}"
-    return (f"no loadable version of {registry.model_name} in {registry.path} yet: {url} answers 404 until one "
-            f"appears (looking every {registry.poll_seconds:g} s)")
+        return f"starting {url} with {registry.model_name} version(s) {loaded} loaded from {registry.path}"
+    return (f"starting {url} with no loadable version of {registry.model_name} in {registry.path} yet: it answers "
+            f"404 until one appears (looking every {registry.poll_seconds:g} s)")

@@ -62,7 +62,7 @@ def serialize_rows(rows: Sequence[Mapping[str, Any] | bytes], spec: Mapping[str,
         elif isinstance(row, Mapping):
             try:
                 out.append(row_to_example(row, spec).SerializeToString())
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"warmup_examples[{i}]: {e}") from e
         else:
             raise TypeError(f"warmup_examples[{i}]: expected a dict of raw features or serialized tf.Example bytes, "

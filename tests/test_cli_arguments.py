@@ -108,6 +108,9 @@ def test_warmup_rows_errors_name_the_file_and_its_line(tmp_path) -> None:
     path.write_text('{"I1": 1}\n{"I1": \n')
     with pytest.raises(InputError, match=r"rows.jsonl line 2: not a JSON object"):
         _read_warmup_rows(str(path))
+    path.write_text('{"I1": 1}\n[1, 2]\n')
+    with pytest.raises(InputError, match=r"rows.jsonl line 2: expected a JSON object of raw features, got list"):
+        _read_warmup_rows(str(path))
     with pytest.raises(InputError, match=r"--warmup-rows .*nope.jsonl: No such file or directory"):
         _read_warmup_rows(str(tmp_path / "nope.jsonl"))
 

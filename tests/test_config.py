@@ -300,6 +300,8 @@ def test_good_data_sections_load() -> None:
     ("distill: {teacher_model: {cross_kind: full, num_experts: 8}}",
      "c.yaml: distill.teacher_model.num_experts: 8 would be ignored because distill.teacher_model.cross_kind is 'full'"),
     ("model: {embedding_dim: 0}", "c.yaml: model.embedding_dim: must be >= 1, got 0"),
+    ("distill: {teacher_model: {activation: model.relu}}",  # a value is left as written
+     "c.yaml: distill.teacher_model.activation: 'model.relu' is not one of"),
     # Type errors and a section's own checks read alike: FILE: section.key: problem.
     ("name: 5", "c.yaml: name: expected a string, got 5"),
     ("model: {embedding_dim: x}", "c.yaml: model.embedding_dim: expected an integer, got 'x'"),
@@ -320,7 +322,9 @@ def test_errors_name_the_key_where_it_is_in_the_file(tmp_path, text, message) ->
      "column 'a/b': a column the pipeline reads needs a name of letters, digits"),
     ({"columns": [{"name": "click", "kind": "label"}, {"name": "my col"}]}, "column 'my col': a column the pipeline"),
     ({"columns": [{"name": "click", "kind": "label"}, {"name": "a-b"}, {"name": "a.b"}]},
-     "data.columns: 'a-b' and 'a.b' differ only in"),
+     "data.columns: 'a-b' and 'a.b' become the same argument name 'a_b' in a SavedModel signature"),
+    ({"columns": [{"name": "click", "kind": "label"}, {"name": "1a"}, {"name": "arg_1a"}]},
+     "data.columns: '1a' and 'arg_1a' become the same argument name 'arg_1a'"),
     # Data settings the format or the columns make ineffective, like the other sections' ignored settings.
     ({"header": False}, "data.header: False would be ignored because data.format is 'criteo_tsv'"),
     ({"format": "parquet", "delimiter": ";"}, "data.delimiter: ';' would be ignored because data.format is 'parquet'"),
@@ -337,10 +341,20 @@ def test_data_section_refuses_unusable_names_and_ignored_settings(data, message)
 
 def test_column_names_the_model_can_take_and_recorded_ignored_data_settings_load() -> None:
     cfg = Config.from_dict({"data": {"format": "csv", "columns": [
-        {"name": "click", "kind": "label"}, {"name": "user-id"}, {"name": "ad.price", "kind": "numeric"},
-        {"name": "free text (ignored)", "kind": "ignore"}]}})
-    assert [c.name for c in cfg.data.columns][1:3] == ["user-id", "ad.price"]
+        {"name": "click-y", "kind": "label"}, {"name": "click_y"}, {"name": "user-id"},
+        {"name": "ad.price", "kind": "numeric"}, {"name": "free text (ignored)", "kind": "ignore"}]}})
+    # The label is no serving argument: it may equal a feature after TF's renaming.
+    assert [c.name for c in cfg.data.columns][:4] == ["click-y", "click_y", "user-id", "ad.price"]
     from ctrkit.configio import reading_recorded_config
 
     with reading_recorded_config():  # what an older ctrkit wrote in a manifest still loads
         assert Config.from_dict({"data": {"header": False}}).data.header is False
+
+
+def test_recorded_data_without_columns_means_the_criteo_columns() -> None:
+    """As in a config: the comparison of columns (train's warning, --transform-fn) must not skip it."""
+    from ctrkit.schema import criteo_columns, differing_columns, recorded_columns
+
+    assert recorded_columns(None, "m") is None  # nothing recorded (a hand-written manifest): nothing to compare
+    assert differing_columns(recorded_columns({"format": "criteo_tsv"}, "m"), criteo_columns()) == []
+    assert differing_columns(recorded_columns({"columns": []}, "m"), Config().data.columns) == []

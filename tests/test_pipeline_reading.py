@@ -430,7 +430,7 @@ def test_parquet_types_pandas_writes_read_like_the_same_csv(tmp_path):
     import pyarrow.parquet as pq
 
     ts = [datetime.datetime(2023, 11, 14, 0, 0, 1, 900_000), datetime.datetime(2023, 11, 15),
-          datetime.datetime(2023, 11, 16, 12)]
+          datetime.datetime(1969, 12, 31, 23, 59, 58, 500_000)]  # before 1970: floored to -2
     table = pa.table({
         "label": [1.0, 0.0, 1.0],
         "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
@@ -443,7 +443,7 @@ def test_parquet_types_pandas_writes_read_like_the_same_csv(tmp_path):
     })
     pq.write_table(table, tmp_path / "p.parquet")
     csv = ("label,ts,day,x,s,price,cat,empty\n1,1699920001,1699920000,1.5,2.5,1.25,a,\n"
-           "0,1700006400,,,,,,\n1,1700136000,1700092800,,,-3.5,b,\n")
+           "0,1700006400,,,,,,\n1,-2,1700092800,,,-3.5,b,\n")
     columns = [ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
                ColumnSpec("day", kind="numeric"), ColumnSpec("x", kind="numeric"), ColumnSpec("s", kind="numeric"),
                ColumnSpec("price", kind="numeric"), ColumnSpec("cat"), ColumnSpec("empty")]
@@ -451,5 +451,16 @@ def test_parquet_types_pandas_writes_read_like_the_same_csv(tmp_path):
     assert rejected == []
     from_csv, _ = _read_all(_write(tmp_path / "p.csv", csv.encode()), DataConfig(format="csv", columns=columns))
     assert from_parquet.drop_columns(["__line"]).equals(from_csv.drop_columns(["__line"]))
-    assert from_parquet["ts"].to_pylist() == [1699920001, 1700006400, 1700136000]
+    assert from_parquet["ts"].to_pylist() == [1699920001, 1700006400, -2]
     assert from_parquet["x"].to_pylist() == [1.5, None, None]
+
+
+def test_quoted_line_breaks_in_real_text_are_kept(tmp_path):
+    """Free text with line breaks is data: a short row with one is padded, not rejected, and a line that
+    happens to hold a row's worth of commas is not taken for swallowed rows."""
+    columns = [ColumnSpec("label", kind="label"), ColumnSpec("c"), ColumnSpec("review", kind="ignore")]
+    path = _write(tmp_path / "r.csv", b'label,c,review\n1,a,"Great, fast shipping.\nWould buy again, 5 stars, thanks"\n'
+                                      b'0,"two\nlines"\n1,b,ok\n')
+    table, rejected = _read_all(path, DataConfig(format="csv", short_rows="pad", columns=columns))
+    assert rejected == []
+    assert table["c"].to_pylist() == [b"a", b"two\nlines", b"b"]

@@ -407,13 +407,13 @@ def test_startup_line_says_what_is_served_or_that_nothing_is(exported, tmp_path)
     empty = ModelRegistry(str(tmp_path), "none", poll_seconds=0.5)
     empty.poll_once()
     assert startup_line(empty, "127.0.0.1", 8501) == (
-        f"no loadable version of none in {tmp_path / 'none'} yet: http://127.0.0.1:8501/v1/models/none answers 404 "
-        "until one appears (looking every 0.5 s)")
+        f"starting http://127.0.0.1:8501/v1/models/none with no loadable version of none in {tmp_path / 'none'} "
+        "yet: it answers 404 until one appears (looking every 0.5 s)")
     shutil.copytree(exported["path"], tmp_path / "m" / "4")
     lines = []
     registry = ModelRegistry(str(tmp_path), "m", poll_seconds=0.2)
     with TestClient(create_app(registry, on_ready=lambda: lines.append(startup_line(registry, "h", 1)))):
-        assert lines == [f"serving m version(s) [4] from {tmp_path / 'm'} at http://h:1/v1/models/m"]
+        assert lines == [f"starting http://h:1/v1/models/m with m version(s) [4] loaded from {tmp_path / 'm'}"]
 
 
 def test_a_version_that_failed_to_load_is_listed_with_its_error(exported, tmp_path):

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             warmup_examples=warmup,
             validate=not args.no_validate,
         )
-    except (ExportError, ValidationError, ValueError, TypeError) as e:
+    except (ExportError, ValidationError, ValueError) as e:
         if args.debug:
             raise
         raise InputError(_name_warmup_line(str(e), args.warmup_rows, warmup_lines)) from e
@@ -126,9 +126,13 @@ def _read_warmup_rows(path: str) -> tuple[list, list[int]]:
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise InputError(f"{path} line {number}: not a JSON object ({e})") from e
+                    if not isinstance(row, dict):
+                        raise InputError(f"{path} line {number}: expected a JSON object of raw features, got "
+                                         f"{type(row).__name__}")
+                    rows.append(row)
                     lines.append(number)
     except OSError as e:
         raise InputError(f"--warmup-rows {path}: {e.strerror or e}") from e
