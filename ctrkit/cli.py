@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from ctrkit._version import __version__
 from ctrkit.runtime import configure_process
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import warnings
+
+    default_showwarning = _print_ctrkit_warnings_as_lines(args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -63,6 +67,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ctrkit {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise
+    finally:
+        warnings.showwarning = default_showwarning
+
+
+def _print_ctrkit_warnings_as_lines(command: str) -> Any:
+    """ctrkit's own warnings as ``ctrkit CMD: warning: ...`` (Python's default shows a source path and line);
+    returns the previous ``warnings.showwarning``."""
+    import warnings
+
+    from ctrkit.errors import CtrkitWarning
+
+    show = warnings.showwarning
+
+    def show_ctrkit(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings API
+        if issubclass(category, CtrkitWarning):
+            print(f"ctrkit {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_ctrkit
+    return show
 
 
 if __name__ == "__main__":

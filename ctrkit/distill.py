@@ -126,6 +126,7 @@ def load_teacher(path: str) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
         fn: Any = getattr(loaded, "serve", None) or loaded.signatures.get("serving_default")
         if fn is None:
             raise InputError(f"teacher SavedModel {path} has neither a `serve` endpoint nor a serving_default signature")
+        _refuse_raw_input_teacher(path, fn)
 
         def score_sm(features: dict[str, tf.Tensor]) -> tf.Tensor:
             out = fn(features)
@@ -138,6 +139,18 @@ def load_teacher(path: str) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
     raise InputError(
         f"teacher {path!r} is neither a ctrkit run directory (with model.keras), a .keras file nor a SavedModel"
     )
+
+
+def _refuse_raw_input_teacher(path: str, fn: Any) -> None:
+    """A teacher scores the trainer's *transformed* features; a serving export (``ctrkit export``, TF Serving
+    style) takes serialized raw ``tf.Example``s and failed at the first step with a binding traceback."""
+    signature = getattr(fn, "structured_input_signature", None)
+    inputs = signature[1] if signature and len(signature) > 1 and isinstance(signature[1], dict) else {}
+    if any(spec.dtype == tf.string and spec.shape.rank == 1 for spec in inputs.values()) and len(inputs) == 1:
+        raise InputError(
+            f"teacher SavedModel {path} takes serialized tf.Examples ({', '.join(inputs)}), as a serving export "
+            "does; the teacher scores transformed features: give the teacher's run directory (its model.keras), "
+            "or a SavedModel whose `serve` endpoint takes the transformed feature dict")
 
 
 def teacher_snapshots(run_dir: str) -> dict[str, str]:

@@ -9,5 +9,9 @@ class InputError(ValueError):
     """Input data is missing, empty or does not match the configured schema."""
 
 
+class CtrkitWarning(UserWarning):
+    """Something a user should know that does not stop the work; the CLI prints it as one line."""
+
+
 # Everything the CLI reports as a one-line error instead of a traceback.
 UserError = (ConfigError, ManifestError, InputError, FileNotFoundError, NotADirectoryError, PermissionError)

@@ -70,6 +70,10 @@ def _calibration(config: Config, manifest: Manifest, logit: Any, inputs: dict[st
         raise ConfigError(f"calibration.segment_feature: {feature!r} is not a categorical feature; they are {sorted(vocab)}")
     if any(f.multivalent for f in manifest.features if f.name == feature):
         raise ConfigError(f"calibration.segment_feature: {feature!r} is multi-valued; segments need one id per row")
+    if cal.num_segments and cal.num_segments < vocab[feature]:
+        # An id at or above num_segments fails the layer's range check at the first batch holding one.
+        raise ConfigError(f"calibration.num_segments: {cal.num_segments} is less than the {vocab[feature]} ids of "
+                          f"{feature!r} in the data; leave it unset (one segment per id) or raise it")
     num_segments = cal.num_segments or vocab[feature]
     return layers.BiasCalibration(num_segments=num_segments, name=CALIBRATION_LAYER)(logit, inputs[feature])
 

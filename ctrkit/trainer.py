@@ -41,7 +41,7 @@ import yaml
 from ctrkit.config import Config, load_config
 from ctrkit.configio import ConfigError, reading_recorded_config
 from ctrkit.data import Position, iterate_batches
-from ctrkit.errors import InputError
+from ctrkit.errors import CtrkitWarning, InputError
 from ctrkit.manifest import Manifest
 
 __all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "make_optimizer", "make_train_step", "RUN_MODEL"]
@@ -457,13 +457,14 @@ def _warn_if_other_columns(config: Config, manifest: Manifest, data_dir: str, ru
     try:
         theirs = recorded_columns(manifest.config.get("data"), os.path.join(data_dir, "manifest.json"))
     except ConfigError as e:  # a record an older ctrkit wrote, which this one would refuse: only a warning
-        warnings.warn(f"cannot compare the config's data.columns with the data's: {e}", stacklevel=3)
+        warnings.warn(f"cannot compare the config's data.columns with the data's: {e}", CtrkitWarning, stacklevel=3)
         return
     diff = differing_columns(config.data.columns, theirs) if theirs is not None else []
     if diff:
         warnings.warn(f"{data_dir} was preprocessed with other data.columns than this config's (they differ at "
                       f"{diff}): the model follows the data, but {os.path.join(run_dir, 'config.yaml')} records the "
-                      "config as given; train with the config the data was preprocessed with", stacklevel=3)
+                      "config as given; train with the config the data was preprocessed with", CtrkitWarning,
+                      stacklevel=3)
 
 
 def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | None, who: str, advice: str) -> None:
@@ -478,7 +479,8 @@ def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | N
         import warnings
 
         warnings.warn(f"{who} {run_dir}: that run did not record its vocabularies; cannot check that "
-                      f"{manifest.transform_output_dir} maps tokens to the same embedding rows", stacklevel=3)
+                      f"{manifest.transform_output_dir} maps tokens to the same embedding rows", CtrkitWarning,
+                      stacklevel=3)
         return
     before = info["vocabulary_fingerprint"]
     if before != fingerprint:

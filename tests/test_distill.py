@@ -115,3 +115,17 @@ def test_savedmodel_teacher_scores_like_the_run_it_was_exported_from(streams, tm
     from_sm = load_teacher(path)(feats).numpy()
     assert from_run.shape == (64,)
     np.testing.assert_allclose(from_sm, from_run, rtol=1e-5, atol=1e-6)
+
+
+def test_a_serving_export_as_teacher_is_refused_up_front(tmp_path) -> None:
+    """`ctrkit export` output takes serialized raw tf.Examples; as a teacher it failed at the first training
+    step with a tf.function binding traceback."""
+    class Export(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+        def serve_examples(self, examples):
+            return {"logits": tf.zeros([tf.shape(examples)[0], 1])}
+
+    module = Export()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve_examples})
+    with pytest.raises(InputError, match=r"takes serialized tf\.Examples \(examples\), as a serving export does"):
+        load_teacher(str(tmp_path / "1"))

@@ -98,6 +98,16 @@ def test_bias_calibration_needs_a_categorical_segment() -> None:
         build_model(cfg, _manifest())
 
 
+def test_bias_calibration_segments_must_cover_the_feature_ids() -> None:
+    """Fewer segments than ids failed at the first batch holding a larger id, with an assertion traceback."""
+    cfg = Config.from_dict({"calibration": {"kind": "bias", "segment_feature": "c0", "num_segments": VOCAB["c0"] - 1}})
+    with pytest.raises(ConfigError, match=rf"calibration\.num_segments: {VOCAB['c0'] - 1} is less than the "
+                                          rf"{VOCAB['c0']} ids of 'c0'"):
+        build_model(cfg, _manifest())
+    cfg = Config.from_dict({"calibration": {"kind": "bias", "segment_feature": "c0", "num_segments": VOCAB["c0"] + 5}})
+    assert build_model(cfg, _manifest()).get_layer("calibration").num_segments == VOCAB["c0"] + 5
+
+
 def test_keras_file_round_trip(tmp_path) -> None:
     model = build_model(_config(activation="smelu"), _manifest())
     batch = _batch(seed=4)

@@ -377,7 +377,7 @@ def test_a_window_end_logged_before_a_crash_is_not_logged_twice(dataset, tmp_pat
     assert sorted(step for tag, step in events if tag == "window/auc") == [12, 24, 36, done.steps]
 
 
-def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path) -> None:
+def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path, capsys) -> None:
     """The model follows the manifest; a config whose data section describes other columns trained without
     a word and went into the run's config.yaml as if it had been used."""
     import warnings
@@ -399,3 +399,18 @@ def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the config the data was made with: no warning
         train(small_config(), data.directory, str(tmp_path / "b"), progress=False, max_steps=1)
+    # The CLI prints it as one line, not as Python's "path:line: UserWarning" plus a source line.
+    import yaml
+
+    from ctrkit.cli import main
+
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({**small_config().to_dict(), "data": {"format": "csv", "columns": [
+        {"name": "y", "kind": "label"}, {"name": "c"}]}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["train", "--config", str(config), "--data", data.directory, "--run-dir", str(tmp_path / "c"),
+                     "--no-progress", "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "ctrkit train: warning: " in err and "preprocessed with other data.columns" in err
+    assert "UserWarning" not in err
