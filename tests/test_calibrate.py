@@ -137,3 +137,23 @@ def test_scoring_a_model_again_reuses_its_compiled_function(setup) -> None:
     score_stream(model, test.manifest)
     assert _scorer(model).experimental_get_tracing_count() == traces <= 2  # full batches, then the short last one
     np.testing.assert_array_equal(first["probabilities"], again["probabilities"])
+
+
+def test_closed_form_on_downsampled_held_out_windows_reports_the_reweighted_ratio(setup, capsys) -> None:
+    """Held-out windows downsampled like the training data read ~rate after a correct correction (0.53 for
+    rate 0.5 in a user's run), with no word why; the reweighted ratio says what the correction achieved."""
+    import shutil
+
+    root, run, _, _ = setup
+    downsampled = write_dataset(root / "holdout_downsampled", windows=1, rows_per_window=20000, shards_per_window=1,
+                                seed=23, negative_keep_rate=KEEP, vocab_size=20)
+    run_dir = str(root / "cli_closed_form_downsampled")
+    shutil.copytree(run.run_dir, run_dir)
+    assert main(["calibrate", run_dir, "--data", downsampled.directory, "--downsampling-rate", str(KEEP)]) == 0
+    out = capsys.readouterr().out
+    report = json.load(open(os.path.join(run_dir, "calibration.json")))
+    after = report["after"]
+    print(f"ratio {after['calibration']:.3f}, reweighted {after['calibration_negatives_reweighted']:.3f}")
+    assert after["calibration"] < 0.8  # the downsampled labels, as they are (measured 0.593)
+    assert abs(after["calibration_negatives_reweighted"] - 1) < 0.1  # what the correction predicts (1.043)
+    assert f"with their negatives weighted 1/{KEEP:g}, the calibration ratio is" in out

@@ -56,9 +56,14 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     b, a = report["before"], report["after"]
-    print(
-        f"{report['method']} on {report['examples']} held-out examples\n"
-        f"  calibration ratio {b['calibration']:.4f} -> {a['calibration']:.4f}   ECE {b['ece']:.4f} -> {a['ece']:.4f}\n"
-        f"  model written to {final}"
-    )
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"{report['method']} on {report['examples']} held-out examples",
+             f"  calibration ratio {fmt(b['calibration'])} -> {fmt(a['calibration'])}   ECE {fmt(b['ece'])} -> "
+             f"{fmt(a['ece'])}"]
+    if "calibration_negatives_reweighted" in a:
+        lines.append(f"  held-out windows downsampled like the training data read low after the correction; with "
+                     f"their negatives weighted 1/{cal.downsampling_rate:g}, the calibration ratio is "
+                     f"{fmt(b['calibration_negatives_reweighted'])} -> {fmt(a['calibration_negatives_reweighted'])}")
+    lines.append(f"  model written to {final}")
+    print("\n".join(lines))
     return 0
