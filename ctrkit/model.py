@@ -60,8 +60,10 @@ def _calibration(config: Config, manifest: Manifest, logit: Any, inputs: dict[st
     if cal.kind == "temperature":
         return layers.TemperatureScaling(name=CALIBRATION_LAYER)(logit)
     if cal.kind == "piecewise":
+        # Logit interpolation starts as the identity: until `ctrkit calibrate` fits it, progressive validation
+        # and every export serve the model's own predictions (probability interpolation bent them).
         return layers.PiecewiseLinearCalibration(
-            num_keypoints=cal.num_keypoints, output_logit=True, name=CALIBRATION_LAYER
+            num_keypoints=cal.num_keypoints, output_logit=True, interpolation="logit", name=CALIBRATION_LAYER
         )(logit)
     # bias: one learned offset per segment id of a categorical feature
     feature = cal.segment_feature

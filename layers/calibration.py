@@ -122,6 +122,17 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
     inside. ``w`` starts so that ``y_j = σ(k_j)``: before fitting, the layer approximates the sigmoid of
     its input.
 
+    With ``interpolation="logit"`` the levels' logits ``L_j = log(y_j / (1 − y_j))`` are interpolated
+    instead, and the first and last segments extend beyond the keypoints with their slopes:
+
+    ```
+    g(z) = L_0 + Σ_{j≥1} (L_j − L_{j−1}) · clip((z − k_{j−1}) / (k_j − k_{j−1}), 0, 1)
+           + s_first · min(z − k_0, 0) + s_last · max(z − k_{n−1}, 0),     f(z) = σ(g(z))
+    ```
+
+    ``g`` is still increasing, and since the levels start at ``σ(k_j)`` it starts as the identity
+    (``g(z) = z``): a model serving through an unfitted calibrator serves its own predictions.
+
     The returned probability is clipped to ``[ε, 1 − ε]``, ``ε`` the machine epsilon of the compute
     dtype (``2⁻²³ ≈ 1.2e-7`` in float32), so it stays strictly inside (0, 1) for any ``w`` even where a
     level rounds to 0 or 1 (e.g. ``y_{n-1} = 1 − 1e-9``). With ``output_logit=True`` the logit is
@@ -136,6 +147,8 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         keypoints: explicit increasing keypoints (e.g. quantiles of the holdout logits); overrides the
             three arguments above.
         output_logit: return ``log(f / (1 − f))`` instead of ``f``, for heads that must output a logit.
+        interpolation: ``"probability"`` (default; the formula above) or ``"logit"`` (interpolate the levels'
+            logits, extend the end segments; starts as the identity).
         **kwargs: base layer arguments. ``dtype`` defaults to ``"float32"`` whatever the global policy.
 
     Call arguments:
@@ -162,9 +175,14 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         input_max: float = 6.0,
         keypoints: Sequence[float] | None = None,
         output_logit: bool = False,
+        interpolation: str = "probability",
         **kwargs: Any,
     ) -> None:
         super().__init__(**_float32_by_default(kwargs))
+        if interpolation not in ("probability", "logit"):
+            raise ValueError(f"PiecewiseLinearCalibration: `interpolation` must be 'probability' or 'logit', got "
+                             f"{interpolation!r}")
+        self.interpolation = interpolation
         if keypoints is None:
             n = check.positive_int("PiecewiseLinearCalibration", "num_keypoints", num_keypoints)
             if n < 2:
@@ -203,6 +221,8 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         kp = ops.convert_to_tensor(self.keypoints, dtype)
         p = ops.softmax(ops.cast(self.level_logits, dtype))  # (n+1,): y_j − y_{j−1} for j = 1 … n−1 is p_j
         frac = ops.clip((z - kp[:-1]) / (kp[1:] - kp[:-1]), 0.0, 1.0)  # (B, n-1)
+        if self.interpolation == "logit":
+            return self._logit_interpolation(z, kp, p, frac, dtype)
         # f and 1 − f as two sums of non-negative terms: 1 − f computed as 1 − y would cancel to 0 (and
         # its log to −inf) once a level is within rounding of 1, e.g. y = 1 − 1e-9 in float32.
         below = p[0] + ops.sum(frac * p[1:-1], axis=-1, keepdims=True)  # f
@@ -212,6 +232,21 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
             return ops.log(ops.maximum(below, tiny)) - ops.log(ops.maximum(above, tiny))
         eps = _EPS.get(dtype, _EPS["float32"])
         return ops.clip(below, eps, 1.0 - eps)
+
+    def _logit_interpolation(self, z: Any, kp: Any, p: Any, frac: Any, dtype: str) -> Any:
+        tiny = _TINY.get(dtype, _TINY["float32"])
+        below = ops.cumsum(p)[:-1]  # y_j
+        above = ops.flip(ops.cumsum(ops.flip(p)))[1:]  # 1 − y_j, summed directly (no cancellation near 1)
+        levels = ops.log(ops.maximum(below, tiny)) - ops.log(ops.maximum(above, tiny))  # L_j, (n,)
+        rises = levels[1:] - levels[:-1]
+        widths = kp[1:] - kp[:-1]
+        g = (levels[0] + ops.sum(frac * rises, axis=-1, keepdims=True)
+             + rises[0] / widths[0] * ops.minimum(z - kp[0], 0.0)
+             + rises[-1] / widths[-1] * ops.maximum(z - kp[-1], 0.0))
+        if self.output_logit:
+            return g
+        eps = _EPS.get(dtype, _EPS["float32"])
+        return ops.clip(ops.sigmoid(g), eps, 1.0 - eps)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return (input_shape[0], 1)
@@ -224,6 +259,7 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
             "input_max": self.input_max,
             "keypoints": list(self.keypoints),
             "output_logit": self.output_logit,
+            "interpolation": self.interpolation,
         }
 
 

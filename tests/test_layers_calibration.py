@@ -94,3 +94,40 @@ def test_freezing_one_calibration_layer_keeps_it_while_the_other_trains():
         for before, after in zip(frozen_before, frozen.get_weights()):
             np.testing.assert_array_equal(before, after)
         assert any(not np.array_equal(b, a) for b, a in zip(trained_before, trained.get_weights()))
+
+
+def np_pwl_logit_interpolation(z, w, kp):
+    """g(z) of interpolation="logit", in float64: the levels' logits interpolated, end segments extended."""
+    p = np.exp(w - w.max()) / np.exp(w - w.max()).sum()
+    y = np.cumsum(p)[:-1]
+    levels = np.log(y) - np.log1p(-y)
+    rises, widths = np.diff(levels), np.diff(kp)
+    frac = np.clip((z[:, None] - kp[:-1]) / widths, 0, 1)
+    return (levels[0] + (frac * rises).sum(1) + rises[0] / widths[0] * np.minimum(z - kp[0], 0)
+            + rises[-1] / widths[-1] * np.maximum(z - kp[-1], 0))
+
+
+def test_piecewise_logit_interpolation_starts_as_the_identity_and_follows_its_formula():
+    """ctrkit's models serve through an unfitted calibrator until `ctrkit calibrate`: with probability
+    interpolation, 8 keypoints bent a logit of -1.5 to -1.31 and 2.0 to 1.76."""
+    z = np.linspace(-15, 15, 61).astype("float32")
+    layer = PiecewiseLinearCalibration(num_keypoints=8, output_logit=True, interpolation="logit")
+    np.testing.assert_allclose(np.asarray(layer(z))[:, 0], z, atol=2e-5)
+    prob = PiecewiseLinearCalibration(num_keypoints=8, interpolation="logit")
+    np.testing.assert_allclose(np.asarray(prob(z))[:, 0], 1 / (1 + np.exp(-z.astype("float64"))), atol=1e-6)
+    rng = np.random.default_rng(3)
+    for weights in (rng.normal(size=9).astype("float32"), np.array([-20.0] + [0.0] * 7 + [-20.0], "float32")):
+        layer.set_weights([weights])
+        out = np.asarray(layer(z))[:, 0]
+        assert np.all(np.isfinite(out)) and np.all(np.diff(out) > 0)  # increasing, beyond the keypoints too
+        np.testing.assert_allclose(out, np_pwl_logit_interpolation(z.astype("float64"), weights.astype("float64"),
+                                                                   np.array(layer.keypoints)), rtol=1e-4, atol=1e-4)
+
+
+def test_piecewise_interpolation_round_trips_and_older_configs_keep_probability_interpolation():
+    layer = PiecewiseLinearCalibration(num_keypoints=4, output_logit=True, interpolation="logit")
+    assert PiecewiseLinearCalibration.from_config(layer.get_config()).interpolation == "logit"
+    older = {k: v for k, v in layer.get_config().items() if k != "interpolation"}  # saved before the option
+    assert PiecewiseLinearCalibration.from_config(older).interpolation == "probability"
+    with pytest.raises(ValueError, match="`interpolation` must be 'probability' or 'logit'"):
+        PiecewiseLinearCalibration(interpolation="spline")
