@@ -93,7 +93,7 @@ class ModelConfig:
     dnn_units: list[int] = dataclasses.field(default_factory=lambda: [500, 500, 500])  # DNN widths (none for cross_only)
     dropout: float = 0.0  # DNN dropout; > 0 makes the trainer score batches in a separate inference pass
     activation: str = "relu"  # DNN activation; "smelu" lowers run-to-run prediction difference
-    rank_head: bool = False  # add a rank head trained with an in-batch pairwise logistic loss
+    rank_head: bool = False  # auxiliary head, in-batch pairwise logistic loss (TensorBoard train/rank_loss); not served
     rank_loss_weight: float = 0.1  # weight of the in-batch pairwise logistic loss of the rank head (rank_head only)
 
     def __post_init__(self) -> None:
