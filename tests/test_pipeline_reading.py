@@ -152,14 +152,18 @@ def test_numbers_beyond_float32_are_rejected_not_inf(tmp_path):
     assert np.isfinite(table["t"].to_numpy()).all()
 
 
+def _label_timestamp_category_csv() -> DataConfig:
+    return DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
+                                             ColumnSpec("c")])
+
+
 def test_timestamp_beyond_int64_is_rejected_and_window_planning_agrees(tmp_path):
     """An integer too long for int64 is a rejected row (not a failed job), and read_timestamps, which
     plans the analyzed windows, keeps exactly the rows read_file keeps (padded ones too)."""
     path = tmp_path / "ts.csv"
     path.write_text("label,ts,c\n1,100,a\n0,99999999999999999999,b\n1,-9223372036854775809,c\n1,+5,d\n"
                     "7,200,e\n1,300\n0,9223372036854775807,f\n")
-    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
-                                               ColumnSpec("c")])
+    config = _label_timestamp_category_csv()
     table, rejected = _read_all(str(path), config)
     assert {r.line: r.reason for r in rejected} == {
         3: "field ts: '99999999999999999999' is out of int64 range",
@@ -179,8 +183,7 @@ def test_timestamps_outside_1900_to_3000_are_rejected(tmp_path):
     path = tmp_path / "ts.csv"
     path.write_text("label,ts,c\n1,1700000000,a\n0,1700000000000,a\n1,-2208988800,a\n0,-2208988801,a\n"
                     "1,32503679999,a\n0,32503680000,a\n")
-    config = DataConfig(format="csv", columns=[ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
-                                               ColumnSpec("c")])
+    config = _label_timestamp_category_csv()
     table, rejected = _read_all(str(path), config)
     assert sorted(r.line for r in rejected) == [3, 5, 7]
     assert all("not a Unix time in seconds" in r.reason for r in rejected)
