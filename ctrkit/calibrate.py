@@ -156,13 +156,14 @@ def fit_calibration_scored(
     after = _summary(after_stream["probabilities"], after_stream["labels"])
     report = {"method": method, "kind": config.kind, "examples": int(len(y)), "before": before, "after": after}
     if config.downsampling_rate is not None:
-        # The correction predicts the click rate before downsampling. Held-out windows downsampled like the
-        # training data lack the negatives it accounts for, so their ratio reads low after it (0.59 at rate
-        # 0.25 in the test); weighting their negatives by 1/rate restores them.
+        # The correction predicts the click rate before downsampling. *If* the held-out windows were
+        # downsampled like the training data, they lack the negatives it accounts for, and their ratio reads
+        # low after it (0.59 at rate 0.25 in the test); weighting their negatives by 1/rate restores them.
+        # Nothing records whether they were, so both figures are reported.
         rate = config.downsampling_rate
-        before["calibration_negatives_reweighted"] = _reweighted_ratio(stream["probabilities"], y, rate)
-        after["calibration_negatives_reweighted"] = _reweighted_ratio(after_stream["probabilities"],
-                                                                      after_stream["labels"], rate)
+        before["calibration_if_held_out_downsampled"] = _reweighted_ratio(stream["probabilities"], y, rate)
+        after["calibration_if_held_out_downsampled"] = _reweighted_ratio(after_stream["probabilities"],
+                                                                         after_stream["labels"], rate)
     return report, stream, after_stream
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-    default_showwarning = _print_ctrkit_warnings_as_lines(args.command)
+    default_formatwarning = _print_ctrkit_warnings_as_lines(args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -68,26 +68,26 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        warnings.showwarning = default_showwarning
+        warnings.formatwarning = default_formatwarning
 
 
 def _print_ctrkit_warnings_as_lines(command: str) -> Any:
     """ctrkit's own warnings as ``ctrkit CMD: warning: ...`` (Python's default shows a source path and line);
-    returns the previous ``warnings.showwarning``."""
+    returns the previous ``warnings.formatwarning``. Only the text changes: recorded warnings (pytest,
+    ``catch_warnings(record=True)``) are recorded as before."""
     import warnings
 
     from ctrkit.errors import CtrkitWarning
 
-    show = warnings.showwarning
+    default = warnings.formatwarning
 
-    def show_ctrkit(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings API
+    def format_ctrkit(message, category, filename, lineno, line=None):  # noqa: ANN001 - warnings API
         if issubclass(category, CtrkitWarning):
-            print(f"ctrkit {command}: warning: {message}", file=file or sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
+            return f"ctrkit {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
 
-    warnings.showwarning = show_ctrkit
-    return show
+    warnings.formatwarning = format_ctrkit
+    return default
 
 
 if __name__ == "__main__":

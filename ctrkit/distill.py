@@ -144,13 +144,17 @@ def load_teacher(path: str) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
 def _refuse_raw_input_teacher(path: str, fn: Any) -> None:
     """A teacher scores the trainer's *transformed* features; a serving export (``ctrkit export``, TF Serving
     style) takes serialized raw ``tf.Example``s and failed at the first step with a binding traceback."""
-    signature = getattr(fn, "structured_input_signature", None)
-    inputs = signature[1] if signature and len(signature) > 1 and isinstance(signature[1], dict) else {}
-    if any(spec.dtype == tf.string and spec.shape.rank == 1 for spec in inputs.values()) and len(inputs) == 1:
-        raise InputError(
-            f"teacher SavedModel {path} takes serialized tf.Examples ({', '.join(inputs)}), as a serving export "
-            "does; the teacher scores transformed features: give the teacher's run directory (its model.keras), "
-            "or a SavedModel whose `serve` endpoint takes the transformed feature dict")
+    # A signature has its own input signature; a restored `serve` endpoint has one per traced function, and
+    # takes its inputs positionally as often as by name.
+    concrete = [fn] if hasattr(fn, "structured_input_signature") else list(getattr(fn, "concrete_functions", []))
+    for function in concrete:
+        specs = [s for s in tf.nest.flatten(function.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+        if len(specs) == 1 and specs[0].dtype == tf.string and specs[0].shape.rank == 1:
+            raise InputError(
+                f"teacher SavedModel {path} takes serialized tf.Examples ({specs[0].name or 'one string tensor'}), "
+                "as a serving export does; the teacher scores transformed features: give the teacher's run "
+                "directory (its model.keras), or a SavedModel whose `serve` endpoint takes the transformed feature "
+                "dict")
 
 
 def teacher_snapshots(run_dir: str) -> dict[str, str]:

@@ -131,14 +131,16 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
     ```
 
     ``g`` is still increasing, and since the levels start at ``σ(k_j)`` it starts as the identity
-    (``g(z) = z``): a model serving through an unfitted calibrator serves its own predictions.
+    (``g(z) = z``): a model serving through an unfitted calibrator serves its own predictions. ``L_j`` is
+    computed as ``logsumexp(w_0 … w_j) − logsumexp(w_{j+1} … w_n)``, so its gradient stays bounded.
 
     The returned probability is clipped to ``[ε, 1 − ε]``, ``ε`` the machine epsilon of the compute
     dtype (``2⁻²³ ≈ 1.2e-7`` in float32), so it stays strictly inside (0, 1) for any ``w`` even where a
     level rounds to 0 or 1 (e.g. ``y_{n-1} = 1 − 1e-9``). With ``output_logit=True`` the logit is
     computed without that clip, as ``log f − log(1 − f)`` with ``1 − f = p_n + Σ_{j≥1} p_j (1 − clip(…))``
     summed directly rather than subtracted from 1, so it stays finite and accurate at extreme levels
-    (``|logit|`` ≤ ~87 in float32).
+    (``|logit|`` ≤ ~87 in float32; with ``interpolation="logit"`` the end segments extend, so the logit
+    is unbounded, as its input is).
 
     Args:
         num_keypoints: number ``n ≥ 2`` of keypoints. Defaults to 10.
@@ -199,9 +201,12 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         self.output_logit = bool(output_logit)
 
     def _initial_logits(self) -> np.ndarray:
-        levels = 1.0 / (1.0 + np.exp(-np.asarray(self.keypoints)))
-        steps = np.diff(np.concatenate([[0.0], levels, [1.0]]))
-        return np.log(np.maximum(steps, 1e-12)).astype("float32")
+        """log of the steps σ(k_0), σ(k_j) − σ(k_{j−1}), 1 − σ(k_{n−1}): computed in log space, so keypoints far
+        out (|k| > 27, where a step underflows) still give levels σ(k_j)."""
+        kp = np.asarray(self.keypoints, dtype="float64")
+        log_levels = -np.logaddexp(0.0, -kp)  # log σ(k_j)
+        inner = log_levels[1:] + np.log(-np.expm1(log_levels[:-1] - log_levels[1:]))
+        return np.concatenate([log_levels[:1], inner, -np.logaddexp(0.0, kp[-1:])]).astype("float32")
 
     def build(self, input_shape: Any) -> None:
         self.level_logits = self.add_weight(
@@ -222,7 +227,7 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         p = ops.softmax(ops.cast(self.level_logits, dtype))  # (n+1,): y_j − y_{j−1} for j = 1 … n−1 is p_j
         frac = ops.clip((z - kp[:-1]) / (kp[1:] - kp[:-1]), 0.0, 1.0)  # (B, n-1)
         if self.interpolation == "logit":
-            return self._logit_interpolation(z, kp, p, frac, dtype)
+            return self._logit_interpolation(z, kp, frac, dtype)
         # f and 1 − f as two sums of non-negative terms: 1 − f computed as 1 − y would cancel to 0 (and
         # its log to −inf) once a level is within rounding of 1, e.g. y = 1 − 1e-9 in float32.
         below = p[0] + ops.sum(frac * p[1:-1], axis=-1, keepdims=True)  # f
@@ -233,11 +238,15 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         eps = _EPS.get(dtype, _EPS["float32"])
         return ops.clip(below, eps, 1.0 - eps)
 
-    def _logit_interpolation(self, z: Any, kp: Any, p: Any, frac: Any, dtype: str) -> Any:
-        tiny = _TINY.get(dtype, _TINY["float32"])
-        below = ops.cumsum(p)[:-1]  # y_j
-        above = ops.flip(ops.cumsum(ops.flip(p)))[1:]  # 1 − y_j, summed directly (no cancellation near 1)
-        levels = ops.log(ops.maximum(below, tiny)) - ops.log(ops.maximum(above, tiny))  # L_j, (n,)
+    def _logit_interpolation(self, z: Any, kp: Any, frac: Any, dtype: str) -> Any:
+        # L_j = log y_j − log(1 − y_j) = logsumexp(w_0..w_j) − logsumexp(w_{j+1}..w_n): no softmax entry to
+        # underflow, and the gradient of each term is a softmax, bounded at any weights.
+        w = ops.cast(self.level_logits, dtype)
+        n = self.num_keypoints
+        upto = np.arange(n + 1)[None, :] <= np.arange(n)[:, None]  # (n, n+1): i ≤ j
+        below = ops.convert_to_tensor(np.where(upto, 0.0, -1e30), dtype)  # masks added to w, never combined
+        above = ops.convert_to_tensor(np.where(upto, -1e30, 0.0), dtype)  # first (1e30 swamps w in float32)
+        levels = ops.logsumexp(w[None, :] + below, axis=1) - ops.logsumexp(w[None, :] + above, axis=1)
         rises = levels[1:] - levels[:-1]
         widths = kp[1:] - kp[:-1]
         g = (levels[0] + ops.sum(frac * rises, axis=-1, keepdims=True)

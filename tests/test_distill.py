@@ -129,3 +129,8 @@ def test_a_serving_export_as_teacher_is_refused_up_front(tmp_path) -> None:
     tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve_examples})
     with pytest.raises(InputError, match=r"takes serialized tf\.Examples \(examples\), as a serving export does"):
         load_teacher(str(tmp_path / "1"))
+    # The same behind a `serve` endpoint (what load_teacher tries first), taking its input positionally.
+    module.serve = module.serve_examples
+    tf.saved_model.save(module, str(tmp_path / "2"))
+    with pytest.raises(InputError, match=r"takes serialized tf\.Examples"):
+        load_teacher(str(tmp_path / "2"))

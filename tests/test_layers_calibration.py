@@ -131,3 +131,24 @@ def test_piecewise_interpolation_round_trips_and_older_configs_keep_probability_
     assert PiecewiseLinearCalibration.from_config(older).interpolation == "probability"
     with pytest.raises(ValueError, match="`interpolation` must be 'probability' or 'logit'"):
         PiecewiseLinearCalibration(interpolation="spline")
+
+
+def test_piecewise_logit_interpolation_has_finite_gradients_at_extreme_weights_and_far_keypoints():
+    """log y_j from a softmax entry that underflows had an infinite gradient ([nan, -inf, ...] at these
+    weights); and the initial steps were floored at 1e-12, so keypoints beyond ±27 broke the identity."""
+    import tensorflow as tf
+
+    layer = PiecewiseLinearCalibration(num_keypoints=10, output_logit=True, interpolation="logit")
+    z = tf.constant([[-30.0], [0.0], [30.0]])
+    layer(z)
+    layer.set_weights([np.array([-84.0] + [0.0] * 10, "float32")])
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(layer(z))
+    assert np.all(np.isfinite(tape.gradient(out, layer.trainable_variables)[0].numpy()))
+    far = np.array([[-50.0], [-1.0], [1.0], [50.0]], "float32")
+    wide = PiecewiseLinearCalibration(keypoints=[-40.0, 0.0, 40.0], output_logit=True, interpolation="logit")
+    np.testing.assert_allclose(np.asarray(wide(far)), far, rtol=1e-5, atol=1e-4)
+    levels = PiecewiseLinearCalibration(keypoints=[-30.0, -10.0, 0.0, 10.0, 30.0])
+    levels(far)
+    np.testing.assert_allclose(np.asarray(levels.levels()), 1 / (1 + np.exp(-np.array([-30.0, -10, 0, 10, 30]))),
+                               rtol=1e-4, atol=1e-12)

@@ -377,7 +377,7 @@ def test_a_window_end_logged_before_a_crash_is_not_logged_twice(dataset, tmp_pat
     assert sorted(step for tag, step in events if tag == "window/auc") == [12, 24, 36, done.steps]
 
 
-def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path, capsys) -> None:
+def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path) -> None:
     """The model follows the manifest; a config whose data section describes other columns trained without
     a word and went into the run's config.yaml as if it had been used."""
     import warnings
@@ -399,18 +399,25 @@ def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the config the data was made with: no warning
         train(small_config(), data.directory, str(tmp_path / "b"), progress=False, max_steps=1)
-    # The CLI prints it as one line, not as Python's "path:line: UserWarning" plus a source line.
+    # The CLI still raises it as a warning (pytest.warns, catch_warnings(record=True) record it) ...
     import yaml
 
-    from ctrkit.cli import main
+    from ctrkit.cli import _print_ctrkit_warnings_as_lines, main
+    from ctrkit.errors import CtrkitWarning
 
     config = tmp_path / "other.yaml"
     config.write_text(yaml.safe_dump({**small_config().to_dict(), "data": {"format": "csv", "columns": [
         {"name": "y", "kind": "label"}, {"name": "c"}]}}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
+    with pytest.warns(CtrkitWarning, match="preprocessed with other data.columns"):
         assert main(["train", "--config", str(config), "--data", data.directory, "--run-dir", str(tmp_path / "c"),
                      "--no-progress", "--max-steps", "1"]) == 0
-    err = capsys.readouterr().err
-    assert "ctrkit train: warning: " in err and "preprocessed with other data.columns" in err
-    assert "UserWarning" not in err
+    assert warnings.formatwarning.__module__ == "warnings"  # restored after the command
+    # ... and shows it as one line, not as Python's "path:line: UserWarning" plus a source line.
+    default = _print_ctrkit_warnings_as_lines("train")
+    try:
+        shown = warnings.formatwarning(CtrkitWarning("data differs"), CtrkitWarning, "/x/trainer.py", 7)
+        other = warnings.formatwarning(UserWarning("else"), UserWarning, "/x/y.py", 3)
+    finally:
+        warnings.formatwarning = default
+    assert shown == "ctrkit train: warning: data differs\n"
+    assert other.startswith("/x/y.py:3: UserWarning: else")

@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"{report['method']} on {report['examples']} held-out examples",
              f"  calibration ratio {fmt(b['calibration'])} -> {fmt(a['calibration'])}   ECE {fmt(b['ece'])} -> "
              f"{fmt(a['ece'])}"]
-    if "calibration_negatives_reweighted" in a:
-        lines.append(f"  held-out windows downsampled like the training data read low after the correction; with "
-                     f"their negatives weighted 1/{cal.downsampling_rate:g}, the calibration ratio is "
-                     f"{fmt(b['calibration_negatives_reweighted'])} -> {fmt(a['calibration_negatives_reweighted'])}")
+    if "calibration_if_held_out_downsampled" in a:
+        lines.append(f"  if these held-out windows were downsampled like the training data (they then read low after "
+                     f"the correction), with their negatives weighted 1/{cal.downsampling_rate:g}: calibration ratio "
+                     f"{fmt(b['calibration_if_held_out_downsampled'])} -> "
+                     f"{fmt(a['calibration_if_held_out_downsampled'])}")
     lines.append(f"  model written to {final}")
     print("\n".join(lines))
     return 0
