@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from typing import Any, ClassVar, Literal
 
 import yaml
 
-from ctrkit.configio import ConfigError, from_dict, load_yaml, refuses_ignored_settings, to_dict
+from ctrkit.configio import ConfigError, from_dict, is_plain_name, load_yaml, refuses_ignored_settings, to_dict
 from ctrkit.schema import DataConfig
 
 __all__ = [
@@ -60,14 +59,12 @@ def _check_used(section: Any, prefix: str, name: str, used: bool, because: str, 
         raise ConfigError(f"{prefix}.{name}: {value!r} would be ignored because {because}; remove it or {fix}")
 
 
-# A directory name that is also safe in a URL path (TF Serving's /v1/models/NAME:predict) and a Keras name.
-_DIR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 DIR_NAME_RULE = "a plain directory name (letters, digits, '_', '-', '.'; not starting with '.' or '-')"
 
 
 def is_dir_name(value: str) -> bool:
     """Whether ``value`` is a run or model name ctrkit accepts (see :data:`DIR_NAME_RULE`)."""
-    return bool(_DIR_NAME.fullmatch(value))
+    return is_plain_name(value)
 
 
 def _check_dir_name(value: str, key: str) -> None:

@@ -69,6 +69,15 @@ def refuses_ignored_settings() -> bool:
     return not _READING_RECORDED.get()
 
 
+# A name that becomes a directory, a URL path part (TF Serving's /v1/models/NAME), a Keras name and a TF scope.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def is_plain_name(value: str) -> bool:
+    """Letters, digits, '_', '-', '.', not starting with '.' or '-' (run, model and column names)."""
+    return bool(_PLAIN_NAME.fullmatch(value))
+
+
 def from_dict(cls: type[T], data: Any, path: str | None = None) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise :class:`ConfigError`.
 

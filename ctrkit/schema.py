@@ -8,15 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import re
-
-from ctrkit.configio import ConfigError, refuses_ignored_settings
+from ctrkit.configio import ConfigError, from_dict, is_plain_name, reading_recorded_config, refuses_ignored_settings
 
 ColumnKind = Literal["label", "numeric", "categorical", "timestamp", "teacher_logit", "ignore"]
 
 # A column the pipeline reads becomes a Keras input and weight name, a TF scope and a SavedModel argument:
 # Keras refuses "/", TF scopes refuse spaces (found at export, after a whole training run).
-_COLUMN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 COLUMN_NAME_RULE = "letters, digits, '_', '-', '.' (not starting with '.' or '-')"
 
 CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
@@ -76,7 +73,7 @@ class ColumnSpec:
         where = f"column {self.name!r}"
         if not self.name:
             raise ConfigError("data.columns: a column has an empty name; every column needs a non-empty name")
-        if self.kind != "ignore" and not _COLUMN_NAME.fullmatch(self.name):
+        if self.kind != "ignore" and not is_plain_name(self.name):
             raise ConfigError(f"{where}: a column the pipeline reads needs a name of {COLUMN_NAME_RULE}, since it "
                               "becomes a model input name; rename it (in the file's header too), or give it "
                               "kind: ignore")
@@ -110,8 +107,6 @@ def _as_tf_argument(name: str) -> str:
 
 def recorded_columns(recorded_data: dict | None, where: str) -> list[ColumnSpec] | None:
     """The columns of a ``data:`` section ctrkit recorded (a manifest's ``config["data"]``); None if absent."""
-    from ctrkit.configio import from_dict, reading_recorded_config
-
     if not recorded_data:
         return None
     if not recorded_data.get("columns"):  # as in a config: no columns means the Criteo schema

@@ -450,9 +450,9 @@ def vocabulary_fingerprint(manifest: Manifest) -> str | None:
 def _warn_if_other_columns(config: Config, manifest: Manifest, data_dir: str, run_dir: str) -> None:
     """The model follows the data's manifest, whatever the config's ``data:`` says; a config that describes
     other columns would go into the run's config.yaml as if it had been used."""
-    from ctrkit.schema import differing_columns, recorded_columns
-
     import warnings
+
+    from ctrkit.schema import differing_columns, recorded_columns
 
     try:
         theirs = recorded_columns(manifest.config.get("data"), os.path.join(data_dir, "manifest.json"))
@@ -494,8 +494,8 @@ def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | N
 
 def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[str]) -> None:
     """A resume must continue the same run: same config, same data, same windows."""
-    saved = read_run_config(run_dir)
-    differ = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    saved = read_run_config(run_dir).to_dict()
+    differ = [k for k, v in config.to_dict().items() if saved.get(k) != v]
     if differ:
         raise InputError(f"--resume: the config differs from the run's {run_dir}/config.yaml in section(s) {differ}")
     info = read_run_info(run_dir)

@@ -224,10 +224,10 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
         dtype = self.compute_dtype
         z = ops.cast(_as_logit_column("PiecewiseLinearCalibration", logit), dtype)
         kp = ops.convert_to_tensor(self.keypoints, dtype)
-        p = ops.softmax(ops.cast(self.level_logits, dtype))  # (n+1,): y_j − y_{j−1} for j = 1 … n−1 is p_j
         frac = ops.clip((z - kp[:-1]) / (kp[1:] - kp[:-1]), 0.0, 1.0)  # (B, n-1)
         if self.interpolation == "logit":
             return self._logit_interpolation(z, kp, frac, dtype)
+        p = ops.softmax(ops.cast(self.level_logits, dtype))  # (n+1,): y_j − y_{j−1} for j = 1 … n−1 is p_j
         # f and 1 − f as two sums of non-negative terms: 1 − f computed as 1 − y would cancel to 0 (and
         # its log to −inf) once a level is within rounding of 1, e.g. y = 1 − 1e-9 in float32.
         below = p[0] + ops.sum(frac * p[1:-1], axis=-1, keepdims=True)  # f

@@ -299,7 +299,8 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
         InputError / ConfigError: missing or empty input, schema mismatch, unwritable output.
     """
     config.check()  # again: a config may have been changed since it was loaded
-    check_pipeline_args(list(pipeline_args or []))
+    pipeline_args = list(pipeline_args or [])
+    check_pipeline_args(pipeline_args)
     files = expand_inputs(list(inputs))
     if all(("://" not in f and os.path.getsize(f) == 0) for f in files):
         raise InputError(f"input is empty: {len(files)} file(s), 0 bytes ({', '.join(files[:3])})")
@@ -319,11 +320,11 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     try:
         analyzed = analysis_windows(config, files) if transform_fn_dir is None else None
         progress_dir = None
-        if progress and isolate and _local_runner(list(pipeline_args or [])):
+        if progress and isolate and _local_runner(pipeline_args):
             progress_dir = os.path.join(control, "progress")
             os.makedirs(progress_dir)
         spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work, control,
-                     analyzed, transform_fn_dir, list(pipeline_args or []), vocabulary, progress_dir)
+                     analyzed, transform_fn_dir, pipeline_args, vocabulary, progress_dir)
         result = _run_isolated(spec) if isolate else run_job(spec)
         c = result.get("counters", {})
         if c:  # progress per stage, from the Beam counters (the files are checked again in _finish)

@@ -187,7 +187,7 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
     exactly as training rows were. Raises :class:`ExportError` when the manifest records no inputs or they
     are gone, so the caller passes ``warmup_examples`` instead of exporting without warmup unnoticed.
     """
-    from ctrkit.configio import from_dict
+    from ctrkit.configio import from_dict, reading_recorded_config
     from ctrkit.schema import DataConfig
 
     inputs = manifest.config.get("inputs")
@@ -196,8 +196,6 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
     if not inputs or data is None:
         raise ExportError(f"the manifest in {manifest.root} records no raw inputs to build warmup requests from: {hint}")
     from ctrkit.pipelines import read_file
-
-    from ctrkit.configio import reading_recorded_config
 
     with reading_recorded_config():  # written by the pipeline, possibly an older ctrkit's
         config = from_dict(DataConfig, data, "manifest.config.data")
