@@ -47,18 +47,33 @@ def _scorer(model: Any) -> Any:
 
 
 def score_stream(
-    model: Any, manifest: Manifest, windows: Sequence[int] | None = None, batch_size: int = 4096, segment: str | None = None
+    model: Any,
+    manifest: Manifest,
+    windows: Sequence[int] | None = None,
+    batch_size: int = 4096,
+    segment: str | None = None,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score windows with ``model`` (inference mode): labels, served probabilities, uncalibrated logits."""
+    """Score windows with ``model`` (inference mode): labels, served probabilities, uncalibrated logits.
+
+    ``progress``: a label for a progress bar of examples scored (on stderr); ``None`` shows none.
+    """
+    from tqdm import tqdm
+
     predict = _scorer(model)
     labels, probs, logits, segs = [], [], [], []
+    selected = range(len(manifest.windows)) if windows is None else windows
+    bar = tqdm(total=sum(manifest.windows[i].rows for i in selected), desc=progress, unit="ex",
+               disable=progress is None, dynamic_ncols=True, leave=False)
     for batch in iterate_batches(manifest, batch_size, windows=windows):
         p, z = predict(batch.features)
+        bar.update(batch.count)
         labels.append(batch.labels.numpy())
         probs.append(p.numpy().reshape(-1))
         logits.append(z.numpy().reshape(-1))
         if segment:
             segs.append(batch.features[segment].numpy())
+    bar.close()
     if not labels:
         raise InputError("the held-out stream is empty")
     out = {"labels": np.concatenate(labels), "probabilities": np.concatenate(probs), "logits": np.concatenate(logits)}
@@ -97,17 +112,26 @@ def apply_downsampling_correction(model: Any, rate: float) -> None:
 
 
 def fit_calibration(
-    model: Any, manifest: Manifest, config: CalibrationConfig, windows: Sequence[int] | None = None
+    model: Any,
+    manifest: Manifest,
+    config: CalibrationConfig,
+    windows: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Fit (or, with ``downsampling_rate``, set) the calibration layer on ``windows`` of ``manifest``.
 
     Returns a report with the calibration ratio Σp/Σy, ECE, log loss and AUC on that stream before and after.
+    ``progress`` shows a progress bar (on stderr) while the stream is scored, before and after the fit.
     """
-    return fit_calibration_scored(model, manifest, config, windows)[0]
+    return fit_calibration_scored(model, manifest, config, windows, progress)[0]
 
 
 def fit_calibration_scored(
-    model: Any, manifest: Manifest, config: CalibrationConfig, windows: Sequence[int] | None = None
+    model: Any,
+    manifest: Manifest,
+    config: CalibrationConfig,
+    windows: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`fit_calibration`, also returning the scored streams before and after (for reliability plots)."""
     import keras
@@ -119,7 +143,8 @@ def fit_calibration_scored(
         raise ConfigError("calibration.kind is 'none': the model has no calibration layer to fit")
     layer = calibration_layer(model)
     segment = config.segment_feature if config.kind == "bias" else None
-    stream = score_stream(model, manifest, windows, config.batch_size, segment)
+    stream = score_stream(model, manifest, windows, config.batch_size, segment,
+                          progress="scoring before calibration" if progress else None)
     y = stream["labels"]
     before = _summary(stream["probabilities"], y)
 
@@ -152,7 +177,8 @@ def fit_calibration_scored(
             set_calibration_trainable(model, False)
         method = f"fitted {type(layer).__name__} with {config.steps} full-batch steps"
 
-    after_stream = score_stream(model, manifest, windows, config.batch_size)
+    after_stream = score_stream(model, manifest, windows, config.batch_size,
+                                progress="scoring after calibration" if progress else None)
     after = _summary(after_stream["probabilities"], after_stream["labels"])
     report = {"method": method, "kind": config.kind, "examples": int(len(y)), "before": before, "after": after}
     if config.downsampling_rate is not None:

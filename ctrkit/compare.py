@@ -33,13 +33,20 @@ def prediction_difference(p1: Any, p2: Any) -> float:
     return float(np.mean(np.abs(a - b) / np.maximum(mean, 1e-12)))
 
 
-def compare_models(model_a: Any, model_b: Any, manifest: Manifest, windows: Sequence[int] | None = None, batch_size: int = 4096) -> dict[str, Any]:
-    """PD and each model's metrics on the same windows."""
+def compare_models(
+    model_a: Any,
+    model_b: Any,
+    manifest: Manifest,
+    windows: Sequence[int] | None = None,
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """PD and each model's metrics on the same windows (``progress``: a progress bar per model, on stderr)."""
     from ctrkit.calibrate import score_stream
     from ctrkit.metrics import StreamingMetrics
 
-    a = score_stream(model_a, manifest, windows, batch_size)
-    b = score_stream(model_b, manifest, windows, batch_size)
+    a = score_stream(model_a, manifest, windows, batch_size, progress="scoring run A" if progress else None)
+    b = score_stream(model_b, manifest, windows, batch_size, progress="scoring run B" if progress else None)
     out: dict[str, Any] = {
         "examples": int(len(a["labels"])),
         "pd": prediction_difference(a["probabilities"], b["probabilities"]),
@@ -86,6 +93,7 @@ def compare_runs(
     windows: Sequence[int] | None = None,
     batch_size: int = 4096,
     uncalibrated: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """:func:`compare_models` on the final models of two ctrkit run directories.
 
@@ -109,6 +117,6 @@ def compare_runs(
         model = load_run_model(run, UNCALIBRATED_MODEL if uncalibrated and _is_calibrated(run) else RUN_MODEL)
         _check_run_fits_data(run, model, manifest, fingerprint)
         models.append(model)
-    out = compare_models(models[0], models[1], manifest, windows, batch_size)
+    out = compare_models(models[0], models[1], manifest, windows, batch_size, progress)
     return {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b), "data": os.path.abspath(data_dir),
             "uncalibrated": uncalibrated, **out}

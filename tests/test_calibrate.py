@@ -139,6 +139,23 @@ def test_scoring_a_model_again_reuses_its_compiled_function(setup) -> None:
     np.testing.assert_array_equal(first["probabilities"], again["probabilities"])
 
 
+def test_calibrate_shows_progress_of_the_scoring_it_waits_on(setup, capsys) -> None:
+    """Scoring the held-out stream twice is calibrate's long part, and it used to show nothing."""
+    import shutil
+
+    root, run, holdout, _ = setup
+    run_dir = str(root / "cli_progress")
+    shutil.copytree(run.run_dir, run_dir)
+    total = sum(w.rows for w in holdout.manifest.windows)
+    assert main(["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP)]) == 0
+    err = capsys.readouterr().err
+    for stage in ("scoring before calibration", "scoring after calibration"):
+        assert stage in err and f"/{total}" in err.split(stage, 1)[1].split("\r", 1)[0]
+    assert main(["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP),
+                 "--no-progress"]) == 0
+    assert "scoring" not in capsys.readouterr().err
+
+
 def test_closed_form_on_downsampled_held_out_windows_reports_the_reweighted_ratio(setup, capsys) -> None:
     """Held-out windows downsampled like the training data read ~rate after a correct correction (0.53 for
     rate 0.5 in a user's run), with no word why; the reweighted ratio says what the correction achieved."""

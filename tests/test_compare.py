@@ -59,10 +59,13 @@ def test_smelu_reduces_prediction_difference_against_relu(pd_runs) -> None:
 def test_compare_command_reports_pd_as_json(pd_runs, capsys) -> None:
     runs, test = pd_runs
     assert main(["compare", runs["relu", 0], runs["relu", 1], "--data", test.directory, "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    report = json.loads(out.out)  # the progress bars go to stderr, so stdout stays one JSON document
     assert report["examples"] == 4000 and 0 < report["pd"] < 1
-    assert main(["compare", runs["relu", 0], runs["relu", 0], "--data", test.directory, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["pd"] == 0
+    assert "scoring run A" in out.err and "scoring run B" in out.err and "/4000" in out.err
+    assert main(["compare", runs["relu", 0], runs["relu", 0], "--data", test.directory, "--json", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["pd"] == 0 and "scoring" not in out.err
 
 
 def test_compare_refuses_data_and_runs_that_do_not_belong_together(pd_runs, tmp_path, capsys) -> None:

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="pipeline output directory holding the held-out stream")
     p.add_argument("--windows", metavar="A:B", help="held-out windows, e.g. --windows=-1: (default: the last calibration.holdout_windows)")
     p.add_argument("--downsampling-rate", type=float, help="closed-form correction for negatives kept at this rate")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     n = len(manifest.windows)
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")
     model = load_run_model(args.run_dir)
-    report = fit_calibration(model, manifest, cal, windows)
+    report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress)
     report["windows"] = [manifest.windows[i].name for i in windows]
     final = replace_run_model(model, args.run_dir)
     with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:

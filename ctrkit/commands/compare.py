@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncalibrated", action="store_true",
                    help="compare the models as trained, before any ctrkit calibrate (RUN/model_uncalibrated.keras)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -29,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.manifest import Manifest
 
     windows = window_indices(Manifest.load(args.data), args.windows) if args.windows else None
-    report = compare_runs(args.run_a, args.run_b, args.data, windows, uncalibrated=args.uncalibrated)
+    report = compare_runs(args.run_a, args.run_b, args.data, windows, uncalibrated=args.uncalibrated,
+                          progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

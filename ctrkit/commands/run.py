@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     train(seed_cfg, data_dir, seed_dir, windows=train_windows, progress=progress)
     from ctrkit.compare import compare_runs
 
-    pd_result = compare_runs(student_dir, seed_dir, data_dir, windows=holdout_windows or None)
+    pd_result = compare_runs(student_dir, seed_dir, data_dir, windows=holdout_windows or None, progress=progress)
 
     # 7. calibration on held-out data, body frozen
     from ctrkit.calibrate import fit_calibration_scored, replace_run_model
@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = None
     if holdout:
         stages.start("calibrate", f"fitting {config.calibration.kind} calibration on held-out window(s) {holdout_windows}")
-        calibration, before, after = fit_calibration_scored(model, manifest, config.calibration, holdout_windows)
+        calibration, before, after = fit_calibration_scored(model, manifest, config.calibration, holdout_windows,
+                                                                   progress=progress)
         reliability = {
             "before calibration": ReliabilityCurve.from_predictions(before["probabilities"], before["labels"], min_count=50),
             "after calibration": ReliabilityCurve.from_predictions(after["probabilities"], after["labels"], min_count=50),
