@@ -43,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
     check_pipeline_args(beam_args, [s for a in parser._actions for s in a.option_strings] if parser else [])
     manifest = preprocess(config.data, args.input, args.output, transform_fn_dir=args.transform_fn,
                           pipeline_args=beam_args, overwrite=args.overwrite)
-    print(f"wrote {args.output}: {manifest.rows_written} rows in {len(manifest.windows)} windows, "
-          f"{manifest.rows_rejected} rejected (of {manifest.rows_read} read), {manifest.rows_padded} short rows "
-          "padded, "
-          f"{len(manifest.features)} features")
+    print(f"wrote {args.output}: {_count(manifest.rows_written, 'row')} in {_count(len(manifest.windows), 'window')}, "
+          f"{manifest.rows_rejected} rejected (of {manifest.rows_read} read), "
+          f"{_count(manifest.rows_padded, 'short row')} padded, {_count(len(manifest.features), 'feature')}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
