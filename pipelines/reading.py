@@ -714,7 +714,8 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
     Missing is what the writers use for it: null, an empty string (as an empty field is in text), and NaN
     in a float column (pandas without nullable dtypes). Dictionary (pandas ``category``) columns are
     decoded, an all-null column is all missing, dates and timestamps become Unix seconds (floored to whole
-    seconds), decimals their exact text.
+    seconds), decimals their exact text. Large and view string/binary columns (polars, pyarrow's
+    ``string_view``) read as the plain ones.
     """
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
@@ -732,9 +733,8 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         return col.cast(pa.string()).cast(pa.binary())
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        col = col.cast(pa.binary())
-    if pa.types.is_large_binary(col.type):
+    if (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type)
+            or pa.types.is_large_binary(col.type) or pa.types.is_binary_view(col.type)):
         col = col.cast(pa.binary())
     if pa.types.is_binary(col.type):
         return pc.if_else(pc.equal(col, b""), pa.scalar(None, pa.binary()), col)

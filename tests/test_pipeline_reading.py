@@ -443,19 +443,26 @@ def test_parquet_types_pandas_writes_read_like_the_same_csv(tmp_path):
         "price": pa.array([decimal.Decimal("1.25"), None, decimal.Decimal("-3.50")], pa.decimal128(6, 2)),
         "cat": pa.array(["a", None, "b"]).dictionary_encode(),
         "empty": pa.nulls(3),
+        # string_view (refused before) and the large/view binary kinds, as polars and pyarrow write them
+        "sv": pa.array(["u", "", None], pa.string_view()),
+        "lb": pa.array([b"v", None, b"w"], pa.large_binary()),
+        "bv": pa.array([b"", b"z", None], pa.binary_view()),
     })
     pq.write_table(table, tmp_path / "p.parquet")
-    csv = ("label,ts,day,x,s,price,cat,empty\n1,1699920001,1699920000,1.5,2.5,1.25,a,\n"
-           "0,1700006400,,,,,,\n1,-2,1700092800,,,-3.5,b,\n")
+    assert pq.read_schema(tmp_path / "p.parquet").field("sv").type == pa.string_view()  # still a view on read
+    csv = ("label,ts,day,x,s,price,cat,empty,sv,lb,bv\n1,1699920001,1699920000,1.5,2.5,1.25,a,,u,v,\n"
+           "0,1700006400,,,,,,,,,z\n1,-2,1700092800,,,-3.5,b,,,w,\n")
     columns = [ColumnSpec("label", kind="label"), ColumnSpec("ts", kind="timestamp"),
                ColumnSpec("day", kind="numeric"), ColumnSpec("x", kind="numeric"), ColumnSpec("s", kind="numeric"),
-               ColumnSpec("price", kind="numeric"), ColumnSpec("cat"), ColumnSpec("empty")]
+               ColumnSpec("price", kind="numeric"), ColumnSpec("cat"), ColumnSpec("empty"), ColumnSpec("sv"),
+               ColumnSpec("lb"), ColumnSpec("bv")]
     from_parquet, rejected = _read_all(str(tmp_path / "p.parquet"), DataConfig(format="parquet", columns=columns))
     assert rejected == []
     from_csv, _ = _read_all(_write(tmp_path / "p.csv", csv.encode()), DataConfig(format="csv", columns=columns))
     assert from_parquet.drop_columns(["__line"]).equals(from_csv.drop_columns(["__line"]))
     assert from_parquet["ts"].to_pylist() == [1699920001, 1700006400, -2]
     assert from_parquet["x"].to_pylist() == [1.5, None, None]
+    assert from_parquet["sv"].to_pylist() == [b"u", None, None]
 
 
 def test_quoted_line_breaks_in_real_text_are_kept(tmp_path):
