@@ -58,6 +58,32 @@ def test_the_student_run_dir_holds_the_calibrated_model(run_dir):
 
 
 @pytest.mark.slow
+def test_export_of_a_runs_other_model_serves_that_model(run_dir, tmp_path):
+    """`ctrkit export RUN --model RUN/model_uncalibrated.keras` must publish that model, not RUN's final one:
+    the same as exporting the file alone with --data, and not the calibrated student."""
+    import numpy as np
+    import tensorflow as tf
+
+    from ctrkit.serving.warmup import read_warmup
+
+    student, data = os.path.join(run_dir, "student"), os.path.join(run_dir, "data")
+    other = os.path.join(student, "model_uncalibrated.keras")
+    served = {}
+    for name, args in (("final", [student]), ("given", [student, "--model", other]),
+                       ("alone", ["--model", other, "--data", data])):
+        out = _ctrkit("export", *args, "--base-path", str(tmp_path), "--model-name", name, "--no-validate")
+        assert out.returncode == 0, out.stderr[-3000:]
+        (version,) = os.listdir(tmp_path / name)
+        export_dir = str(tmp_path / name / version)
+        requests = [r.predict_log.request for r in read_warmup(export_dir) if r.HasField("predict_log")]
+        examples = max((tf.make_ndarray(q.inputs["examples"]) for q in requests if "examples" in q.inputs), key=len)
+        loaded = tf.saved_model.load(export_dir)
+        served[name] = loaded.signatures["serving_default"](examples=tf.constant(examples))["probabilities"].numpy()
+    np.testing.assert_allclose(served["given"], served["alone"], rtol=0, atol=1e-6)
+    assert np.abs(served["given"] - served["final"]).max() > 1e-3  # calibration moved the served predictions
+
+
+@pytest.mark.slow
 def test_calibration_and_pd_are_reported(run_dir):
     summary = json.load(open(os.path.join(run_dir, "summary.json"), encoding="utf-8"))
     after = summary["calibration"]["after"]["calibration"]
