@@ -66,10 +66,9 @@ def to_array(name: str, value: Any, dtype: Any, shape: list[int | None]) -> np.n
 
             arr = np.array(enc(value), dtype=object)
         else:
-            if _has_type(value, (str, bytes)):
-                raise RequestError(f"input {name!r}: expected numbers of type {dtype.name}, got a string")
-            if dtype.is_integer and _has_type(value, float):
-                raise RequestError(f"input {name!r}: expected integers ({dtype.name}), got a fractional number")
+            wrong = _first_unaccepted(value, _ACCEPTS.get(dtype.name, _ACCEPTS["integer" if dtype.is_integer else "float"]))
+            if wrong:
+                _refuse_number(name, wrong[0], dtype)
             arr = np.array(value, dtype=dtype.as_numpy_dtype)
     except RequestError:
         raise
@@ -85,10 +84,31 @@ def to_array(name: str, value: Any, dtype: Any, shape: list[int | None]) -> np.n
     return arr
 
 
-def _has_type(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, list):
-        return any(_has_type(v, types) for v in value)
-    return isinstance(value, types) and not isinstance(value, bool)
+# The JSON types TF Serving takes for a numeric tensor (json_tensor.cc AddValueToTensor): numbers only, and
+# integers only for an integer one. numpy would read null as NaN (a missing value here) and true as 1.
+_ACCEPTS: dict[str, tuple[type, ...]] = {"bool": (bool,), "integer": (int,), "float": (int, float)}
+
+
+def _first_unaccepted(value: Any, accepted: tuple[type, ...]) -> tuple[Any] | None:
+    """``(v,)`` for the first value in ``value`` (nested lists) whose exact type is not in ``accepted``."""
+    for v in value if isinstance(value, list) else (value,):
+        if isinstance(v, list):
+            found = _first_unaccepted(v, accepted)
+            if found:
+                return found
+        elif type(v) not in accepted:
+            return (v,)
+    return None
+
+
+def _refuse_number(name: str, v: Any, dtype: Any) -> None:
+    if isinstance(v, (str, bytes)):
+        raise RequestError(f"input {name!r}: expected numbers of type {dtype.name}, got a string")
+    if isinstance(v, float) and dtype.is_integer:
+        raise RequestError(f"input {name!r}: expected integers ({dtype.name}), got a fractional number")
+    text, kind = {type(None): ("null", "Null"), bool: (str(v).lower(), str(v))}.get(type(v), (repr(v), "Number"))
+    raise RequestError(f"input {name!r}: JSON Value: {text} Type: {kind} is not of expected type: {dtype.name}"
+                       + (" (NaN marks a missing value)" if dtype.is_floating else ""))
 
 
 def predict_inputs(body: Mapping[str, Any], input_specs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:

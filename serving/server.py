@@ -16,7 +16,10 @@ Endpoints (https://www.tensorflow.org/tfx/serving/api_rest)::
     POST /v1/models/NAME[/versions/N]:classify    tf.Example-style JSON ("examples", "context")
     POST /v1/models/NAME[/versions/N]:regress
 
-Errors are ``{"error": "..."}`` with 400 (bad request) or 404 (unknown model, version or signature).
+Errors are ``{"error": "..."}`` with 404 for an unknown model or version and 400 for everything else a
+client gets wrong (an unknown signature, method or version label included), as TF Serving answers them.
+Version labels (``/labels/L``) need a model config file in TF Serving; ``ctrkit serve`` has none, so it
+answers every label as TF Serving does without one: 400 "Unrecognized servable version label".
 """
 import json
 import logging
@@ -278,18 +281,52 @@ def tf_error_text(message: str) -> str:
 
 
 _PATH_RE = re.compile(
-    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
+    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
 )
+VERBS = ("predict", "classify", "regress")
+_INT64_MAX = 2**63 - 1
 
 
 def _parse_path(rest: str) -> tuple[str, int | None, str | None, bool]:
+    """``(model name, version or None, verb or None, metadata?)`` of the path after ``/v1/models/``."""
+    if not rest.strip("/"):
+        raise RequestError("Missing model name in request.")
     m = _PATH_RE.match(rest)
     if not m:
         raise NotFoundError(f"Malformed request: /v1/models/{rest}")
+    if m.group("label") is not None:
+        raise RequestError(f"Unrecognized servable version label: {m.group('label')} (ctrkit serve has no "
+                           "model config file to define labels; address a version with /versions/N)")
     v = m.group("version")
-    if v is not None and not v.isdigit():
-        raise RequestError(f"version must be an integer, got {v!r}")
-    return m.group("name"), int(v) if v else None, m.group("verb"), bool(m.group("metadata"))
+    if v is not None and not (v.isdigit() and int(v) <= _INT64_MAX):
+        raise RequestError(f"Failed to convert version: {v} (versions are integers)")
+    verb = m.group("verb")
+    if verb is not None:
+        verb = verb.lower()  # TF Serving matches the method case-insensitively
+        if verb not in VERBS:
+            raise RequestError(f"Malformed request: unknown method {m.group('verb')!r}; use predict, classify or regress")
+    return m.group("name"), int(v) if v else None, verb, bool(m.group("metadata"))
+
+
+# A lone UTF-16 surrogate can only come from a \uD800-\uDFFF escape or from raw surrogate bytes, which
+# json.loads lets through; the full check below runs only when the body holds one of those.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """TF Serving's JSON parser refuses a string with a lone surrogate (e.g. one cut inside an emoji); Python
+    keeps it, and it cannot be encoded into a tf.Example or an error message later."""
+    items = [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("JSON Parse error: The surrogate pair in string is invalid (a lone UTF-16 "
+                                   "surrogate, as in a string cut inside an emoji)") from None
+        elif isinstance(v, (dict, list)):
+            _refuse_lone_surrogates(v)
 
 
 class Handler:
@@ -321,8 +358,6 @@ class Handler:
             name, version, verb, metadata = _parse_path(rest)
             if metadata or verb is None:
                 raise RequestError("POST needs a method: :predict, :classify or :regress")
-            if verb not in ("predict", "classify", "regress"):
-                raise NotFoundError(f"unknown method {verb!r}: use predict, classify or regress")
             try:
                 body = json.loads(body_bytes)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -331,6 +366,8 @@ class Handler:
                 raise RequestError(_TOO_DEEP) from None
             if not isinstance(body, dict):
                 raise RequestError("the request body must be a JSON object")
+            if _MAYBE_SURROGATE.search(body_bytes):
+                _refuse_lone_surrogates(body)
             lv = self.registry.get(name, version)
             return 200, getattr(self, "_" + verb)(lv, body)
         except NotFoundError as e:
@@ -349,8 +386,11 @@ class Handler:
             return 500, {"error": f"internal error: {type(e).__name__}: {e}"}
 
     def _signature(self, lv: LoadedVersion, body: dict[str, Any], default: str) -> str:
-        sig = body.get("signature_name") or default
-        if not isinstance(sig, str) or sig not in lv.signatures:
+        sig = body.get("signature_name", "")
+        if not isinstance(sig, str):
+            raise RequestError(f"'signature_name' key must be a string value, got {json.dumps(sig)[:100]}")
+        sig = sig or default
+        if sig not in lv.signatures:
             # TF Serving answers INVALID_ARGUMENT (HTTP 400) for an unknown signature name.
             raise RequestError(f"Serving signature name: \"{sig}\" not found in signature def")
         return sig
@@ -443,7 +483,7 @@ def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH,
                         media_type="application/json")
 
     async def get(request: Any) -> Response:
-        status, body = handler.get(request.path_params["rest"])
+        status, body = handler.get(request.path_params.get("rest", ""))
         return reply(body, status)
 
     async def post(request: Any) -> Response:
@@ -453,7 +493,7 @@ def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH,
         body = await request.body()
         if len(body) > max_body_bytes:
             return reply({"error": f"request body exceeds {max_body_bytes} bytes"}, 413)
-        status, out = await asyncio.get_running_loop().run_in_executor(pool, handler.post, request.path_params["rest"], body)
+        status, out = await asyncio.get_running_loop().run_in_executor(pool, handler.post, request.path_params.get("rest", ""), body)
         return reply(out, status)
 
     @asynccontextmanager
@@ -469,6 +509,8 @@ def create_app(registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH,
         routes=[
             Route("/v1/models/{rest:path}", get, methods=["GET"]),
             Route("/v1/models/{rest:path}", post, methods=["POST"]),
+            Route("/v1/models", get, methods=["GET"]),  # no model name: TF Serving's 400, not a bare 404
+            Route("/v1/models", post, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

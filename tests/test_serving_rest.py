@@ -179,6 +179,8 @@ def test_regress(client, exported, loaded, serving_spec):
         ("/v1/models/ctr:classify", b'{"signature_name": "classify", "examples": [{"I1": "abc"}]}', 400),
         ("/v1/models/ctr:classify", b'{"signature_name": "classify", "examples": [{"no_such": 1}]}', 400),
         ("/v1/models/ctr:regress", b'{"signature_name": "regress", "context": {"I1": 1}, "examples": [{"I1": 2}]}', 400),
+        # raw UTF-8 bytes of a surrogate, which json.loads lets through (surrogatepass)
+        ("/v1/models/ctr:regress", b'{"examples": [{"C1": "\xed\xa0\x80"}]}', 400),
         ("/v1/models/other:predict", b'{"instances": ["x"]}', 404),
         ("/v1/models/ctr/versions/1:predict", b'{"instances": ["x"]}', 404),
     ],
@@ -226,13 +228,51 @@ _BASE = {"I1": 3.0, "I2": 10.0, "I3": 1.0, "C1": "c1_1", "C2": "c2_2", "C3": "c3
         ("/v1/models/ctr:regress", {"examples": [{**_BASE, "I1": True}]}, ["'I1'", "boolean"]),
         ("/v1/models/ctr:regress", {"examples": [{**_BASE, "I1": None}]}, ["'I1'", "null", "leave the feature out"]),
         ("/v1/models/ctr:classify", {"context": {"C1": None}, "examples": [{"I1": 1.0}]}, ["'C1'", "null"]),
+        # predict_raw takes JSON numbers only, as TF Serving does: null and booleans used to read as NaN and 1
+        ("/v1/models/ctr:predict", {"signature_name": "predict_raw", "instances": [{**_BASE, "I1": None}]},
+         ["input 'I1': JSON Value: null Type: Null is not of expected type: float", "NaN marks a missing value"]),
+        ("/v1/models/ctr:predict", {"signature_name": "predict_raw", "instances": [{**_BASE, "I2": True}]},
+         ["input 'I2': JSON Value: true Type: True"]),
+        ("/v1/models/ctr:predict", {"signature_name": "predict_raw", "inputs": {
+            **{k: [v, v] for k, v in _BASE.items()}, "I3": [1.0, False]}}, ["input 'I3': JSON Value: false"]),
+        # a lone surrogate (a string cut inside an emoji) is a JSON error, not a 500 from deep inside
+        ("/v1/models/ctr:regress", {"examples": [{**_BASE, "C1": "ab\ud83d"}]}, ["JSON Parse error", "surrogate"]),
+        ("/v1/models/ctr:classify", {"context": {"C2": "\udc00"}, "examples": [{"I1": 1.0}]}, ["surrogate"]),
+        ("/v1/models/ctr:predict", {"signature_name": "\ud800", "instances": ["x"]}, ["surrogate"]),
+        # signature_name must be a string (it fell back to the default for 0, false or [])
+        ("/v1/models/ctr:predict", {"signature_name": 0, "instances": ["x"]}, ["'signature_name' key must be a string"]),
+        ("/v1/models/ctr:regress", {"signature_name": False, "examples": [_BASE]}, ["must be a string value"]),
+        # paths TF Serving answers with 400
+        ("/v1/models/ctr:explain", {"instances": ["x"]}, ["Malformed request", "'explain'"]),
+        ("/v1/models/ctr/labels/stable:predict", {"instances": ["x"]}, ["Unrecognized servable version label: stable"]),
+        ("/v1/models/ctr/versions/99999999999999999999999:predict", {"instances": ["x"]}, ["Failed to convert version"]),
+        ("/v1/models", {"instances": ["x"]}, ["Missing model name in request."]),
     ],
 )
 def test_bad_requests_say_what_is_wrong(client, path, body, fragments):
-    r = client.post(path, json=body)
+    # json.dumps escapes non-ASCII (as most clients do), so a lone surrogate travels as its \\u escape
+    r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     for fragment in fragments:
         assert fragment in r.json()["error"], r.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/", "/v1/models/ctr/labels/stable",
+                                  "/v1/models/ctr/labels/stable/metadata", "/v1/models/ctr/versions/1e3"])
+def test_status_paths_tf_serving_refuses_are_bad_requests(client, path):
+    r = client.get(path)
+    assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+
+
+def test_valid_surrogate_pairs_and_method_case_are_accepted(client, loaded, serving_spec):
+    """The lone-surrogate check must not refuse an emoji (an escaped pair); TF Serving matches the method
+    name case-insensitively."""
+    body = json.dumps({"examples": [{**_BASE, "C1": "c1_\U0001F600"}]}, ensure_ascii=True)
+    assert "\\ud83d\\ude00" in body
+    r = client.post("/v1/models/ctr:REGRESS", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    want = _expected(loaded, _serialized([{**_BASE, "C1": "c1_\U0001F600"}], serving_spec))
+    np.testing.assert_allclose(r.json()["results"], want, atol=1e-6)
 
 
 def test_deeply_nested_json_is_a_bad_request(client):
