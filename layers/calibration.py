@@ -189,9 +189,11 @@ class PiecewiseLinearCalibration(keras.layers.Layer):
             n = check.positive_int("PiecewiseLinearCalibration", "num_keypoints", num_keypoints)
             if n < 2:
                 raise ValueError(f"PiecewiseLinearCalibration: `num_keypoints` must be >= 2, got {n}")
-            if not input_min < input_max:
-                raise ValueError(f"PiecewiseLinearCalibration: need input_min < input_max, got {input_min}, {input_max}")
-            keypoints = np.linspace(input_min, input_max, n)
+            lo, hi = check.as_real(input_min), check.as_real(input_max)
+            if lo is None or hi is None or not lo < hi:
+                raise ValueError(f"PiecewiseLinearCalibration: `input_min` and `input_max` must be finite numbers "
+                                 f"with input_min < input_max, got {input_min!r}, {input_max!r}")
+            keypoints = np.linspace(lo, hi, n)
         kp = np.asarray(keypoints, dtype="float64")
         if kp.ndim != 1 or len(kp) < 2 or not np.all(np.diff(kp) > 0):
             raise ValueError(f"PiecewiseLinearCalibration: `keypoints` must be >= 2 strictly increasing numbers, got {list(kp)}")
@@ -282,7 +284,9 @@ class BiasCalibration(keras.layers.Layer):
 
     Fixes systematic over- or under-prediction within segments (e.g. per country or ad format) that a
     global calibrator cannot. An out-of-range segment id raises ``ValueError`` when called eagerly and
-    fails a ``tf.debugging`` assertion in a ``tf.function``; give unseen segments an OOV id upstream.
+    fails a ``tf.debugging`` assertion in a ``tf.function``; give unseen segments an OOV id upstream. Under
+    XLA (``jit_compile=True``, also Keras' ``"auto"`` on a GPU) the assertion is dropped and the gather
+    clamps: an out-of-range id gets the first or last segment's correction, unreported.
 
     Args:
         num_segments: number of segment ids.

@@ -143,6 +143,8 @@ class Cross(keras.layers.Layer):
 
     def build(self, x0_shape: Any, x_shape: Any = None) -> None:
         d = check.last_dim("Cross", x0_shape)
+        # A built layer refuses another width up front (as keras.layers.Dense does), not at its first matmul.
+        self.input_spec = keras.InputSpec(axes={-1: d})
         if x_shape is not None and tuple(x_shape)[-1] not in (None, d):
             raise ValueError(f"Cross: `x0` and `x` must have the same last dimension, got {x0_shape} and {x_shape}")
         self.input_dim = d

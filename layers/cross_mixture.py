@@ -82,6 +82,7 @@ class CrossMixture(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.supports_masking = True  # row-wise: a mask over the leading axes passes through
         self.num_experts = check.positive_int("CrossMixture", "num_experts", num_experts)
         self.low_rank = check.positive_int("CrossMixture", "low_rank", low_rank)
         if gating not in GATINGS:
@@ -100,6 +101,8 @@ class CrossMixture(keras.layers.Layer):
 
     def build(self, x0_shape: Any, x_shape: Any = None) -> None:
         d = check.last_dim("CrossMixture", x0_shape)
+        # A built layer refuses another width up front (as keras.layers.Dense does), not at its first matmul.
+        self.input_spec = keras.InputSpec(axes={-1: d})
         if len(x0_shape) != 2:
             raise ValueError(f"CrossMixture: `x0` must have shape (batch, features), got {x0_shape}")
         if x_shape is not None and tuple(x_shape)[-1] not in (None, d):

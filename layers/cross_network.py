@@ -73,6 +73,7 @@ class CrossNetwork(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.supports_masking = True  # row-wise: a mask over the leading axes passes through
         self.num_layers = check.positive_int("CrossNetwork", "num_layers", num_layers)
         if kind not in KINDS:
             raise ValueError(f"CrossNetwork: `kind` must be one of {KINDS}, got {kind!r}")
@@ -144,6 +145,8 @@ class CrossNetwork(keras.layers.Layer):
 
     def build(self, x0_shape: Any) -> None:
         d = check.last_dim("CrossNetwork", x0_shape)
+        # A built layer refuses another width up front (as keras.layers.Dense does), not at its first matmul.
+        self.input_spec = keras.InputSpec(axes={-1: d})
         self.cross_layers = [self._make_layer(i, d) for i in range(self.num_layers)]
         for layer in self.cross_layers:
             layer.build(x0_shape)

@@ -83,6 +83,7 @@ class DCN(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.supports_masking = True  # row-wise: a mask over the leading axes passes through
         if structure not in STRUCTURES:
             raise ValueError(f"DCN: `structure` must be one of {STRUCTURES}, got {structure!r}")
         if dnn_units is None:
@@ -105,15 +106,18 @@ class DCN(keras.layers.Layer):
             if cross_kind == "mixture"
             else {}
         )
-        self.cross_network = CrossNetwork(
-            num_layers=num_cross_layers,
-            kind=cross_kind,
-            projection_dim=projection_dim,
-            diag_scale=diag_scale,
-            dtype=self.dtype_policy,
-            name="cross_network",
-            **mixture_args,
-        )
+        try:
+            self.cross_network = CrossNetwork(
+                num_layers=num_cross_layers,
+                kind=cross_kind,
+                projection_dim=projection_dim,
+                diag_scale=diag_scale,
+                dtype=self.dtype_policy,
+                name="cross_network",
+                **mixture_args,
+            )
+        except ValueError as e:  # the cross network checks these; name DCN's own arguments in the message
+            raise ValueError(_in_dcn_terms(str(e))) from None
         self.structure = structure
         # Validated copies (plain Python numbers) so get_config stays JSON-serialisable.
         self.num_cross_layers = self.cross_network.num_layers
@@ -143,6 +147,8 @@ class DCN(keras.layers.Layer):
 
     def build(self, x0_shape: Any) -> None:
         d = check.last_dim("DCN", x0_shape)
+        # A built layer refuses another width up front (as keras.layers.Dense does), not at its first matmul.
+        self.input_spec = keras.InputSpec(axes={-1: d})
         if len(x0_shape) != 2:
             raise ValueError(f"DCN: `x0` must have shape (batch, features), got {x0_shape}")
         self.cross_network.build(x0_shape)
@@ -184,3 +190,12 @@ class DCN(keras.layers.Layer):
             "expert_activation": activations.serialize_identifier(self.expert_activation),
         }
 
+
+_DCN_ARGUMENTS = (("CrossNetwork:", "DCN:"), ("`num_layers`", "`num_cross_layers`"), ("`kind`", "`cross_kind`"),
+                  ("kind=", "cross_kind="))
+
+
+def _in_dcn_terms(message: str) -> str:
+    for theirs, ours in _DCN_ARGUMENTS:
+        message = message.replace(theirs, ours)
+    return message

@@ -22,6 +22,14 @@ def _is_tf_graph(t: Any) -> bool:
     return not tf.executing_eagerly()
 
 
+class MissingFeaturesError(KeyError):
+    """The ``KeyError`` for features missing from the input dict, printed as written: a plain ``KeyError``
+    prints the repr of its message, and Keras' wrapped message then reads as one line of ``\\n`` escapes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _concrete(t: Any) -> np.ndarray | None:
     """The value of ``t`` as NumPy when it has one (eager), else ``None`` (symbolic or traced)."""
     if keras.backend.is_keras_tensor(t) or _is_tf_graph(t):
@@ -70,7 +78,10 @@ class FeatureEmbedding(keras.layers.Layer):
     out-of-range id raises ``ValueError`` naming the feature and row when called eagerly, and fails a
     ``tf.debugging`` assertion inside a ``tf.function`` (TF backend), instead of silently wrapping around
     or reading row 0. (Under ``jax.jit`` ids cannot be checked and a bad id is not reported: ``jnp.take``,
-    in its default ``"fill"`` mode, returns a NaN row for an id past the table.)
+    in its default ``"fill"`` mode, returns a NaN row for an id past the table. Under XLA on TensorFlow,
+    ``jit_compile=True``, which Keras' ``jit_compile="auto"`` picks when a GPU is present, the assertion
+    is dropped and the gather clamps: a bad id reads the table's first or last row, unreported. Check ids
+    upstream or run one eager or non-XLA pass over new data.)
 
     The lookup is ``keras.ops.take`` (``tf.gather`` on the variable on TensorFlow), so the gradient of
     each table is a ``tf.IndexedSlices`` touching only the looked-up rows: optimizers that support it
@@ -129,6 +140,10 @@ class FeatureEmbedding(keras.layers.Layer):
             str(k): check.positive_int("FeatureEmbedding", f"vocab_sizes[{k!r}]", v) for k, v in vocab_sizes.items()
         }
         self.categorical_features = sorted(self.vocab_sizes)
+        slashed = [k for k in self.categorical_features if "/" in k]
+        if slashed:  # each names a table weight, and Keras weight names cannot hold "/"
+            raise ValueError(f"FeatureEmbedding: feature names {slashed} contain '/', which Keras weight names cannot; "
+                             "rename the features (e.g. '/' -> '_')")
         if isinstance(embedding_dim, Mapping):
             missing = sorted(set(self.vocab_sizes) - set(embedding_dim))
             unknown = sorted(set(embedding_dim) - set(self.vocab_sizes))
@@ -146,6 +161,11 @@ class FeatureEmbedding(keras.layers.Layer):
             dim = check.positive_int("FeatureEmbedding", "embedding_dim", embedding_dim)
             self.embedding_dims = {k: dim for k in self.categorical_features}
             self.embedding_dim = dim
+        if isinstance(numeric_features, str):
+            raise ValueError(
+                f"FeatureEmbedding: `numeric_features` must be a list of feature names, got the string "
+                f"{numeric_features!r}"
+            )
         self.numeric_features = [str(n) for n in numeric_features]
         clash = sorted(set(self.numeric_features) & set(self.vocab_sizes))
         if clash:
@@ -281,7 +301,7 @@ class FeatureEmbedding(keras.layers.Layer):
             raise ValueError(f"FeatureEmbedding: call it on a dict of features, got {type(inputs).__name__}")
         missing = [n for n in self.categorical_features + self.numeric_features if n not in inputs]
         if missing:
-            raise KeyError(f"FeatureEmbedding: input dict lacks features {missing}; it has {sorted(inputs)}")
+            raise MissingFeaturesError(f"FeatureEmbedding: input dict lacks features {missing}; it has {sorted(inputs)}")
         ids_by_name: dict[str, Any] = {}
         declared = set(self.multivalued_features)
         for name in self.categorical_features:

@@ -1,6 +1,8 @@
 """SmeLU, FeatureEmbedding, DCN, distillation and calibration layers against NumPy."""
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ import tensorflow as tf
 from ctrkit.layers import (
     DCN,
     BiasCalibration,
+    Cross,
     CrossMixture,
+    CrossNetwork,
     DistillationHead,
     DistillationLoss,
     FeatureEmbedding,
@@ -153,9 +157,15 @@ def test_feature_embedding_validation():
         FeatureEmbedding({"a": 0})
     with pytest.raises(ValueError, match="both categorical and numeric"):
         FeatureEmbedding({"a": 3}, numeric_features=["a"])
+    with pytest.raises(ValueError, match="`numeric_features` must be a list of feature names, got the string 'price'"):
+        FeatureEmbedding({"a": 3}, numeric_features="price")  # was split into ['p', 'r', 'i', 'c', 'e']
+    with pytest.raises(ValueError, match=r"feature names \['user/id'\] contain '/'"):
+        FeatureEmbedding({"user/id": 3})  # failed at the first call, in Keras' weight naming
     layer = FeatureEmbedding({"a": 3}, numeric_features=["n"])
-    with pytest.raises(KeyError, match="lacks features \\['n'\\]"):
+    with pytest.raises(KeyError, match="lacks features \\['n'\\]") as missing:
         layer({"a": np.array([1])})
+    # printed as written: a plain KeyError shows the repr, one line of \n escapes inside Keras' wrapper
+    assert "\n" in str(missing.value) and "\\n" not in str(missing.value)
     with pytest.raises(ValueError, match="integer ids"):
         layer({"a": np.array([1.0]), "n": np.array([1.0])})
 
@@ -271,6 +281,28 @@ def test_dcn_structures_match_numpy(structure):
         expected = x
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     assert out.shape == dcn.compute_output_shape(x0.shape)
+
+
+def test_dcn_and_piecewise_argument_errors_name_their_own_arguments():
+    for kwargs, message in ((dict(cross_kind="lowrank"), "DCN: `cross_kind` must be one of"),
+                            (dict(num_cross_layers=0), "DCN: `num_cross_layers` must be a positive integer"),
+                            (dict(projection_dim=64), "DCN: `projection_dim` applies to cross_kind='low_rank' only")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            DCN(**kwargs)
+    for kwargs in (dict(input_min="-6"), dict(input_max=float("inf")), dict(input_min=2.0, input_max=1.0)):
+        with pytest.raises(ValueError, match="`input_min` and `input_max` must be finite numbers"):
+            PiecewiseLinearCalibration(**kwargs)
+
+
+@pytest.mark.parametrize("make", [lambda: Cross(), lambda: CrossMixture(num_experts=2, low_rank=2),
+                                  lambda: CrossNetwork(num_layers=2), lambda: DCN(dnn_units=(3,))])
+def test_cross_layers_refuse_a_new_width_once_built_and_pass_masks_through(make):
+    layer = make()
+    layer(np.ones((2, 4), "float32"))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 4"):
+        layer(keras.Input((5,)))  # used to build a graph that failed only at predict, in a MatMul
+    masked = keras.layers.Masking()(keras.Input((4,)))  # a per-row mask, e.g. rows that are all padding
+    assert make()(masked)._keras_mask is not None  # survives the layer (was dropped with a warning)
 
 
 def test_dcn_dropout_only_in_training_and_validation():
