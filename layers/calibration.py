@@ -326,6 +326,8 @@ class BiasCalibration(keras.layers.Layer):
             raise ValueError(f"BiasCalibration: segment_ids must be (batch,) or (batch, 1), got {segment_ids.shape}")
         if "int" not in str(ids.dtype):
             raise ValueError(f"BiasCalibration: segment_ids must be integers, got dtype {ids.dtype}")
+        if None not in (z.shape[0], ids.shape[0]) and z.shape[0] != ids.shape[0]:
+            raise ValueError(f"BiasCalibration: {z.shape[0]} logits but {ids.shape[0]} segment ids")
         value = _concrete(ids)
         if value is not None:
             bad = (value < 0) | (value >= self.num_segments)

@@ -302,6 +302,10 @@ class FeatureEmbedding(keras.layers.Layer):
         missing = [n for n in self.categorical_features + self.numeric_features if n not in inputs]
         if missing:
             raise MissingFeaturesError(f"FeatureEmbedding: input dict lacks features {missing}; it has {sorted(inputs)}")
+        batch_sizes = {n: inputs[n].shape[0] for n in self.categorical_features + self.numeric_features
+                       if len(inputs[n].shape) and inputs[n].shape[0] is not None}
+        if len(set(batch_sizes.values())) > 1:  # else a concat error deep in the backend, naming no feature
+            raise ValueError(f"FeatureEmbedding: features disagree on the batch size: {batch_sizes}")
         ids_by_name: dict[str, Any] = {}
         declared = set(self.multivalued_features)
         for name in self.categorical_features:

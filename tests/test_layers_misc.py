@@ -168,6 +168,8 @@ def test_feature_embedding_validation():
     assert "\n" in str(missing.value) and "\\n" not in str(missing.value)
     with pytest.raises(ValueError, match="integer ids"):
         layer({"a": np.array([1.0]), "n": np.array([1.0])})
+    with pytest.raises(ValueError, match=r"disagree on the batch size: \{'a': 2, 'n': 3\}"):
+        layer({"a": np.array([1, 2]), "n": np.ones(3, "float32")})
 
 
 @pytest.mark.parametrize("graph", [False, True])
@@ -457,6 +459,8 @@ def test_bias_calibration_formula_range_check_and_freezing():
     np.testing.assert_allclose(np.asarray(layer(z, seg))[:, 0], z + np.array([0.3, 0.1, 0.3, -0.2]), atol=1e-6)
     with pytest.raises(ValueError, match="segment id 3 in row 1"):
         layer(z[:2], np.array([0, 3]))
+    with pytest.raises(ValueError, match="4 logits but 3 segment ids"):  # was a backend broadcasting error
+        layer(z, seg[:3])
     layer.trainable = False
     assert layer.trainable_weights == []
 
