@@ -78,14 +78,40 @@ def clean_schema(config: DataConfig) -> pa.Schema:
     return pa.schema(fields + [pa.field(FILE_COLUMN, pa.int64()), pa.field(LINE_COLUMN, pa.int64())])
 
 
+# Compressed text is recognised by its first bytes, not its name: pyarrow's "detect" goes by a lower-case
+# extension only, so a gzipped log named .TSV.GZ, .gzip or .tsv was read as raw bytes (its rows rejected
+# as garbage, the job "successful").
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
+
+
+def compression_of(path: str) -> str | None:
+    """The codec whose magic bytes start the local file ``path`` (gzip, bz2, zstd, lz4), else None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return next((codec for magic, codec in _MAGIC if head.startswith(magic)), None)
+
+
 def _open_stream(path: str):
-    """A pyarrow input stream, gzip decompressed by extension; remote paths through Beam's filesystems."""
+    """A pyarrow input stream, decompressed by content; remote paths through Beam's filesystems."""
     if "://" in path:
         from apache_beam.io.filesystems import FileSystems
 
         f = FileSystems.open(path)  # decompresses .gz by extension (CompressionTypes.AUTO)
         return pa.PythonFile(f, mode="r")
-    return pa.input_stream(path, compression="detect")
+    return pa.input_stream(path, compression=compression_of(path))
+
+
+def count_lines(path: str) -> int:
+    """Lines of a text input as the parser splits them: ``\\n``, ``\\r\\n`` and a lone ``\\r`` each end one,
+    and a last line without an end counts. Read through the parser's own stream (same decompression)."""
+    n, previous_last = 0, b"\n"
+    with _open_stream(path) as s:
+        while chunk := s.read(1 << 24):
+            n += chunk.count(b"\n") + chunk.count(b"\r") - chunk.count(b"\r\n")
+            if previous_last == b"\r" and chunk[:1] == b"\n":
+                n -= 1  # a \r\n split across two reads was counted twice
+            previous_last = chunk[-1:]
+    return n + (previous_last not in (b"\n", b"\r"))
 
 
 def read_file(path: str, file_index: int, config: DataConfig,
@@ -172,7 +198,9 @@ def _read_delimited_pass(path: str, file_index: int, config: DataConfig, counts:
             ),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.binary() for n in names}, strings_can_be_null=True,
-                quoted_strings_can_be_null=False, null_values=[""],
+                # "" is missing as an empty field is: pandas' to_csv(quoting=QUOTE_ALL / QUOTE_NONNUMERIC)
+                # writes a NaN as "", and each such row was rejected as "'' is not a valid number".
+                quoted_strings_can_be_null=True, null_values=[""],
             ),
         )
     except (pa.ArrowInvalid, OSError) as e:
@@ -400,6 +428,10 @@ def check_schema(path: str, config: DataConfig) -> None:
             raise InputError(f"input file {path} not found") from e
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from e
+        duplicated = sorted({n for n in file_names if file_names.count(n) > 1})
+        if duplicated:  # pyarrow cannot select such a column by name: the job failed with a KeyError
+            raise InputError(f"{path}: Parquet columns {duplicated} appear more than once; write the file with "
+                             "unique column names")
         missing = [n for n in names if n not in file_names]
         extra = [n for n in file_names if n not in names]
         if missing or extra:
@@ -440,14 +472,14 @@ def read_timestamps(path: str, config: DataConfig) -> np.ndarray:
 def _read_header(path: str, delim: str) -> list[str]:
     with _open_stream(path) as s:
         first = b""
-        while not first.endswith(b"\n"):
+        while not _LINE_END.search(first):
             chunk = s.read(1 << 16)
             if not chunk:
                 break
             first += chunk
             if len(first) > (1 << 24):
                 break
-    line = first.split(b"\n", 1)[0].rstrip(b"\r")
+    line = _LINE_END.split(first, 1)[0]  # any line end: a CR-only file was one "header" line
     if line.startswith(codecs.BOM_UTF8):  # Excel writes one; the CSV parser itself skips it too
         line = line[len(codecs.BOM_UTF8):]
     if not line:
@@ -731,7 +763,13 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
         col = col.cast(pa.int8())
     if pa.types.is_floating(col.type):
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
-    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        # Whole numbers as integer text: pandas stores an int id column holding a NaN as float64, and its
+        # ids must read as in the files where it stayed int64 ("123456789012", not "1.23456789012e+11",
+        # which made a second vocabulary entry). Non-whole values, dropped by if_else, cast unsafely.
+        whole = pc.and_(pc.equal(pc.floor(col), col), pc.less(pc.abs(col), 2.0**53))
+        as_int = pc.cast(pc.if_else(whole, col, pa.scalar(0, col.type)), pa.int64(), safe=False)
+        return pc.if_else(whole, as_int.cast(pa.string()), col.cast(pa.string())).cast(pa.binary())
+    if pa.types.is_integer(col.type):
         return col.cast(pa.string()).cast(pa.binary())
     if (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type)
             or pa.types.is_large_binary(col.type) or pa.types.is_binary_view(col.type)):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob as _glob
-import gzip
 import json
 import logging
 import os
@@ -91,40 +90,39 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     if not inputs:
         raise InputError("no input given (pass --input PATH_OR_GLOB)")
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in inputs:
         if "://" in pattern:
             from apache_beam.io.filesystems import FileSystems
 
             matched = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
         else:
-            matched = sorted(p for p in _glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+            path = os.path.expanduser(pattern)
+            if os.path.isdir(path):
+                raise InputError(f"input {pattern!r} is a directory; pass its files, e.g. '{os.path.join(pattern, '*')}'")
+            # A file that exists is itself, even when its name holds glob characters ("day[1].tsv").
+            matched = [path] if os.path.isfile(path) else sorted(p for p in _glob.glob(path) if os.path.isfile(p))
         if not matched:
             raise InputError(f"input {pattern!r} matches no files")
-        files.extend(m for m in matched if m not in files)
+        for m in matched:
+            # One file under two spellings (./a.tsv, an absolute path, a symlink) must be read once.
+            key = m if "://" in m else os.path.realpath(m)
+            if key not in seen:
+                seen.add(key)
+                files.append(m)
     return files
 
 
-def _open_binary(path: str):
-    if _remote(path):
-        from apache_beam.io.filesystems import FileSystems
-
-        return FileSystems.open(path)  # decompresses .gz by extension
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
 def _count_lines(path: str) -> int:
-    n, last = 0, b"\n"
+    from ctrkit.pipelines.reading import count_lines
+
     try:
-        with _open_binary(path) as f:
-            while chunk := f.read(1 << 24):
-                n += chunk.count(b"\n")
-                last = chunk[-1:]
+        return count_lines(path)
     except FileNotFoundError as e:
         raise InputError(f"input file {path} not found") from e
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt gzip stream is an OSError from pyarrow
         raise InputError(f"{path}: cannot read it to count its rows ({e}); is it a truncated or corrupt "
                          "file?") from e
-    return n + (last != b"\n")
 
 
 def line_offsets(config: DataConfig, files: list[str]) -> list[int]:

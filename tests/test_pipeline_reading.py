@@ -474,3 +474,92 @@ def test_quoted_line_breaks_in_real_text_are_kept(tmp_path):
     table, rejected = _read_all(path, DataConfig(format="csv", short_rows="pad", columns=columns))
     assert rejected == []
     assert table["c"].to_pylist() == [b"a", b"two\nlines", b"b"]
+
+
+# -- real-world files a review fed the pipeline (each failed or read wrong before) -----------------------
+_CSV_COLUMNS = [ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"), ColumnSpec("c")]
+
+
+def test_old_mac_line_endings_read_like_unix_ones(tmp_path):
+    """CR-only: the header was cut at the first \\n only, so the whole file was the "header" (csv.Error)."""
+    unix = b"label,x,c\n0,0,k0\n1,1,k1\n0,2,k2\n"
+    want, _ = _read_all(_write(tmp_path / "lf.csv", unix), DataConfig(format="csv", columns=_CSV_COLUMNS))
+    got, rejected = _read_all(_write(tmp_path / "cr.csv", unix.replace(b"\n", b"\r")),
+                              DataConfig(format="csv", columns=_CSV_COLUMNS))
+    assert rejected == [] and got.equals(want) and got.num_rows == 3
+
+
+def test_quoted_empty_fields_are_missing_values(tmp_path):
+    """pandas' to_csv(quoting=QUOTE_NONNUMERIC) writes NaN as "": each such row was rejected."""
+    path = _write(tmp_path / "q.csv", b'"label","x","c"\n1,"","a"\n0,2.5,""\n')
+    table, rejected = _read_all(path, DataConfig(format="csv", columns=_CSV_COLUMNS))
+    assert rejected == []
+    assert table["x"].to_pylist() == [None, 2.5] and table["c"].to_pylist() == [b"a", None]
+
+
+def test_compressed_text_is_recognised_by_content_and_its_lines_counted_as_parsed(tmp_path):
+    """Row-count windows place each file by counting the lines before it. The count missed a lone \\r and
+    .bz2 (rows of the next file landed in the previous window), and a gzipped file not named lower-case
+    .gz was read as raw bytes: its rows were "rejected" as garbage and the job succeeded."""
+    import bz2
+
+    from ctrkit.pipelines.reading import count_lines
+    from ctrkit.pipelines.runner import line_offsets
+
+    lines = [ln.encode() for ln in _good_lines(7)]
+    config = DataConfig()  # Criteo TSV
+    want, _ = _read_all(_write(tmp_path / "plain.tsv", b"\n".join(lines) + b"\n"), config)
+    files = {
+        "crlf.tsv": b"\r\n".join(lines) + b"\r\n",
+        "cr.tsv": b"\r".join(lines),  # no line end after the last row
+        "mixed.tsv": b"\n".join(lines[:3]) + b"\r\n" + b"\r".join(lines[3:]) + b"\r",
+        "up.TSV.GZ": gzip.compress(b"\n".join(lines) + b"\n"),
+        "named_plain.tsv": gzip.compress(b"\n".join(lines) + b"\n"),
+        "b.tsv.bz2": bz2.compress(b"\n".join(lines) + b"\n"),
+    }
+    paths = [_write(tmp_path / name, data) for name, data in files.items()]
+    for path in paths:
+        assert count_lines(path) == 7, path
+        table, rejected = _read_all(path, config)
+        assert rejected == [] and table.drop_columns(["__line"]).equals(want.drop_columns(["__line"])), path
+    assert line_offsets(DataConfig(window_rows=5), paths) == [0, 7, 14, 21, 28, 35]
+    crlf_split = tmp_path / "split.tsv"  # a \r\n that straddles the counter's 16 MiB reads is one line end
+    crlf_split.write_bytes(b"x" * ((1 << 24) - 1) + b"\r\n" + b"y\r\n")
+    assert count_lines(str(crlf_split)) == 2
+
+
+def test_input_spellings_of_one_file_literal_names_and_directories(tmp_path, monkeypatch):
+    import os
+
+    from ctrkit.pipelines.runner import expand_inputs
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "a.tsv", b"x\n")
+    os.symlink(tmp_path / "a.tsv", tmp_path / "link.tsv")
+    # ./a.tsv, an absolute path and a symlink are one file: it was read (and counted) once per spelling
+    assert expand_inputs(["a.tsv", "./a.tsv", str(tmp_path / "a.tsv"), "link.tsv"]) == ["a.tsv"]
+    literal = _write(tmp_path / "day[1].tsv", b"x\n")
+    _write(tmp_path / "day1.tsv", b"x\n")  # what the pattern "day[1].tsv" matches; it was read instead
+    assert expand_inputs([literal]) == [literal]
+    with pytest.raises(InputError, match=r"is a directory; pass its files"):
+        expand_inputs([str(tmp_path)])
+
+
+def test_parquet_whole_floats_read_as_integers_and_duplicate_columns_are_named(tmp_path):
+    """pandas stores an int id column holding a NaN as float64: its ids made second vocabulary entries
+    ("1.23456789012e+11" beside "123456789012")."""
+    import pyarrow.parquet as pq
+
+    columns = [ColumnSpec("label", kind="label"), ColumnSpec("c")]
+    ids = [123456789012, 7, 1]
+    pq.write_table(pa.table({"label": [1.0, 0.0, 1.0], "c": ids}), tmp_path / "int.parquet")
+    pq.write_table(pa.table({"label": [1.0, 0.0, 1.0, 0.0], "c": [float(i) for i in ids] + [None]}),
+                   tmp_path / "float.parquet")
+    config = DataConfig(format="parquet", columns=columns)
+    as_int, _ = _read_all(str(tmp_path / "int.parquet"), config)
+    as_float, rejected = _read_all(str(tmp_path / "float.parquet"), config)
+    assert rejected == [] and as_float["c"].to_pylist() == as_int["c"].to_pylist() + [None]
+    pq.write_table(pa.Table.from_arrays([pa.array([1.0]), pa.array(["a"]), pa.array(["b"])], names=["label", "c", "c"]),
+                   tmp_path / "dup.parquet")
+    with pytest.raises(InputError, match=r"dup.parquet: Parquet columns \['c'\] appear more than once"):
+        check_schema(str(tmp_path / "dup.parquet"), config)
