@@ -63,12 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - user-facing errors are one line; --debug shows the trace
         from ctrkit.errors import UserError
 
-        if isinstance(e, UserError) and not getattr(args, "debug", False):
+        if (isinstance(e, UserError) or _is_storage_error(e)) and not getattr(args, "debug", False):
             print(f"ctrkit {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise
     finally:
         warnings.formatwarning = default_formatwarning
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    """A full disk or quota, or a read-only file system: the message names the file, a traceback adds nothing."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _print_ctrkit_warnings_as_lines(command: str) -> Any:

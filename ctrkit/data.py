@@ -7,6 +7,7 @@ checkpoint stores the position after the last trained batch, so a resumed run re
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -130,6 +131,8 @@ def iterate_batches(
         if w < start.window:
             continue
         paths = manifest.shard_paths(manifest.windows[w])
+        whole_window = w != start.window or (start.shard, start.offset) == (0, 0)
+        window_records = 0
         for s, path in enumerate(paths):
             offset = 0
             if w == start.window:
@@ -151,13 +154,22 @@ def iterate_batches(
                     yield Batch(feats, labels, teacher if has_teacher else None, w, s, position, count)
                     position += count
             except tf.errors.OpError as e:
+                reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message.splitlines()[0])
                 raise InputError(
                     f"window {manifest.windows[w].name!r}, shard {path}, near record {position}: "
-                    f"cannot read transformed examples ({e.message.splitlines()[0]})"
+                    f"cannot read transformed examples ({reason})"
                 ) from e
+            window_records += position - offset
             if offset and position == offset:
                 # Nothing left after the resume offset: fine when it is exactly the shard's length (the
                 # checkpoint fell on the shard's last batch); a larger offset means the shard shrank.
                 n = sum(1 for _ in tf.data.TFRecordDataset(path, compression_type=compression))
                 if offset > n:
                     raise InputError(f"shard {path} has {n} records but the checkpoint is at record {offset}")
+        if whole_window and window_records != manifest.windows[w].rows:
+            # An emptied or replaced shard read as a shorter window, and the run trained on less, silently.
+            raise InputError(
+                f"window {manifest.windows[w].name!r}: its shards hold {window_records} records but the manifest "
+                f"lists {manifest.windows[w].rows} rows; the data changed after preprocessing (a shard emptied, "
+                "cut or replaced?): preprocess again"
+            )

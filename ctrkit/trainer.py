@@ -25,8 +25,10 @@ exactly the batches the resumed model has trained on: no example lost, none trai
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -45,6 +47,8 @@ from ctrkit.errors import CtrkitWarning, InputError
 from ctrkit.manifest import Manifest
 
 __all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "make_optimizer", "make_train_step", "RUN_MODEL"]
+
+log = logging.getLogger(__name__)
 
 ExportFn = Callable[[Any, Manifest, int], str]
 RUN_MODEL = "model.keras"
@@ -66,15 +70,21 @@ class TrainResult:
     model_path: str
     exports: list[str]
     examples_per_second: float
+    already_finished: bool = False  # a --resume found the run's final checkpoint: nothing was trained
 
 
 # -- small file helpers ----------------------------------------------------------------------------------
 def _write_json_atomic(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _truncate_lines(path: str, keep: int) -> None:
@@ -299,10 +309,19 @@ def _latest_checkpoint(run_dir: str) -> str | None:
 
 
 def _load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    with open(os.path.join(path, _META), encoding="utf-8") as f:
-        meta = json.load(f)
-    with np.load(os.path.join(path, _STATE)) as z:
-        arrays = {k: z[k] for k in z.files}
+    import zipfile
+
+    try:
+        with open(os.path.join(path, _META), encoding="utf-8") as f:
+            meta = json.load(f)
+        with np.load(os.path.join(path, _STATE)) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
+        kept = sorted(d for d in os.listdir(os.path.dirname(path)) if d.startswith("ckpt-") and
+                      os.path.join(os.path.dirname(path), d) != path and not d.endswith(".tmp"))
+        older = (f"; an older checkpoint is kept ({kept[-1]}): point {os.path.dirname(path)}/LATEST at it to "
+                 "resume from there") if kept else ""
+        raise InputError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}){older}") from e
     return arrays, meta
 
 
@@ -507,6 +526,28 @@ def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[s
         )
 
 
+def _finished_run(run_dir: str, meta: dict[str, Any]) -> TrainResult:
+    """The result of a run whose final checkpoint exists. A process killed between that checkpoint and its
+    last run.json write left run.json "running", with no model or metrics: complete it from what the run
+    wrote before the checkpoint (RUN/model.keras, the "final" line of metrics.jsonl)."""
+    run_json = os.path.join(run_dir, "run.json")
+    info = read_run_info(run_dir)
+    if info.get("status") != "completed":
+        final: dict[str, Any] = {}
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("type") == "final":
+                    final = record["cumulative"]
+        model = os.path.join(run_dir, RUN_MODEL)
+        info = {**info, "status": "completed", "steps": meta["step"], "examples": meta["examples"],
+                "model": model if os.path.exists(model) else None, "exports": list(meta.get("exports", [])),
+                "metrics": final}
+        _write_json_atomic(run_json, info)
+    return TrainResult(run_dir, meta["step"], meta["examples"], info.get("metrics", {}), info.get("model") or "",
+                       list(meta.get("exports", [])), float("nan"), already_finished=True)
+
+
 def save_run_model(model: Any, run_dir: str) -> str:
     """Write ``model`` as ``RUN/model.keras`` atomically (a temporary file, then a rename)."""
     path = os.path.join(run_dir, RUN_MODEL)
@@ -541,12 +582,7 @@ def train(
             window to kill the process mid-run).
         max_steps: stop after this many steps in total (the run stays resumable); None: the whole data.
     """
-    import keras
     import tensorflow as tf
-
-    from ctrkit.distill import load_teacher
-    from ctrkit.metrics import ProgressiveValidation
-    from ctrkit.model import build_model
 
     manifest = Manifest.load(data_dir)
     _warn_if_other_columns(config, manifest, data_dir, run_dir)
@@ -558,18 +594,76 @@ def train(
         raise InputError(f"{data_dir}: no windows to train on")
 
     run_dir = os.path.abspath(run_dir)
+    with run_dir_lock(run_dir, "ctrkit train"):
+        return _train(config, manifest, data_dir, run_dir, selected, resume=resume, warm_start=warm_start,
+                      export_fn=export_fn, progress=progress, step_delay=step_delay, max_steps=max_steps)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str, who: str) -> Any:
+    """Hold ``RUN/.lock`` (an exclusive ``flock``) while this process writes the run. A second writer, e.g.
+    ``--resume`` while the first process still trains, is refused: two writers interleaved their logs and
+    checkpoints, and both reported success. The lock dies with its process, SIGKILL included."""
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ".lock"), "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(f"{run_dir} is in use by {holder}; wait for it to end or use another run directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{who} (pid {os.getpid()})\n")
+        f.flush()
+        yield
+
+
+def _train(
+    config: Config,
+    manifest: Manifest,
+    data_dir: str,
+    run_dir: str,
+    selected: list[int],
+    *,
+    resume: bool,
+    warm_start: str | None,
+    export_fn: ExportFn | None,
+    progress: bool,
+    step_delay: float,
+    max_steps: int | None,
+) -> TrainResult:
+    """:func:`train` with ``RUN`` locked."""
+    import keras
+    import tensorflow as tf
+
+    from ctrkit.distill import load_teacher
+    from ctrkit.metrics import ProgressiveValidation
+    from ctrkit.model import build_model
+
+    tc = config.train
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     batches_log = os.path.join(run_dir, "batches.jsonl")
     metrics_log = os.path.join(run_dir, "metrics.jsonl")
     run_json = os.path.join(run_dir, "run.json")
-    latest = _latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    if resume and latest is None:
-        raise InputError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not resume and (latest is not None or os.path.exists(run_json)):
-        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --run-dir")
+    latest = _latest_checkpoint(run_dir)
+    started = os.path.exists(run_json)
     if resume and warm_start:
         raise InputError("--resume and --warm-start exclude each other (a resumed run already has its weights)")
-    os.makedirs(run_dir, exist_ok=True)
+    if resume and latest is None:
+        if not started:
+            raise InputError(f"--resume: {run_dir} holds no run to resume (no run.json, no checkpoint)")
+        # It stopped before its first checkpoint: nothing trained was kept, so it starts over, as the same
+        # run (same config, data and warm start). Refusing both a fresh start and a resume left it stuck.
+        _check_same_run(run_dir, config, data_dir, [manifest.windows[i].name for i in selected])
+        warm_start = read_run_info(run_dir).get("warm_start")
+        resume = False
+        log.info("%s stopped before its first checkpoint: starting it over", run_dir)
+    elif not resume and (latest is not None or started):
+        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it (one that stopped before its "
+                         "first checkpoint starts over) or choose a new --run-dir")
 
     # Distillation source: a teacher model scoring each batch, or the manifest's teacher-logit column.
     dc = config.distill
@@ -594,9 +688,7 @@ def train(
         _check_same_run(run_dir, config, data_dir, [manifest.windows[i].name for i in selected])
         arrays, meta = _load_checkpoint(latest)
         if meta.get("finished"):
-            info = read_run_info(run_dir)
-            return TrainResult(run_dir, meta["step"], meta["examples"], info.get("metrics", {}),
-                               info.get("model") or "", list(meta.get("exports", [])), float("nan"))
+            return _finished_run(run_dir, meta)
         state.restore(arrays, meta["weight_names"], latest)
         step, examples, windows_done = meta["step"], meta["examples"], meta["windows_done"]
         position = Position.from_dict(meta["position"])
@@ -789,11 +881,14 @@ def train(
             checkpoint(Position(len(manifest.windows), 0, 0), current_window, finished=True)
         else:
             checkpoint(now, current_window)
-    except BaseException:
+    except BaseException as failure:
         log_b.close()
         log_m.close()
         bar.close()
-        _write_json_atomic(run_json, {**run_info, "status": "failed", "steps": step, "examples": examples})
+        try:
+            _write_json_atomic(run_json, {**run_info, "status": "failed", "steps": step, "examples": examples})
+        except OSError as e:  # e.g. the disk that failed the run is still full: report the first failure
+            log.warning("could not mark %s failed (%s) after: %s", run_json, e, failure)
         raise
     log_b.close()
     log_m.close()

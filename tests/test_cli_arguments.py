@@ -57,6 +57,13 @@ def test_run_with_zero_rows_creates_no_run_directory(capsys, tmp_path) -> None:
     assert not run_dir.exists()  # a retry with a good --rows is not refused as 'not empty'
 
 
+def test_run_refuses_generated_log_options_with_input(capsys, tmp_path) -> None:
+    """--rows, --days and --seed were silently ignored with --input (and --help said --seed seeded the models)."""
+    assert main(["run", "--input", "x.tsv", "--seed", "7", "--days", "2", "--run-dir", str(tmp_path / "r")]) == 1
+    assert "--days, --seed describe the generated log; with --input there is none" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_positive_counts_parse() -> None:
     args = build_parser().parse_args(["run", "--rows", "10", "--days", "1"])
     assert (args.rows, args.days) == (10, 1)
@@ -127,3 +134,21 @@ def test_export_takes_a_runs_other_model_with_run_dir_and_model() -> None:
         run(parse(["export", "--model", "m.keras", "--base-path", "B", "--model-name", "m"]))
     with pytest.raises(InputError, match="no_such_run"):  # both: the run's data, the given model
         run(parse(["export", "no_such_run", "--model", "m.keras", "--base-path", "B", "--model-name", "m"]))
+
+
+def test_a_full_disk_or_read_only_file_system_is_a_one_line_error(monkeypatch, capsys) -> None:
+    """ENOSPC / EROFS used to end in a chained traceback; the message already names the file."""
+    import errno
+
+    import ctrkit.trainer
+    from ctrkit.cli import main
+
+    for code, text in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")):
+        def full(*args, **kwargs):
+            raise OSError(code, text, "/runs/r/batches.jsonl")
+
+        monkeypatch.setattr(ctrkit.trainer, "train", full)
+        monkeypatch.setattr("ctrkit.manifest.Manifest.load", staticmethod(lambda d: None))
+        assert main(["train", "--config", "small", "--data", "D", "--run-dir", "R", "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert err == f"ctrkit train: error: [Errno {code}] {text}: '/runs/r/batches.jsonl'\n"

@@ -61,6 +61,27 @@ def test_window_selection_and_missing_shards(data, tmp_path) -> None:
         list(iterate_batches(other.manifest, 8))
 
 
+def test_a_shard_changed_after_preprocessing_is_an_error_not_a_shorter_window(tmp_path) -> None:
+    """An emptied or replaced shard read as fewer records: the run trained on less and exited 0."""
+    import gzip
+
+    other = write_dataset(tmp_path / "d", windows=2, rows_per_window=40, shards_per_window=1)
+    w1 = other.manifest.shard_paths(other.manifest.windows[1])[0]
+    with open(w1, "wb") as f:
+        f.write(gzip.compress(b""))  # a valid, empty shard
+    batches = iterate_batches(other.manifest, 16)
+    with pytest.raises(InputError, match=r"window 'w001': its shards hold 0 records but the manifest lists 40 rows"):
+        list(batches)
+    # A resume inside a window cannot count what it skipped, so only whole windows are checked.
+    assert sum(b.count for b in iterate_batches(other.manifest, 16, start=Position(0, 0, 8), windows=[0])) == 32
+    w0 = other.manifest.shard_paths(other.manifest.windows[0])[0]
+    with open(w0, "r+b") as f:  # cut mid-stream: the error reads without TF's function-node tags
+        f.truncate(os.path.getsize(w0) // 2)
+    with pytest.raises(InputError, match=r"window 'w000', shard .*near record \d+: cannot read") as cut:
+        list(iterate_batches(other.manifest, 16, windows=[0]))
+    assert "function_node" not in str(cut.value)
+
+
 def test_positions_and_window_lists_that_would_skip_records_are_refused(data) -> None:
     # Each of these used to read on quietly past records it should have read or refused.
     with pytest.raises(ValueError, match="cannot be negative"):

@@ -79,7 +79,98 @@ def test_run_stopped_by_max_steps_says_so_and_how_to_continue(tmp_path, capsys) 
                                    "train": {"batch_size": 50}}))
     args = ["train", "--config", str(cfg), "--data", data.directory, "--run-dir", str(tmp_path / "run"), "--no-progress"]
     assert main(args + ["--max-steps", "3"]) == 0
-    assert "stopped at step 3 by --max-steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the advice must not loop: "--resume" with the same --max-steps stops at the same step
+    assert "stopped at step 3 by --max-steps" in out and "--resume and a larger --max-steps (or none)" in out
+    assert main(args + ["--resume", "--max-steps", "2"]) == 0
+    assert "already at step 3, past --max-steps 2: nothing was trained" in capsys.readouterr().out
     assert main(args + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert "trained 400 examples in 8 steps" in out and "stopped at step" not in out
+    assert main(args + ["--resume"]) == 0
+    assert "had already finished: nothing to resume" in capsys.readouterr().out
+
+
+def _small_run(tmp_path):
+    data = write_dataset(tmp_path / "data", windows=2, rows_per_window=200, seed=6)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "lock", "model": {"embedding_dim": 2, "cross_layers": 1, "dnn_units": [4]},
+                                   "train": {"batch_size": 50, "checkpoint_every_steps": 3}}))
+    return data, ["train", "--config", str(cfg), "--data", data.directory, "--run-dir", str(tmp_path / "run"),
+                  "--no-progress"]
+
+
+def test_a_second_writer_is_refused_while_a_run_trains(tmp_path, capsys) -> None:
+    """--resume while the first process still trained was accepted: the two interleaved logs and checkpoints
+    (25 of 96 batches logged) and both exited 0. Here another process holds the run, as a training one does."""
+    from ctrkit.cli import main
+
+    data, args = _small_run(tmp_path)
+    assert main(args + ["--max-steps", "3"]) == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from ctrkit.trainer import run_dir_lock\n"
+         f"with run_dir_lock({str(tmp_path / 'run')!r}, 'ctrkit train'):\n print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(args + ["--resume"]) == 1
+        assert f"{tmp_path / 'run'} is in use by ctrkit train (pid {holder.pid})" in capsys.readouterr().err
+        assert len(_jsonl(str(tmp_path / "run" / "batches.jsonl"))) == 3  # untouched
+    finally:
+        holder.communicate("", timeout=60)
+    assert main(args + ["--resume"]) == 0  # the lock went with its process
+    assert len(_jsonl(str(tmp_path / "run" / "batches.jsonl"))) == 8
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_over_on_resume(tmp_path, capsys) -> None:
+    """Neither a new start ("already holds a run") nor --resume ("no checkpoint") was accepted."""
+    import shutil
+
+    from ctrkit.cli import main
+
+    data, args = _small_run(tmp_path)
+    assert main(args + ["--max-steps", "2"]) == 0  # before the first checkpoint at step 3 ...
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # ... as if it had been killed there
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert "trained 400 examples in 8 steps" in capsys.readouterr().out
+    assert [b["step"] for b in _jsonl(str(tmp_path / "run" / "batches.jsonl"))] == list(range(1, 9))
+    assert main(args[:-3] + ["--run-dir", str(tmp_path / "never"), "--no-progress", "--resume"]) == 1
+    assert "holds no run to resume" in capsys.readouterr().err
+
+
+def test_a_run_killed_after_its_final_checkpoint_is_completed_on_resume(tmp_path, capsys) -> None:
+    """run.json stayed "running" with no model or metrics for good, and the CLI spoke of --max-steps."""
+    from ctrkit.cli import main
+
+    data, args = _small_run(tmp_path)
+    assert main(args) == 0
+    run_json = tmp_path / "run" / "run.json"
+    done = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**done, "status": "running", "model": None, "metrics": {}}))  # the kill
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "had already finished" in out and "--max-steps" not in out
+    assert f"AUC {done['metrics']['auc']:.4f}" in out
+    repaired = json.loads(run_json.read_text())
+    assert repaired["status"] == "completed" and repaired["model"] == done["model"]
+    assert repaired["metrics"] == done["metrics"]
+
+
+def test_a_damaged_checkpoint_is_named_with_the_older_one_to_use(tmp_path, capsys) -> None:
+    from ctrkit.cli import main
+
+    data, args = _small_run(tmp_path)
+    assert main(args + ["--max-steps", "7"]) == 0  # checkpoints at steps 3 and 6, and 7 at the stop
+    ckpts = tmp_path / "run" / "checkpoints"
+    newest = ckpts / (ckpts / "LATEST").read_text().strip()
+    (newest / "state.npz").write_bytes(b"PK\x03\x04 cut")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is damaged" in err and "an older checkpoint is kept (ckpt-" in err
+    assert "Traceback" not in err

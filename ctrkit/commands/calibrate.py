@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.config import CalibrationConfig
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
-    from ctrkit.trainer import load_run_model, read_run_config
+    from ctrkit.trainer import load_run_model, read_run_config, run_dir_lock
 
     config = read_run_config(args.run_dir)
     cal = config.calibration
@@ -50,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.data)
     n = len(manifest.windows)
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")
-    model = load_run_model(args.run_dir)
-    report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress)
-    report["windows"] = [manifest.windows[i].name for i in windows]
-    final = replace_run_model(model, args.run_dir)
-    with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    with run_dir_lock(os.path.abspath(args.run_dir), "ctrkit calibrate"):  # not while it trains
+        model = load_run_model(args.run_dir)
+        report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress)
+        report["windows"] = [manifest.windows[i].name for i in windows]
+        final = replace_run_model(model, args.run_dir)
+        with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
     b, a = report["before"], report["after"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [f"{report['method']} on {report['examples']} held-out examples",

@@ -36,12 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", action="append", metavar="GLOB",
                    help="raw log files (repeatable; globs; .gz ok). Default: generate a synthetic log")
     p.add_argument("--run-dir", help="output directory (default: runs/<config name>-<timestamp>)")
-    p.add_argument("--rows", type=positive_int, default=200_000, help="rows of the generated log (default: 200000)")
-    p.add_argument("--days", type=positive_int, default=4, help="simulated days of the generated log (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated log and the models (default: 0)")
+    p.add_argument("--rows", type=positive_int, help=f"rows of the generated log (default: {_GENERATED['rows']})")
+    p.add_argument("--days", type=positive_int, help=f"simulated days of the generated log (default: {_GENERATED['days']})")
+    p.add_argument("--seed", type=int, help=f"seed of the generated log (default: {_GENERATED['seed']}; the models' "
+                   "seed is train.seed in the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines still print)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
+
+
+_GENERATED = {"rows": 200_000, "days": 4, "seed": 0}  # the generated log's defaults
 
 
 class _Stages:
@@ -105,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.config import load_config
     from ctrkit.errors import InputError
 
+    given = [f"--{k}" for k in _GENERATED if getattr(args, k) is not None]
+    if args.input and given:  # they were ignored, silently
+        raise InputError(f"{', '.join(given)} describe the generated log; with --input there is none")
+    for k, default in _GENERATED.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     config = load_config(args.config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", f"{config.name}-{stamp}"))

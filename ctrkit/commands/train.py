@@ -66,12 +66,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     m = result.metrics
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    if result.already_finished:
+        print(f"{result.run_dir} had already finished: nothing to resume")
     print(
         f"trained {result.examples} examples in {result.steps} steps -> {result.run_dir}\n"
         f"progressive validation: AUC {fmt(m.get('auc'))}  log loss {fmt(m.get('logloss'))}  "
         f"NE {fmt(m.get('ne'))}  calibration {fmt(m.get('calibration'))}  ECE {fmt(m.get('ece'))}"
     )
     if not result.model_path:  # max_steps stopped it: the run looked finished, then `export` refused it
-        print(f"stopped at step {result.steps} by --max-steps, before the end of the data: checkpointed, no final "
-              "model.keras yet; run the same command with --resume to continue")
+        # "--resume" alone with the same --max-steps stops at the same step again.
+        again = "run it again with --resume and a larger --max-steps (or none) to continue"
+        if args.max_steps is not None and result.steps > args.max_steps:
+            print(f"the run was already at step {result.steps}, past --max-steps {args.max_steps}: nothing was "
+                  f"trained; {again}")
+        else:
+            print(f"stopped at step {result.steps} by --max-steps, before the end of the data: checkpointed, no "
+                  f"final model.keras yet; {again}")
     return 0
