@@ -14,12 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Replays each window of PIPELINE_OUT once in time order. Every batch is scored before the "
         "model trains on it (progressive validation): per-window and cumulative AUC, log loss, normalized "
         "entropy, calibration ratio and ECE go to RUN/metrics.jsonl and TensorBoard (RUN/tensorboard). "
-        "Checkpoints every train.checkpoint_every_steps steps; --resume continues a killed run exactly.",
+        "Checkpoints every train.checkpoint_every_steps steps; --resume continues a killed run exactly. One "
+        "process at a time writes a run directory (RUN/.lock): a second train or calibrate on it is refused.",
     )
     p.add_argument("--config", required=True, help="config YAML file, or the name of a built-in config (e.g. small)")
     p.add_argument("--data", required=True, help="pipeline output directory (holds manifest.json)")
     p.add_argument("--run-dir", required=True, help="run directory to create (or to continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir (a run that stopped before its first "
+                   "checkpoint starts over)")
     p.add_argument("--warm-start", metavar="RUN", help="start from the final weights and optimizer state of RUN")
     p.add_argument("--windows", metavar="A:B", help="train on a slice of the windows, Python slice syntax (write --windows=:-1 when it starts with -)")
     p.add_argument("--max-steps", type=positive_int, help="stop (resumably) after this many steps in total")
