@@ -604,9 +604,16 @@ def run_dir_lock(run_dir: str, who: str) -> Any:
     """Hold ``RUN/.lock`` (an exclusive ``flock``) while this process writes the run. A second writer, e.g.
     ``--resume`` while the first process still trains, is refused: two writers interleaved their logs and
     checkpoints, and both reported success. The lock dies with its process, SIGKILL included."""
-    import fcntl
-
     os.makedirs(run_dir, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system (Windows): run unlocked, and say so
+        import warnings
+
+        warnings.warn(f"{run_dir}: cannot lock the run directory on this platform (no fcntl); do not start a "
+                      "second train or calibrate on it while one runs", CtrkitWarning, stacklevel=3)
+        yield
+        return
     with open(os.path.join(run_dir, ".lock"), "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

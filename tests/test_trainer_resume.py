@@ -174,3 +174,14 @@ def test_a_damaged_checkpoint_is_named_with_the_older_one_to_use(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"checkpoint {newest} is damaged" in err and "an older checkpoint is kept (ckpt-" in err
     assert "Traceback" not in err
+
+
+def test_without_fcntl_the_run_is_unlocked_with_a_warning(tmp_path, monkeypatch) -> None:
+    from ctrkit.errors import CtrkitWarning
+    from ctrkit.trainer import run_dir_lock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows: importing it fails
+    with pytest.warns(CtrkitWarning, match="cannot lock the run directory on this platform"):
+        with run_dir_lock(str(tmp_path / "run"), "ctrkit train"):
+            pass
+    assert not (tmp_path / "run" / ".lock").exists()
