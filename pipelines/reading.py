@@ -410,6 +410,9 @@ def _read_error(path: str, near_line: int, e: Exception) -> InputError:
         return InputError(f"{path}: line {m.group(1)} has {m.group(3)} fields instead of {m.group(2)} and "
                           f"contains bytes that are not UTF-8, which the CSV parser cannot report as a rejected "
                           f"row; fix or remove that line")
+    if "straddling object" in str(e):  # pyarrow's advice, "increase block size", names no ctrkit setting
+        return InputError(f"{path}: a row near line {near_line} is longer than the parser's block (data.batch_size "
+                          "x 256 bytes, at least 1 MiB); raise data.batch_size so a block holds the longest row")
     return InputError(f"{path}: cannot read near line {near_line}: {e}")
 
 

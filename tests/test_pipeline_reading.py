@@ -563,3 +563,14 @@ def test_parquet_whole_floats_read_as_integers_and_duplicate_columns_are_named(t
                    tmp_path / "dup.parquet")
     with pytest.raises(InputError, match=r"dup.parquet: Parquet columns \['c'\] appear more than once"):
         check_schema(str(tmp_path / "dup.parquet"), config)
+
+
+def test_a_row_longer_than_the_parser_block_names_the_setting_to_raise(tmp_path):
+    """pyarrow's "straddling object ... try to increase block size?" named no option ctrkit has."""
+    columns = [ColumnSpec("label", kind="label"), ColumnSpec("c")]
+    path = _write(tmp_path / "long.csv", b"label,c\n1,a\n0," + b"x" * (3 << 20) + b"\n1,b\n")
+    with pytest.raises(InputError, match=r"long.csv: a row near line \d+ is longer than the parser's block .*raise "
+                                         r"data.batch_size"):
+        _read_all(path, DataConfig(format="csv", columns=columns, batch_size=1024))
+    table, rejected = _read_all(path, DataConfig(format="csv", columns=columns, batch_size=1 << 15))
+    assert rejected == [] and table.num_rows == 3
