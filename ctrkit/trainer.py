@@ -573,7 +573,8 @@ def train(
     """Train online over ``data_dir``'s windows (all, or the indices in ``windows``) into ``run_dir``.
 
     Args:
-        resume: continue from the newest checkpoint in ``run_dir`` (an error when there is none).
+        resume: continue from the newest checkpoint in ``run_dir``; a run that stopped before its first
+            checkpoint starts over; an error when ``run_dir`` holds no run.
         warm_start: a previous run directory: start from its final weights and optimizer state (the
             model must have the same shapes: same config, same vocabulary sizes); metrics start fresh.
         export_fn: called as ``export_fn(model, manifest, step)`` every ``export.every_windows`` windows
@@ -594,6 +595,10 @@ def train(
         raise InputError(f"{data_dir}: no windows to train on")
 
     run_dir = os.path.abspath(run_dir)
+    if resume and warm_start:
+        raise InputError("--resume and --warm-start exclude each other (a resumed run already has its weights)")
+    if resume and not os.path.isdir(run_dir):  # checked before the lock, which would create it
+        raise InputError(f"--resume: {run_dir} holds no run to resume (no such directory)")
     with run_dir_lock(run_dir, "ctrkit train"):
         return _train(config, manifest, data_dir, run_dir, selected, resume=resume, warm_start=warm_start,
                       export_fn=export_fn, progress=progress, step_delay=step_delay, max_steps=max_steps)
@@ -657,8 +662,7 @@ def _train(
     run_json = os.path.join(run_dir, "run.json")
     latest = _latest_checkpoint(run_dir)
     started = os.path.exists(run_json)
-    if resume and warm_start:
-        raise InputError("--resume and --warm-start exclude each other (a resumed run already has its weights)")
+    restart = False
     if resume and latest is None:
         if not started:
             raise InputError(f"--resume: {run_dir} holds no run to resume (no run.json, no checkpoint)")
@@ -666,7 +670,7 @@ def _train(
         # run (same config, data and warm start). Refusing both a fresh start and a resume left it stuck.
         _check_same_run(run_dir, config, data_dir, [manifest.windows[i].name for i in selected])
         warm_start = read_run_info(run_dir).get("warm_start")
-        resume = False
+        resume, restart = False, True
         log.info("%s stopped before its first checkpoint: starting it over", run_dir)
     elif not resume and (latest is not None or started):
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it (one that stopped before its "
@@ -720,6 +724,8 @@ def _train(
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
         for path in (batches_log, metrics_log):
             open(path, "w").close()
+        if restart:  # the abandoned attempt's events would show its steps twice
+            shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     previous = read_run_info(run_dir) if resume else {}
     run_info = {  # this process is run.json's only writer until it returns: later writes update this dict
         **previous,

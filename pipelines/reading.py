@@ -1,6 +1,6 @@
 """Arrow-native reading and validation of raw click logs (no Beam, no TensorFlow).
 
-:func:`read_file` turns one input file (Criteo TSV, CSV with a header, or Parquet; gzip by extension) into
+:func:`read_file` turns one input file (Criteo TSV, CSV with a header, or Parquet; compressed text recognised by its magic bytes) into
 record batches of *clean* rows plus a list of :class:`Rejected` rows. Parsing is pyarrow's C++ CSV reader;
 validation is vectorised Arrow compute, so no Python runs per valid row. Only rows the parser itself
 refuses (wrong field count) pass through Python, one by one.
@@ -81,14 +81,16 @@ def clean_schema(config: DataConfig) -> pa.Schema:
 # Compressed text is recognised by its first bytes, not its name: pyarrow's "detect" goes by a lower-case
 # extension only, so a gzipped log named .TSV.GZ, .gzip or .tsv was read as raw bytes (its rows rejected
 # as garbage, the job "successful").
-_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
+# bz2: "BZh", the block size 1-9, then a block's or the end of stream's magic (text may start with "BZh").
+_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), "bz2"),
+          (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"), (re.compile(rb"\x04\x22\x4d\x18"), "lz4"))
 
 
 def compression_of(path: str) -> str | None:
     """The codec whose magic bytes start the local file ``path`` (gzip, bz2, zstd, lz4), else None."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    return next((codec for magic, codec in _MAGIC if head.startswith(magic)), None)
+        head = f.read(10)
+    return next((codec for magic, codec in _MAGIC if magic.match(head)), None)
 
 
 def _open_stream(path: str):
@@ -431,7 +433,7 @@ def check_schema(path: str, config: DataConfig) -> None:
             raise InputError(f"input file {path} not found") from e
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from e
-        duplicated = sorted({n for n in file_names if file_names.count(n) > 1})
+        duplicated = sorted({n for n in file_names if file_names.count(n) > 1} & {c.name for c in used_columns(config)})
         if duplicated:  # pyarrow cannot select such a column by name: the job failed with a KeyError
             raise InputError(f"{path}: Parquet columns {duplicated} appear more than once; write the file with "
                              "unique column names")
@@ -765,6 +767,8 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
     elif pa.types.is_boolean(col.type):
         col = col.cast(pa.int8())
     if pa.types.is_floating(col.type):
+        if col.type == pa.float16():  # numpy float16; floor and friends have no half-float kernels
+            col = col.cast(pa.float32())
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
         # Whole numbers as integer text: pandas stores an int id column holding a NaN as float64, and its
         # ids must read as in the files where it stayed int64 ("123456789012", not "1.23456789012e+11",

@@ -366,7 +366,8 @@ class Handler:
                 raise RequestError(_TOO_DEEP) from None
             if not isinstance(body, dict):
                 raise RequestError("the request body must be a JSON object")
-            if _MAYBE_SURROGATE.search(body_bytes):
+            # json.loads also takes UTF-16/32 bodies, where the byte scan cannot see an escape.
+            if _MAYBE_SURROGATE.search(body_bytes) or json.detect_encoding(body_bytes) != "utf-8":
                 _refuse_lone_surrogates(body)
             lv = self.registry.get(name, version)
             return 200, getattr(self, "_" + verb)(lv, body)

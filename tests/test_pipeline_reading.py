@@ -523,6 +523,10 @@ def test_compressed_text_is_recognised_by_content_and_its_lines_counted_as_parse
         table, rejected = _read_all(path, config)
         assert rejected == [] and table.drop_columns(["__line"]).equals(want.drop_columns(["__line"])), path
     assert line_offsets(DataConfig(window_rows=5), paths) == [0, 7, 14, 21, 28, 35]
+    from ctrkit.pipelines.reading import compression_of
+
+    assert compression_of(_write(tmp_path / "bzh.csv", b"BZh91AY,x\n1,2\n")) is None  # text, not bz2
+    assert compression_of(_write(tmp_path / "empty.bz2", bz2.compress(b""))) == "bz2"
     crlf_split = tmp_path / "split.tsv"  # a \r\n that straddles the counter's 16 MiB reads is one line end
     crlf_split.write_bytes(b"x" * ((1 << 24) - 1) + b"\r\n" + b"y\r\n")
     assert count_lines(str(crlf_split)) == 2
@@ -563,6 +567,16 @@ def test_parquet_whole_floats_read_as_integers_and_duplicate_columns_are_named(t
                    tmp_path / "dup.parquet")
     with pytest.raises(InputError, match=r"dup.parquet: Parquet columns \['c'\] appear more than once"):
         check_schema(str(tmp_path / "dup.parquet"), config)
+    # a duplicated column the config ignores is never selected: fine, as before
+    pq.write_table(pa.Table.from_arrays([pa.array([1.0]), pa.array(["a"]), pa.array([1]), pa.array([2])],
+                                        names=["label", "c", "junk", "junk"]), tmp_path / "dup_ignored.parquet")
+    ignoring = DataConfig(format="parquet", columns=columns + [ColumnSpec("junk", kind="ignore")])
+    table, _ = _read_all(str(tmp_path / "dup_ignored.parquet"), ignoring)
+    assert table["c"].to_pylist() == [b"a"]
+    # numpy float16 columns (halffloat) have no floor kernel; they read as before
+    pq.write_table(pa.table({"label": [1.0, 0.0], "c": pa.array([1.5, 2.0], pa.float16())}), tmp_path / "half.parquet")
+    table, _ = _read_all(str(tmp_path / "half.parquet"), config)
+    assert table["c"].to_pylist() == [b"1.5", b"2"]
 
 
 def test_a_row_longer_than_the_parser_block_names_the_setting_to_raise(tmp_path):

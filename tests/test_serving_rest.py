@@ -275,6 +275,13 @@ def test_valid_surrogate_pairs_and_method_case_are_accepted(client, loaded, serv
     np.testing.assert_allclose(r.json()["results"], want, atol=1e-6)
 
 
+def test_a_lone_surrogate_in_a_utf16_body_is_a_bad_request(client):
+    """json.loads reads UTF-16/32 bodies too, where the UTF-8 byte scan saw no escape (a 500 followed)."""
+    body = json.dumps({"examples": [{**_BASE, "C1": "ab\ud83d"}]}).encode("utf-16")
+    r = client.post("/v1/models/ctr:regress", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"], r.text
+
+
 def test_deeply_nested_json_is_a_bad_request(client):
     for depth in (100_000, 900):  # past json's recursion limit; just inside it (then our own walks)
         nested = "[" * depth + "]" * depth

@@ -138,8 +138,10 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over_on_resume(tm
     assert main(args + ["--resume"]) == 0
     assert "trained 400 examples in 8 steps" in capsys.readouterr().out
     assert [b["step"] for b in _jsonl(str(tmp_path / "run" / "batches.jsonl"))] == list(range(1, 9))
+    assert len(os.listdir(tmp_path / "run" / "tensorboard")) == 1  # not the abandoned attempt's events too
     assert main(args[:-3] + ["--run-dir", str(tmp_path / "never"), "--no-progress", "--resume"]) == 1
     assert "holds no run to resume" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # a mistyped --run-dir is not created
 
 
 def test_a_run_killed_after_its_final_checkpoint_is_completed_on_resume(tmp_path, capsys) -> None:
