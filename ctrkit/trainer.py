@@ -285,16 +285,33 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
         os.fsync(f.fileno())
     with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
         json.dump({**meta, "weight_names": state.names()}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
     os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)  # the rename itself, before LATEST may name it
     latest = os.path.join(ckpt_dir, "LATEST")
     with open(latest + ".tmp", "w", encoding="utf-8") as f:
         f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(latest + ".tmp", latest)
+    _fsync_dir(ckpt_dir)
     complete = sorted((k, d) for d in os.listdir(ckpt_dir) if (k := _checkpoint_key(d)) is not None)
     for _, old in complete[:-keep]:
         if old != name:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (new files, renames) durable: a rename is atomic against a
+    kill, but only an fsync of its directory makes it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _latest_checkpoint(run_dir: str) -> str | None:
@@ -788,8 +805,9 @@ def _train(
 
     def checkpoint(pos: Position, window: int, finished: bool = False) -> None:
         require_finite(window, "checkpointed")
-        log_b.flush()
-        log_m.flush()
+        for log_file in (log_b, log_m):  # on disk, not in the page cache: a power loss must not leave the
+            log_file.flush()             # checkpoint counting log lines that were never written
+            os.fsync(log_file.fileno())
         tb.flush()  # what the checkpoint covers must be on disk: a resume keeps events up to its step
         meta = {
             "step": step,

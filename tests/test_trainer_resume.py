@@ -187,3 +187,32 @@ def test_without_fcntl_the_run_is_unlocked_with_a_warning(tmp_path, monkeypatch)
         with run_dir_lock(str(tmp_path / "run"), "ctrkit train"):
             pass
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_checkpoint_is_durable_before_latest_names_it(tmp_path, monkeypatch) -> None:
+    """Renames survive a kill; a power loss also needs the files and their directories synced, in order:
+    the logs the checkpoint counts, its files, its rename, then LATEST."""
+    from ctrkit.trainer import train
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    data = write_dataset(tmp_path / "data", windows=1, rows_per_window=100, seed=6)
+    from ctrkit.config import Config
+
+    cfg = Config.from_dict({"name": "sync", "model": {"embedding_dim": 2, "cross_layers": 1, "dnn_units": [4]},
+                            "train": {"batch_size": 50, "checkpoint_every_steps": 1000}})
+    run = tmp_path / "run"
+    train(cfg, data.directory, str(run), progress=False, max_steps=1)
+    ckpts = str(run / "checkpoints")
+    order = [p for p in synced if p.startswith(str(run))]
+    first_ckpt = next(i for i, p in enumerate(order) if p.startswith(ckpts + "/ckpt-") and p.endswith("meta.json"))
+    assert {str(run / "batches.jsonl"), str(run / "metrics.jsonl")} <= set(order[:first_ckpt])
+    rest = order[first_ckpt:]
+    assert rest[1].endswith(".tmp") and rest[2] == ckpts  # the checkpoint's directory, then its rename
+    assert rest[3] == ckpts + "/LATEST.tmp" and rest[4] == ckpts
