@@ -189,7 +189,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(full_run, dataset, tmp_path
 def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
     with pytest.raises(InputError, match="already holds a run"):
         train(small_config(), dataset.directory, full_run.run_dir, progress=False)
-    with pytest.raises(InputError, match="no checkpoint"):
+    with pytest.raises(InputError, match="holds no run to resume"):
+        train(small_config(), dataset.directory, str(tmp_path / "empty"), resume=True, progress=False)
+    (tmp_path / "empty").mkdir()  # a directory without a run in it: the same, from inside the lock
+    with pytest.raises(InputError, match="holds no run to resume"):
         train(small_config(), dataset.directory, str(tmp_path / "empty"), resume=True, progress=False)
     with pytest.raises(InputError, match=r"config differs .* \['train'\]"):
         train(small_config(learning_rate=0.5), dataset.directory, full_run.run_dir, resume=True, progress=False)
