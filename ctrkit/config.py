@@ -89,7 +89,7 @@ class ModelConfig:
     structure: Literal["stacked", "parallel", "cross_only"] = "parallel"  # cross → DNN, cross ∥ DNN, or no DNN
     dnn_units: list[int] = dataclasses.field(default_factory=lambda: [500, 500, 500])  # DNN widths (none for cross_only)
     dropout: float = 0.0  # DNN dropout; > 0 makes the trainer score batches in a separate inference pass
-    activation: str = "relu"  # DNN activation; "smelu" lowers run-to-run prediction difference
+    activation: str = "relu"  # DNN activation: relu, smelu, gelu, swish, tanh, sigmoid, elu, selu or linear; "smelu" lowers run-to-run prediction difference
     rank_head: bool = False  # auxiliary head, in-batch pairwise logistic loss (TensorBoard train/rank_loss); not served
     rank_loss_weight: float = 0.1  # weight of the in-batch pairwise logistic loss of the rank head (rank_head only)
 
@@ -146,7 +146,7 @@ class TrainConfig:
     adam_beta_2: float = 0.999  # Adam second-moment decay
     epsilon: float = 1e-7  # Adam / Adagrad denominator epsilon
     adagrad_initial_accumulator: float = 0.1  # Adagrad's starting accumulator value
-    epochs: int = 1  # online learning: each window is seen once
+    epochs: int = 1  # online learning: each window is seen once (only 1 is accepted)
     checkpoint_every_steps: int = 200  # also at every window end
     keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints
     log_every_steps: int = 50  # TensorBoard scalars for the cumulative metrics
@@ -261,10 +261,12 @@ class CalibrationConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
-    base_path: str | None = None
+    """When and where training publishes TF Serving versions."""
+
+    base_path: str | None = None  # TF Serving versions go to `base_path/model_name/<version>`; null: `RUN/models/<step>.keras`, all kept
     model_name: str = "ctrkit"  # TF Serving model name and directory under base_path (letters, digits, _ - .)
-    keep_versions: int = 5
-    every_windows: int = 1
+    keep_versions: int = 5  # newest TF Serving versions kept under base_path; also ctrkit export's default
+    every_windows: int = 1  # export after every N windows, and at the end
 
     def __post_init__(self) -> None:
         _check_dir_name(self.model_name, "export.model_name")
@@ -274,7 +276,7 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class Config:
-    name: str = "ctrkit"
+    name: str = "ctrkit"  # the run's name; letters, digits, '_', '-', '.', not starting with '.' or '-'
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -292,7 +294,7 @@ class Config:
     def from_dict(cls, d: dict[str, Any] | None, source: str | None = None) -> Config:
         """Errors read ``section.key: problem``, after ``SOURCE: `` when a source (file) is named."""
         try:
-            return from_dict(cls, d or {}, "")
+            return from_dict(cls, {} if d is None else d, "")  # [] or "" is not a config: from_dict says so
         except ConfigError as e:
             if source is None:
                 raise
@@ -321,11 +323,28 @@ def load_config(path: str, source: str | None = None) -> Config:
         path = builtin_config_path(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        try:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; give a YAML file in it")
+    try:
+        with open(path, encoding="utf-8") as f:
             raw = load_yaml(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if raw is not None and not isinstance(raw, dict):
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); save the config as UTF-8") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_hint(e)})") from e
+    if raw is None:  # an empty (or comments-only) file loaded every default, silently
+        raise ConfigError(f"{path}: the config is empty; write its sections (see the config reference in README.md), "
+                          "or name a built-in config such as 'small'")
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return Config.from_dict(raw, source=source or os.path.basename(path))
+    return Config.from_dict(raw, source=source or path)
+
+
+def _yaml_hint(e: Exception) -> str:
+    """PyYAML's message on one line, with the fix for the mistakes people make most."""
+    text = " ".join(str(e).split())
+    if "found character '\\t'" in text:
+        return f"indent with spaces, not tabs: {text}"
+    if "expected a single document" in text:
+        return f"one document per config file (no second '---'): {text}"
+    return text

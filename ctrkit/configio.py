@@ -32,6 +32,20 @@ class ConfigLoader(yaml.SafeLoader):
     """
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    """A key given twice is an error: YAML keeps the last one, so the first was silently ignored."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+ConfigLoader.construct_mapping = _mapping_without_duplicates  # type: ignore[method-assign]
+
 # add_implicit_resolver copies SafeLoader's table into ConfigLoader first, so SafeLoader is left unchanged.
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

@@ -32,18 +32,18 @@ class ColumnSpec:
                  column multi-valued.
     """
 
-    name: str  # as in the CSV header or Parquet schema; letters, digits, '_', '-', '.' unless kind is ignore
-    kind: ColumnKind = "categorical"
-    fill: float = 0.0
-    log1p: bool = False
-    zscore: bool = True
-    buckets: int = 0
-    encoding: Literal["vocabulary", "hash"] = "vocabulary"
-    top_k: int | None = None
-    frequency_threshold: int = 1
-    oov_buckets: int = 1
-    hash_buckets: int = 0
-    separator: str | None = None
+    name: str  # as in the CSV header or Parquet schema; letters, digits, '_', '-', '.', not starting with '.' or '-', unless kind is ignore
+    kind: ColumnKind = "categorical"  # what the column is; ignore: read past, any name and type
+    fill: float = 0.0  # numeric: the value of a missing field
+    log1p: bool = False  # numeric: log(1 + max(x, 0)) first (the built-in Criteo schema sets it on I1-I13)
+    zscore: bool = True  # numeric: standardize with the analyzed mean and standard deviation
+    buckets: int = 0  # numeric: N > 0 adds the quantile bucket id as the categorical feature `<name>_bucket`
+    encoding: Literal["vocabulary", "hash"] = "vocabulary"  # categorical: ids from the analyzed vocabulary, or hashed
+    top_k: int | None = None  # vocabulary: keep the k most frequent values; null: all
+    frequency_threshold: int = 1  # vocabulary: keep values seen at least this often in the analyzed windows
+    oov_buckets: int = 1  # vocabulary: ids for values outside the vocabulary
+    hash_buckets: int = 0  # hash: the number of buckets (>= 1 with encoding hash)
+    separator: str | None = None  # categorical: splits a field into several values (multi-valued); null: one value
 
     def __post_init__(self) -> None:
         self.check()
@@ -136,7 +136,7 @@ def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:
 class DataConfig:
     """Where raw logs come from and how the pipeline turns them into windows of training data."""
 
-    format: Literal["criteo_tsv", "csv", "parquet"] = "criteo_tsv"
+    format: Literal["criteo_tsv", "csv", "parquet"] = "criteo_tsv"  # text formats may be compressed (gzip, bz2, zstd, lz4)
     columns: list[ColumnSpec] = dataclasses.field(default_factory=list)  # empty: the Criteo schema
     delimiter: str | None = None  # default: tab for criteo_tsv, comma for csv
     header: bool = True  # csv only: first line names the columns

@@ -149,7 +149,7 @@ def test_ineffective_settings_are_refused_naming_both_keys(tmp_path, config: dic
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
     message = str(e.value)
-    assert message.startswith(f"ign.yaml: {key}: ") and "would be ignored because" in message, message
+    assert message.startswith(f"{path}: {key}: ") and "would be ignored because" in message, message
     assert other in message.split(": ", 2)[2], message
 
 
@@ -313,7 +313,7 @@ def test_errors_name_the_key_where_it_is_in_the_file(tmp_path, text, message) ->
     path.write_text(text + "\n")
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
-    assert str(e.value).startswith(message), str(e.value)
+    assert str(e.value).startswith(f"{tmp_path}/{message}"), str(e.value)  # the file as given
 
 
 @pytest.mark.parametrize("data, message", [
@@ -358,3 +358,38 @@ def test_recorded_data_without_columns_means_the_criteo_columns() -> None:
     assert recorded_columns(None, "m") is None  # nothing recorded (a hand-written manifest): nothing to compare
     assert differing_columns(recorded_columns({"format": "criteo_tsv"}, "m"), criteo_columns()) == []
     assert differing_columns(recorded_columns({"columns": []}, "m"), Config().data.columns) == []
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"model:\n  embedding_dim: 8\n  embedding_dim: 9\n", r"c.yaml: not valid YAML \(key 'embedding_dim' appears twice"),
+        (b"model:\n\tembedding_dim: 8\n", r"c.yaml: not valid YAML \(indent with spaces, not tabs"),
+        (b"name: a\n---\nname: b\n", r"one document per config file"),
+        (b"# only a comment\n", r"c.yaml: the config is empty"),
+        (b"", r"c.yaml: the config is empty"),
+        (b"# caf\xe9\nname: x\n", r"c.yaml: not UTF-8 text .*save the config as UTF-8"),
+    ],
+)
+def test_config_file_mistakes_are_one_line_errors_saying_what_to_do(tmp_path, content: bytes, message: str) -> None:
+    """A duplicate key silently kept the last value; an empty file loaded every default; a non-UTF-8 file or a
+    directory gave a traceback; tabs and a second document gave PyYAML's message without the fix."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file in it"):
+        load_config(str(tmp_path))
+
+
+def test_errors_name_the_config_file_as_given(tmp_path) -> None:
+    """dev/my.yaml and prod/my.yaml both read "my.yaml: ..." before."""
+    (tmp_path / "prod").mkdir()
+    path = tmp_path / "prod" / "my.yaml"
+    path.write_text("model: {embedding_dim: 0}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: model.embedding_dim: must be >= 1"):
+        load_config(str(path))
+    for not_a_config in ([], ""):
+        with pytest.raises(ConfigError):
+            Config.from_dict(not_a_config)  # loaded every default before

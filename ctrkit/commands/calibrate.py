@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN")
     p.add_argument("--data", required=True, help="pipeline output directory holding the held-out stream")
     p.add_argument("--windows", metavar="A:B", help="held-out windows, e.g. --windows=-1: (default: the last calibration.holdout_windows)")
-    p.add_argument("--downsampling-rate", type=float, help="closed-form correction for negatives kept at this rate")
+    p.add_argument("--downsampling-rate", type=float, metavar="RATE",
+                   help="apply the closed-form correction for negatives kept at RATE, in (0, 1], instead of fitting "
+                   "(calibration.kind temperature or bias; default: calibration.downsampling_rate of RUN's config, "
+                   "if set)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)

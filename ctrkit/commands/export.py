@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serving_default (serialized tf.Example 'examples'), predict_raw, classify, regress. The version is "
         "validated (saved_model_cli, fresh-process reload) before it is renamed into place.",
     )
-    p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory (its final model, data and "
-                   "export settings)")
+    p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory: its final model, its data "
+                   "and its export.keep_versions (--base-path and --model-name are always given here)")
     p.add_argument("--base-path", required=True, help="TF Serving model base path parent (BASE)")
     p.add_argument("--model-name", required=True, type=model_name, help="model name (versions go to BASE/NAME/<version>)")
     p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model (e.g. "
