@@ -183,8 +183,9 @@ class DataConfig:
         if not any(c.kind in ("numeric", "categorical") for c in self.columns):
             raise ConfigError("data.columns: no feature columns; at least one column must have kind 'numeric' "
                               "or 'categorical'")
-        if self.window_rows < 1 or self.window_seconds < 1:
-            raise ConfigError("data: window_rows and window_seconds must be >= 1")
+        for key in ("window_rows", "window_seconds"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
         if self.analyze_windows is not None and self.analyze_windows < 1:
             raise ConfigError(f"data.analyze_windows: must be >= 1 or null (all windows), got {self.analyze_windows}")
         if self.batch_size < 1:

@@ -257,6 +257,7 @@ def _columns(*extra: dict) -> list[dict]:
          r"column 'a': buckets must be 0 \(off\) or >= 2, got 1"),
         ({"format": "csv", "columns": _columns({"name": "a", "kind": "numeric", "buckets": 4}, {"name": "a_bucket"})},
          r"data\.columns: a_bucket \(buckets of 'a'\) collides with a raw column"),
+        ({"window_rows": 0}, r"data\.window_rows: must be >= 1, got 0"),  # it named neither key nor value
     ],
 )
 def test_bad_data_sections_are_refused_at_load(data: dict, key: str) -> None:

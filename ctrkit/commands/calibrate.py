@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "correction with --downsampling-rate), and replaces RUN/model.keras; the uncalibrated model is kept as "
         "RUN/model_uncalibrated.keras and the before/after report written to RUN/calibration.json.",
     )
-    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("run_dir", metavar="RUN", help="a finished `ctrkit train` run directory")
     p.add_argument("--data", required=True, help="pipeline output directory holding the held-out stream")
     p.add_argument("--windows", metavar="A:B", help="held-out windows, e.g. --windows=-1: (default: the last calibration.holdout_windows)")
     p.add_argument("--downsampling-rate", type=float, metavar="RATE",

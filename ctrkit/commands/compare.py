@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Scores DATA with the final models of RUN_A and RUN_B and reports the prediction "
         "difference PD = mean |p1 - p2| / ((p1 + p2) / 2), plus each model's AUC, log loss and calibration.",
     )
-    p.add_argument("run_a", metavar="RUN_A")
-    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("run_a", metavar="RUN_A", help="a finished `ctrkit train` run directory")
+    p.add_argument("run_b", metavar="RUN_B", help="another run trained on data with the same vocabularies")
     p.add_argument("--data", required=True, help="pipeline output directory to score")
     p.add_argument("--windows", metavar="A:B", help="score a slice of the windows, e.g. --windows=-1: (default: all)")
     p.add_argument("--uncalibrated", action="store_true",

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir (a run that stopped before its first "
                    "checkpoint starts over)")
     p.add_argument("--warm-start", metavar="RUN", help="start from the final weights and optimizer state of RUN")
-    p.add_argument("--windows", metavar="A:B", help="train on a slice of the windows, Python slice syntax (write --windows=:-1 when it starts with -)")
+    p.add_argument("--windows", metavar="A:B", help="train on a slice of the windows, Python slice syntax (write --windows=:-1 when it starts with -; "
+                   "default: all)")
     p.add_argument("--max-steps", type=positive_int, help="stop (resumably) after this many steps in total")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # For crash-recovery tests only: slows each step so a test can kill the process mid-run.
