@@ -187,7 +187,7 @@ _DISTILL_ENABLED_ONLY = ("teacher", "teacher_as_of")
 class DistillConfig:
     """Distillation from a teacher scoring each batch on the fly (or a teacher-logit column)."""
 
-    enabled: bool = False  # add the distillation head and its loss (ctrkit run turns it on for its student); teacher and teacher_as_of need it
+    enabled: bool = False  # add the distillation head and its loss; teacher and teacher_as_of need it (ctrkit run turns it on for its student, with its own teacher run as teacher, as of the previous window)
     teacher: str | None = None  # a ctrkit run directory or a SavedModel directory; None: manifest column
     temperature: float = 1.0  # softens teacher and student logits (loss scaled by T²)
     weight: float = 1.0  # weight of the distillation loss next to the click loss
