@@ -5,6 +5,7 @@ a config without importing Beam or tensorflow-transform.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Literal
 
@@ -99,6 +100,11 @@ class ColumnSpec:
             raise ConfigError(f"{where}: separator must be a non-empty string or null")
 
 
+def duplicated_names(names: list[str]) -> list[str]:
+    """The names that appear more than once in ``names``, sorted."""
+    return sorted(n for n, count in collections.Counter(names).items() if count > 1)
+
+
 def _as_tf_argument(name: str) -> str:
     """TensorFlow's ``sanitize_arg_name``: non-alphanumerics to '_', 'arg_' before a non-letter start."""
     swapped = "".join(ch if ch.isalnum() else "_" for ch in name)
@@ -156,7 +162,7 @@ class DataConfig:
         for c in self.columns:
             c.check()
         names = [c.name for c in self.columns]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = duplicated_names(names)
         if dupes:
             raise ConfigError(f"data.columns: duplicate column names {dupes}")
         # The serving signature takes each column clients send as a function argument, whose name TF makes

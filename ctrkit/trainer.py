@@ -265,6 +265,12 @@ def _checkpoint_key(name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
+def _complete_checkpoints(ckpt_dir: str) -> list[str]:
+    """The names of the complete checkpoints in ``ckpt_dir``, oldest first (no ``.tmp`` directories)."""
+    keyed = sorted((k, d) for d in os.listdir(ckpt_dir) if (k := _checkpoint_key(d)) is not None)
+    return [d for _, d in keyed]
+
+
 def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: int) -> str:
     os.makedirs(ckpt_dir, exist_ok=True)
     # A step can be saved more than once (a window's last batch, then the run's final save). Each save gets
@@ -297,8 +303,7 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
         os.fsync(f.fileno())
     os.replace(latest + ".tmp", latest)
     _fsync_dir(ckpt_dir)
-    complete = sorted((k, d) for d in os.listdir(ckpt_dir) if (k := _checkpoint_key(d)) is not None)
-    for _, old in complete[:-keep]:
+    for old in _complete_checkpoints(ckpt_dir)[:-keep]:
         if old != name:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     return final
@@ -334,10 +339,10 @@ def _load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         with np.load(os.path.join(path, _STATE)) as z:
             arrays = {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
-        kept = sorted(d for d in os.listdir(os.path.dirname(path)) if d.startswith("ckpt-") and
-                      os.path.join(os.path.dirname(path), d) != path and not d.endswith(".tmp"))
-        older = (f"; an older checkpoint is kept ({kept[-1]}): point {os.path.dirname(path)}/LATEST at it to "
-                 "resume from there") if kept else ""
+        ckpt_dir = os.path.dirname(path)
+        kept = [d for d in _complete_checkpoints(ckpt_dir) if d != os.path.basename(path)]
+        older = (f"; an older checkpoint is kept ({kept[-1]}): point {ckpt_dir}/LATEST at it to resume from "
+                 "there") if kept else ""
         raise InputError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}){older}") from e
     return arrays, meta
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ctrkit.errors import InputError
-from ctrkit.schema import DataConfig
+from ctrkit.schema import DataConfig, duplicated_names
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def check_schema(path: str, config: DataConfig) -> None:
             raise InputError(f"input file {path} not found") from e
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from e
-        duplicated = sorted({n for n in file_names if file_names.count(n) > 1} & {c.name for c in used_columns(config)})
+        duplicated = sorted(set(duplicated_names(file_names)) & {c.name for c in used_columns(config)})
         if duplicated:  # pyarrow cannot select such a column by name: the job failed with a KeyError
             raise InputError(f"{path}: Parquet columns {duplicated} appear more than once; write the file with "
                              "unique column names")
@@ -450,7 +450,7 @@ def check_schema(path: str, config: DataConfig) -> None:
         missing = [n for n in names if n not in file_names]
         extra = [n for n in file_names if n not in names]
         detail = []
-        duplicated = sorted({n for n in file_names if file_names.count(n) > 1})
+        duplicated = duplicated_names(file_names)
         if duplicated:
             detail.append(f"duplicated columns {duplicated}")
         if missing:
@@ -703,7 +703,8 @@ def _runs_over_rows(text: bytes, delim: str, n_columns: int) -> int | None:
     row, goes unnoticed.)
     """
     later = _LINE_END.split(text.rstrip(b"\r\n"))[2::2]
-    like_rows = sum(line.count(delim.encode()) == n_columns - 1 for line in later)
+    separator = delim.encode()
+    like_rows = sum(line.count(separator) == n_columns - 1 for line in later)
     if like_rows >= 2 and 2 * like_rows > len(later):
         return len(later) + 1
     return None

@@ -106,7 +106,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             raise InputError(f"input {pattern!r} matches no files")
         for m in matched:
             # One file under two spellings (./a.tsv, an absolute path, a symlink) must be read once.
-            key = m if "://" in m else os.path.realpath(m)
+            key = m if _remote(m) else os.path.realpath(m)
             if key not in seen:
                 seen.add(key)
                 files.append(m)
