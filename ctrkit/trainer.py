@@ -508,6 +508,26 @@ def _warn_if_other_columns(config: Config, manifest: Manifest, data_dir: str, ru
                       stacklevel=3)
 
 
+def _warn_if_other_model(config: Config, warm_start: str) -> None:
+    """Weights load whenever their names and shapes match, which a changed activation, dropout or head
+    weight keeps: say which model settings the warm-start run was trained with instead."""
+    import warnings
+
+    try:
+        theirs = read_run_config(warm_start).model
+    except (ConfigError, OSError) as e:
+        warnings.warn(f"--warm-start {warm_start}: cannot compare its model settings with this config's: {e}",
+                      CtrkitWarning, stacklevel=3)
+        return
+    ours = config.model
+    differ = [f"model.{f.name}: {getattr(theirs, f.name)!r} there, {getattr(ours, f.name)!r} here"
+              for f in dataclasses.fields(ours) if getattr(theirs, f.name) != getattr(ours, f.name)]
+    if differ:
+        warnings.warn(f"--warm-start {warm_start}: that run's model had other settings ({'; '.join(differ)}). Its "
+                      "weights were loaded because their names and shapes match, but they were trained for "
+                      "those settings", CtrkitWarning, stacklevel=3)
+
+
 def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | None, who: str, advice: str) -> None:
     """Refuse data whose vocabularies differ from those ``run_dir`` was trained on (its run.json records
     their :func:`vocabulary_fingerprint`): that run's embedding rows would belong to other tokens there.
@@ -742,6 +762,7 @@ def _train(
                                   "Preprocess the new data with the previous transform "
                                   "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that.")
             state.restore(arrays, meta["weight_names"], prev, metrics=False)
+            _warn_if_other_model(config, warm_start)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
         for path in (batches_log, metrics_log):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from ctrkit.config import Config
-from ctrkit.errors import InputError
+from ctrkit.errors import CtrkitWarning, InputError
 from ctrkit.sparse import SparseOptimizer, _sum_duplicates
 from ctrkit.testing import write_dataset, write_tfrecords
 from ctrkit.trainer import TrainingError, _load_checkpoint, _latest_checkpoint, load_run_model, train
@@ -203,7 +204,10 @@ def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
 def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
     cfg = small_config()
     day1 = train(cfg, dataset.directory, str(tmp_path / "day1"), windows=[0, 1, 2], progress=False)
-    warm = train(cfg, dataset.directory, str(tmp_path / "day2"), windows=[3], warm_start=day1.run_dir, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CtrkitWarning)  # the same model settings: nothing to warn about
+        warm = train(cfg, dataset.directory, str(tmp_path / "day2"), windows=[3], warm_start=day1.run_dir,
+                     progress=False)
     calls = []
 
     def export_fn(model, manifest, step):  # what the serving exporter receives
@@ -216,6 +220,18 @@ def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
     assert warm.examples == cold.examples == ROWS
     assert warm.metrics["logloss"] < cold.metrics["logloss"] - 0.01
     assert warm.metrics["auc"] > cold.metrics["auc"]
+
+
+def test_warm_start_names_model_settings_that_differ_from_the_previous_run(dataset, tmp_path) -> None:
+    day1 = train(small_config(), dataset.directory, str(tmp_path / "day1"), windows=[0], progress=False)
+    changed = small_config().to_dict()
+    changed["model"].update(activation="smelu", dropout=0.1)  # the same weight shapes: the weights still load
+    with pytest.warns(CtrkitWarning) as caught:
+        train(Config.from_dict(changed), dataset.directory, str(tmp_path / "day2"), windows=[1],
+              warm_start=day1.run_dir, progress=False)
+    message = " ".join(str(w.message) for w in caught if issubclass(w.category, CtrkitWarning))
+    assert "model.activation: 'relu' there, 'smelu' here" in message
+    assert "model.dropout: 0.0 there, 0.1 here" in message and "embedding_dim" not in message
 
 
 def test_non_finite_loss_stops_naming_step_and_window_and_exports_nothing_more(dataset, tmp_path) -> None:

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="run directory to create (or to continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir (a run that stopped before its first "
                    "checkpoint starts over)")
-    p.add_argument("--warm-start", metavar="RUN", help="start from the final weights and optimizer state of RUN")
+    p.add_argument("--warm-start", metavar="RUN", help="start from the final weights and optimizer state of a finished RUN "
+                   "(the next day's data, preprocessed with --transform-fn of RUN's data so the vocabularies match; "
+                   "model settings that differ from RUN's are named in a warning)")
     p.add_argument("--windows", metavar="A:B", help="train on a slice of the windows, Python slice syntax (write --windows=:-1 when it starts with -; "
                    "default: all)")
     p.add_argument("--max-steps", type=positive_int, help="stop (resumably) after this many steps in total")
