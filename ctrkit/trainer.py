@@ -12,6 +12,7 @@ Run directory::
       run.json             data dir, manifest path, windows, status, steps, examples, final model path
       metrics.jsonl        one line per window: its name, step, window and cumulative metrics; a last "final" line
       batches.jsonl        one line per trained batch: step, window, shard, offset, count
+      exports.jsonl        one line per export, written as it is published: step, path
       checkpoints/ckpt-<step>/  weights, optimizer slots, metric state (state.npz) + position (meta.json)
       checkpoints/LATEST   name of the newest complete checkpoint
       models/<step>.keras  per export interval, when no exporter is given
@@ -21,7 +22,10 @@ Run directory::
 Checkpoints are written to a temporary directory and renamed into place, and ``LATEST`` is replaced
 atomically, so a run killed at any instant resumes from a complete checkpoint. The checkpoint records how
 many lines ``batches.jsonl`` and ``metrics.jsonl`` had; a resume truncates both to that, so the logs list
-exactly the batches the resumed model has trained on: no example lost, none trained twice.
+exactly the batches the resumed model has trained on: no example lost, none trained twice. An export
+published after the checkpoint a resume starts from is found in ``exports.jsonl`` when the resumed run
+reaches its step again, and kept rather than published a second time (the resumed weights equal the
+interrupted run's there).
 """
 from __future__ import annotations
 
@@ -85,6 +89,28 @@ def _write_json_atomic(path: str, obj: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _append_line(path: str, obj: Any) -> None:
+    """One JSON line, on disk before returning (a kill right after must not lose it)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _published_after(path: str, step: int) -> dict[int, str]:
+    """Step → path of the exports ``exports.jsonl`` lists after ``step`` whose path still exists: what an
+    interrupted attempt published after the checkpoint a resume starts from."""
+    published = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.endswith("\n"):  # a line cut by the kill was never a complete record
+                    entry = json.loads(line)
+                    if entry["step"] > step and os.path.exists(entry["path"]):
+                        published[entry["step"]] = entry["path"]
+    return published
 
 
 def _truncate_lines(path: str, keep: int) -> None:
@@ -701,6 +727,7 @@ def _train(
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     batches_log = os.path.join(run_dir, "batches.jsonl")
     metrics_log = os.path.join(run_dir, "metrics.jsonl")
+    exports_log = os.path.join(run_dir, "exports.jsonl")
     run_json = os.path.join(run_dir, "run.json")
     latest = _latest_checkpoint(run_dir)
     started = os.path.exists(run_json)
@@ -746,6 +773,7 @@ def _train(
         step, examples, windows_done = meta["step"], meta["examples"], meta["windows_done"]
         position = Position.from_dict(meta["position"])
         exports = list(meta.get("exports", []))
+        published = _published_after(exports_log, meta["step"])
         _truncate_lines(batches_log, meta["batches_logged"])
         _truncate_lines(metrics_log, meta["metrics_logged"])
         _truncate_tensorboard(os.path.join(run_dir, "tensorboard"), meta["step"], meta["windows_done"],
@@ -765,8 +793,13 @@ def _train(
             _warn_if_other_model(config, warm_start)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-        for path in (batches_log, metrics_log):
+        # A restart retrains from the same seed and warm start, so it reaches the same weights at the steps
+        # the abandoned attempt exported.
+        published = _published_after(exports_log, 0) if restart else {}
+        for path in (batches_log, metrics_log, exports_log):
             open(path, "w").close()
+        for published_step, published_path in sorted(published.items()):
+            _append_line(exports_log, {"step": published_step, "path": published_path})
         if restart:  # the abandoned attempt's events would show its steps twice
             shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     previous = read_run_info(run_dir) if resume else {}
@@ -803,7 +836,17 @@ def _train(
 
     train_step = make_train_step(config, model, optimizer, teacher_fn, distill_scale)
 
-    export = export_fn or _default_export(run_dir)
+    export_to = export_fn or _default_export(run_dir)
+
+    def export(model: Any, manifest: Manifest, step: int) -> str:
+        if step in published:
+            log.info("step %d was exported to %s before the run was interrupted; keeping that export", step,
+                     published[step])
+            return published[step]
+        path = export_to(model, manifest, step)
+        _append_line(exports_log, {"step": step, "path": path})
+        return path
+
     tb = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
     total_rows = sum(manifest.windows[i].rows for i in selected)
     from tqdm import tqdm

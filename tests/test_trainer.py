@@ -317,6 +317,38 @@ def test_a_kill_while_a_step_is_saved_again_leaves_a_resumable_run(dataset, tmp_
     assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
 
 
+def test_an_export_published_before_a_kill_is_kept_not_published_again(dataset, tmp_path, monkeypatch) -> None:
+    """The resume published the interrupted window's export a second time: an orphan version beside it."""
+    import ctrkit.trainer as trainer_module
+
+    published = []
+
+    def export_fn(model, manifest, step):  # publishes a version directory, as the serving exporter does
+        path = str(tmp_path / "versions" / str(len(published) + 1))
+        os.makedirs(path)
+        published.append(step)
+        return path
+
+    real_save = trainer_module._save_checkpoint
+
+    def save(ckpt_dir, state, meta, keep):
+        if meta["exports"]:  # the checkpoint right after the first window's export: killed before it
+            raise _Killed()
+        return real_save(ckpt_dir, state, meta, keep)
+
+    run = str(tmp_path / "run")
+    monkeypatch.setattr(trainer_module, "_save_checkpoint", save)
+    with pytest.raises(_Killed):
+        train(small_config(), dataset.directory, run, progress=False, export_fn=export_fn)
+    monkeypatch.setattr(trainer_module, "_save_checkpoint", real_save)
+    window_end = published[0]
+    assert _load_checkpoint(_latest_checkpoint(run))[1]["step"] < window_end  # the resume trains up to it again
+    done = train(small_config(), dataset.directory, run, resume=True, progress=False, export_fn=export_fn)
+    assert published.count(window_end) == 1 and len(published) == WINDOWS
+    assert done.exports == [str(tmp_path / "versions" / str(i)) for i in range(1, WINDOWS + 1)]
+    assert [e["step"] for e in _read_jsonl(os.path.join(run, "exports.jsonl"))] == published
+
+
 def test_warm_start_refuses_data_from_another_vocabulary(dataset, tmp_path) -> None:
     import shutil
 
