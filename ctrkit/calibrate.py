@@ -25,7 +25,7 @@ from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
 from ctrkit.metrics import StreamingMetrics
 
-__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "replace_run_model"]
+__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "replace_run_model", "windows_trained_on"]
 
 
 _SCORERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
@@ -80,6 +80,21 @@ def score_stream(
     if segment:
         out["segments"] = np.concatenate(segs)
     return out
+
+
+def windows_trained_on(run_dir: str, data_dir: str, manifest: Manifest, windows: Sequence[int]) -> list[str]:
+    """The names of the ``windows`` of ``data_dir`` that the run in ``run_dir`` trained on: not held out for it.
+
+    Judged from the run's ``run.json`` (its data directory and window names); windows of another pipeline
+    output count as held out.
+    """
+    from ctrkit.trainer import read_run_info
+
+    info = read_run_info(run_dir)
+    if os.path.realpath(info.get("data_dir") or "") != os.path.realpath(data_dir):
+        return []
+    trained = set(info.get("windows") or [])
+    return [manifest.windows[i].name for i in windows if manifest.windows[i].name in trained]
 
 
 def _summary(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -24,8 +24,13 @@ restored exactly:
 
     The error left is within-bin tie noise, ≈ 0.3 · bin width · (density of negative logits where the positives
     are) / √clicks: tests/test_metrics.py asserts < 5e-5 at CTR 1e-4 to 0.3 with ~200 clicks (max 1.2e-5
-    there); more clicks make it smaller. Probabilities outside [0, 1] and NaN raise ValueError.
-  * log loss, and normalized entropy NE = log loss / H(base CTR), H(c) = −c log c − (1−c) log(1−c)
+    there); more clicks make it smaller. The bound only bites when the predictions themselves differ by
+    no more than a few bin widths: on 400k examples (exact AUC 0.82) a logit spread of σ = 0.015 lost 2.5e-5
+    of AUC, σ = 0.0015 (a nearly constant predictor) 2.7e-3. Because bins are in the logit, a monotone
+    recalibration can move pairs in or out of shared bins: the AUC it reports may change in the fifth
+    decimal although the exact AUC cannot. Probabilities outside [0, 1] and NaN raise ValueError.
+  * log loss with p clipped to [1e-7, 1 − 1e-7] (a click predicted at p = 0 counts −log 1e-7 ≈ 16.1, not
+    ∞; the training loss works on logits and is not clipped), and normalized entropy NE = log loss / H(base CTR), H(c) = −c log c − (1−c) log(1−c)
     with c the base CTR of the same examples (He et al. 2014)
   * calibration ratio Σp / Σy (1.0 is perfectly calibrated in aggregate)
   * expected calibration error over 10 equal-width probability bins: Σ_b |Σ_{i∈b} p_i − y_i| / n

@@ -137,6 +137,8 @@ def _plot_reliability(data: ReportData, path: str) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # a metric the data leaves undefined (AUC of one class)
+        return "n/a"
     if isinstance(v, float):
         return f"{v:,.4f}" if abs(v) < 100 else f"{v:,.0f}"
     if isinstance(v, int):

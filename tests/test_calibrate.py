@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from ctrkit.calibrate import apply_downsampling_correction, fit_calibration, score_stream
 from ctrkit.cli import main
 from ctrkit.config import CalibrationConfig, Config, ConfigError
+from ctrkit.errors import CtrkitWarning
 from ctrkit.metrics import StreamingMetrics, downsampling_correction
 from ctrkit.model import build_model
 from ctrkit.testing import write_dataset
@@ -97,14 +99,31 @@ def test_calibrate_command_replaces_the_model_and_keeps_the_original(setup, caps
 
     run_dir = str(root / "cli_run")
     shutil.copytree(run.run_dir, run_dir)
-    assert main(["calibrate", run_dir, "--data", holdout.directory]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CtrkitWarning)  # other data than the run trained on: held out, no warning
+        assert main(["calibrate", run_dir, "--data", holdout.directory]) == 0
     out = capsys.readouterr().out
+    assert "examples of window(s) w000 (held out); before -> after, on those same examples" in out
     assert "calibration ratio" in out
     report = json.load(open(os.path.join(run_dir, "calibration.json")))
     assert abs(report["after"]["calibration"] - 1) < 0.02 and report["windows"] == ["w000"]
     assert os.path.exists(os.path.join(run_dir, "model_uncalibrated.keras"))
     ratio, _ = _ratio(load_run_model(run_dir), holdout)
     assert ratio == pytest.approx(report["after"]["calibration"], rel=1e-4)
+
+
+def test_calibrating_on_windows_the_run_trained_on_says_they_are_not_held_out(setup, capsys) -> None:
+    """The default windows are the data's last ones; after `ctrkit train --data D` on all of D they were trained
+    on, and calibrate still called them held out."""
+    import shutil
+
+    root, run, _, _ = setup
+    run_dir = str(root / "cli_seen")
+    shutil.copytree(run.run_dir, run_dir)
+    data = json.load(open(os.path.join(run_dir, "run.json")))["data_dir"]
+    with pytest.warns(CtrkitWarning, match=r"trained on window\(s\) w002 of .*: they are not held out.*--windows=:-1"):
+        assert main(["calibrate", run_dir, "--data", data, "--no-progress"]) == 0
+    assert "examples of window(s) w002 (trained on, not held out)" in capsys.readouterr().out
 
 
 def test_calibrate_command_applies_the_closed_form_correction_whatever_the_fit_settings(setup, capsys) -> None:

@@ -87,3 +87,15 @@ def test_compare_refuses_data_and_runs_that_do_not_belong_together(pd_runs, tmp_
     with pytest.raises(InputError, match="calibrated model .*--uncalibrated"):
         compare_runs(calibrated, runs["relu", 0], test.directory)
     assert compare_runs(calibrated, runs["relu", 0], test.directory, uncalibrated=True)["pd"] == 0
+
+
+def test_compare_prints_na_for_metrics_that_one_class_data_leaves_undefined(pd_runs, tmp_path, capsys) -> None:
+    """A window without a click has no AUC or calibration ratio (None); the text output crashed on it."""
+    runs, _ = pd_runs
+    no_clicks = write_dataset(tmp_path / "no_clicks", windows=1, rows_per_window=300, shards_per_window=1, seed=33,
+                              vocab_size=20, bias=-60.0)
+    assert not no_clicks.labels[0].any()
+    assert main(["compare", runs["relu", 0], runs["relu", 1], "--data", no_clicks.directory, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "300 examples: PD" in out
+    assert "run A: AUC n/a  log loss 0." in out and "calibration n/a" in out

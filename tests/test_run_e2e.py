@@ -91,6 +91,11 @@ def test_calibration_and_pd_are_reported(run_dir):
     assert 0.0 < summary["pd"] < 2.0
     for model in ("teacher", "student (distilled)", "student (no distillation)"):
         assert 0.0 <= summary["final_metrics"][model]["auc"] <= 1.0
+    # The held-out rows carry NE too (it was left blank), and the after row says the fit saw those examples.
+    rows = {"before": "student, held-out, before calibration",
+            "after": "student, held-out, after calibration (fitted on them)"}
+    for when, row in rows.items():
+        assert summary["final_metrics"][row]["ne"] == pytest.approx(summary["calibration"][when]["ne"])
     md = open(os.path.join(run_dir, "report.md"), encoding="utf-8").read()
     for section in ("Progressive validation over time", "Calibration", "Final metrics",
                     "prediction difference between seeds", "Model size", "Throughput"):

@@ -28,9 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctrkit.commands._output import metric
     import dataclasses
 
-    from ctrkit.calibrate import fit_calibration, replace_run_model
+    import warnings
+
+    from ctrkit.calibrate import fit_calibration, replace_run_model, windows_trained_on
+    from ctrkit.errors import CtrkitWarning
     from ctrkit.config import CalibrationConfig
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
@@ -53,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.data)
     n = len(manifest.windows)
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")
+    seen = windows_trained_on(args.run_dir, args.data, manifest, windows)
+    if seen:
+        warnings.warn(f"{args.run_dir} trained on window(s) {', '.join(seen)} of {args.data}: they are not held out, so "
+                      "the calibration is fitted and measured on examples the model has learned from, where it reads "
+                      "better calibrated than on new data. Keep the last windows out of training (ctrkit train "
+                      f"--windows=:-{cal.holdout_windows}) or calibrate on later data.", CtrkitWarning, stacklevel=2)
     with run_dir_lock(os.path.abspath(args.run_dir), "ctrkit calibrate"):  # not while it trains
         model = load_run_model(args.run_dir)
         report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress)
@@ -61,15 +71,16 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     b, a = report["before"], report["after"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"{report['method']} on {report['examples']} held-out examples",
-             f"  calibration ratio {fmt(b['calibration'])} -> {fmt(a['calibration'])}   ECE {fmt(b['ece'])} -> "
-             f"{fmt(a['ece'])}"]
+    held = "trained on, not held out" if seen else "held out"
+    lines = [f"{report['method']}, on {report['examples']} examples of window(s) {', '.join(report['windows'])} "
+             f"({held}); before -> after, on those same examples:",
+             f"  calibration ratio {metric(b['calibration'])} -> {metric(a['calibration'])}   ECE {metric(b['ece'])} -> "
+             f"{metric(a['ece'])}"]
     if "calibration_if_held_out_downsampled" in a:
         lines.append(f"  if these held-out windows were downsampled like the training data (they then read low after "
                      f"the correction), with their negatives weighted 1/{cal.downsampling_rate:g}: calibration ratio "
-                     f"{fmt(b['calibration_if_held_out_downsampled'])} -> "
-                     f"{fmt(a['calibration_if_held_out_downsampled'])}")
+                     f"{metric(b['calibration_if_held_out_downsampled'])} -> "
+                     f"{metric(a['calibration_if_held_out_downsampled'])}")
     lines.append(f"  model written to {final}")
     print("\n".join(lines))
     return 0

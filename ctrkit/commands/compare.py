@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctrkit.commands._output import metric
     from ctrkit.compare import compare_runs
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
@@ -38,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{report['examples']} examples: PD {report['pd']:.5f}  mean |p1-p2| {report['mean_abs_diff']:.5f}")
     for name in ("a", "b"):
         m = report[name]
-        print(f"  run {name.upper()}: AUC {m['auc']:.4f}  log loss {m['logloss']:.4f}  calibration {m['calibration']:.4f}")
+        print(f"  run {name.upper()}: AUC {metric(m['auc'])}  log loss {metric(m['logloss'])}  calibration {metric(m['calibration'])}")
     return 0

@@ -233,9 +233,8 @@ def _write_run_report(run_dir, config, manifest, teacher, student, baseline, pd_
                       seconds, exported) -> dict[str, str]:
     from ctrkit.report import ReportData, write_report
 
-    def final(result) -> dict[str, float]:
-        m = result.metrics
-        return {k: float(m[k]) for k in ("auc", "logloss", "ne", "calibration", "ece") if k in m}
+    def final(m: dict[str, Any]) -> dict[str, float | None]:
+        return {k: m[k] if m[k] is None else float(m[k]) for k in ("auc", "logloss", "ne", "calibration", "ece") if k in m}
 
     def size(run) -> dict[str, Any]:
         import keras
@@ -245,13 +244,14 @@ def _write_run_report(run_dir, config, manifest, teacher, student, baseline, pd_
                 "file_mb": os.path.getsize(run.model_path) / 2**20}
 
     final_metrics = {
-        "teacher": final(teacher),
-        "student (distilled)": final(student),
-        "student (no distillation)": final(baseline),
+        "teacher": final(teacher.metrics),
+        "student (distilled)": final(student.metrics),
+        "student (no distillation)": final(baseline.metrics),
     }
     if calibration:
-        final_metrics["student, held-out, before calibration"] = {k: calibration["before"][k] for k in ("auc", "logloss", "calibration", "ece") if k in calibration["before"]}
-        final_metrics["student, held-out, after calibration"] = {k: calibration["after"][k] for k in ("auc", "logloss", "calibration", "ece") if k in calibration["after"]}
+        final_metrics["student, held-out, before calibration"] = final(calibration["before"])
+        # The calibration layer was fitted on these same examples (the student never trained on them).
+        final_metrics["student, held-out, after calibration (fitted on them)"] = final(calibration["after"])
     throughput = {
         "pipeline": {"rows": manifest.rows_read, "seconds": seconds.get("preprocess", 0.0),
                      "rows_per_s": manifest.rows_read / max(seconds.get("preprocess", 1e-9), 1e-9)},

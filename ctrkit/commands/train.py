@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctrkit.commands._output import metric
     from ctrkit.config import load_config
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
@@ -70,13 +71,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctrkit train: error: {e}", file=sys.stderr)
         return 1
     m = result.metrics
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     if result.already_finished:
         print(f"{result.run_dir} had already finished: nothing to resume")
     print(
         f"trained {result.examples} examples in {result.steps} steps -> {result.run_dir}\n"
-        f"progressive validation: AUC {fmt(m.get('auc'))}  log loss {fmt(m.get('logloss'))}  "
-        f"NE {fmt(m.get('ne'))}  calibration {fmt(m.get('calibration'))}  ECE {fmt(m.get('ece'))}"
+        f"progressive validation: AUC {metric(m.get('auc'))}  log loss {metric(m.get('logloss'))}  "
+        f"NE {metric(m.get('ne'))}  calibration {metric(m.get('calibration'))}  ECE {metric(m.get('ece'))}"
     )
     if not result.model_path:  # max_steps stopped it: the run looked finished, then `export` refused it
         # "--resume" alone with the same --max-steps stops at the same step again.
