@@ -1,8 +1,12 @@
 """The serving graph: raw features → tensorflow-transform graph → Keras 3 model → served outputs.
 
-:class:`ServingModule` is a ``tf.Module`` that tracks the Keras 3 model and TFT's
+:class:`ServingModule` is a ``tf.Module`` that tracks the Keras 3 model's variables and TFT's
 ``TransformFeaturesLayer`` (a tf_keras object) side by side, so one ``tf.saved_model.save`` writes both
-graphs, their variables and the vocabulary assets. Its signatures are what TF Serving needs:
+graphs, their variables and the vocabulary assets. It tracks the model's underlying ``tf.Variable``\ s, not
+the Keras model itself, as ``keras.export.ExportArchive`` does: with the Keras 3 model as an attribute the
+SavedModel still loads with ``tf.saved_model.load``, but TF Serving's C++ loader (and ``saved_model_cli run``)
+restores other variables than the ones the signatures read, and every request fails with "Could not find
+variable" (tensorflow/tensorflow#72963, tensorflow/serving#2226). Its signatures are what TF Serving needs:
 
 ========================  ================================  =====================================  ==========================
 signature                 inputs                            outputs                                method name
@@ -156,7 +160,13 @@ class ServingModule(tf.Module):
 
     def __init__(self, model: Any, tft_output: Any, manifest: Any, exclude_raw_features: Iterable[str] = ()):
         super().__init__(name="ctrkit_serving")
-        self.model = model
+        # Called through a closure, which tf.Module does not track; what the SavedModel saves and TF
+        # Serving restores are these variables, the very ones the traced graph reads (see module doc).
+        self._model = lambda: model
+        self.model_variables = [v.value for v in model.variables]
+        if not all(isinstance(v, tf.Variable) for v in self.model_variables):  # e.g. inside an autocast scope
+            raise ExportError("export the model outside any Keras autocast or stateless scope: its variables "
+                              "must read as tf.Variable objects to be saved")
         # A tf_keras object next to a Keras 3 one: assigning it here is what makes tf.saved_model.save
         # write its graph, tables and vocabulary assets.
         self.tft_layer = tft_output.transform_features_layer()
@@ -226,7 +236,7 @@ class ServingModule(tf.Module):
 
     def _predict(self, raw: Mapping[str, Any]) -> dict[str, tf.Tensor]:
         transformed = self.tft_layer(dict(raw))
-        out = self.model(self._model_inputs(transformed), training=False)
+        out = self._model()(self._model_inputs(transformed), training=False)
         for key in OUTPUT_KEYS:
             if key not in out:
                 raise ExportError(f"the model's output dict has no {key!r} (it has {sorted(out)})")

@@ -3,8 +3,12 @@
 1. ``saved_model_cli show --all`` (TensorFlow's own tool, run as a subprocess): the four signatures exist
    with the input keys, dtypes, shapes and method names TF Serving needs.
 2. A fresh Python process that imports only TensorFlow (no tensorflow-transform, no Keras, no ctrkit
-   model code) reloads the SavedModel and runs ``serving_default``, ``classify`` and ``regress`` on the
-   warmup examples; the probabilities must equal the in-memory model's within ``atol``.
+   model code) reloads the SavedModel twice and runs ``serving_default``, ``classify`` and ``regress`` on
+   the warmup examples; the probabilities must equal the in-memory model's within ``atol``. Once with
+   ``tf.saved_model.load`` (what ``ctrkit serve`` uses) and once into a TF1 session, which restores the
+   variables through the MetaGraph's saver and runs its init op as TF Serving's C++ ``LoadSavedModel`` and
+   ``saved_model_cli run`` do. The two can disagree: a SavedModel can load and score with the first and
+   fail every request with the second ("Could not find variable").
 
 Run as ``python -m ctrkit.serving.validate EXPORT_DIR CHECK.npz ATOL`` for step 2.
 """
@@ -175,6 +179,10 @@ def finish_reload_check_quietly(proc: subprocess.Popen, tmp: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The signatures the reload check runs on the warmup examples, with the input key each is fed by.
+_CHECKED_INPUTS = {SERVING_DEFAULT: EXAMPLES_KEY, CLASSIFY: CLASSIFY_INPUTS_KEY, REGRESS: CLASSIFY_INPUTS_KEY}
+
+
 def _reload_and_compare(export_dir: str, check_path: str, atol: float) -> int:
     import numpy as np
     import tensorflow as tf
@@ -184,19 +192,49 @@ def _reload_and_compare(export_dir: str, check_path: str, atol: float) -> int:
     want = data["probabilities"].reshape(-1)
     loaded = tf.saved_model.load(export_dir)
     sigs = loaded.signatures
-    got = sigs[SERVING_DEFAULT](**{EXAMPLES_KEY: examples})["probabilities"].numpy().reshape(-1)
-    scores = sigs[CLASSIFY](**{CLASSIFY_INPUTS_KEY: examples})["scores"].numpy()
-    regressed = sigs[REGRESS](**{CLASSIFY_INPUTS_KEY: examples})["outputs"].numpy().reshape(-1)
+    outputs = {"": {name: {k: t.numpy() for k, t in sigs[name](**{key: examples}).items()}
+                    for name, key in _CHECKED_INPUTS.items()}}
     failures = []
-    for what, values in (("serving_default", got), ("classify scores[:, 1]", scores[:, 1]), ("regress", regressed)):
-        diff = float(np.max(np.abs(values - want))) if len(want) else 0.0
-        if values.shape != want.shape or diff > atol:
-            failures.append(f"ctrkit-validate: {what} differs from the in-memory model by {diff:.3g} (atol {atol})")
-    if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-6):
-        failures.append("ctrkit-validate: classify scores do not sum to 1")
+    try:
+        outputs[" in a TF1 session (TF Serving's loader)"] = _session_outputs(export_dir, data["examples"])
+    except tf.errors.OpError as e:
+        failures.append(f"ctrkit-validate: loaded into a TF1 session as TF Serving loads it, the signatures fail: "
+                        f"{_first_cause(e.message)}")
+    for where, out in outputs.items():
+        scores = out[CLASSIFY]["scores"]
+        for what, values in (("serving_default", out[SERVING_DEFAULT]["probabilities"]),
+                             ("classify scores[:, 1]", scores[:, 1]), ("regress", out[REGRESS]["outputs"])):
+            values = values.reshape(-1)
+            diff = float(np.max(np.abs(values - want))) if len(want) and values.shape == want.shape else 0.0
+            if values.shape != want.shape or diff > atol:
+                failures.append(f"ctrkit-validate: {what}{where} differs from the in-memory model by {diff:.3g} "
+                                f"(atol {atol})")
+        if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-6):
+            failures.append(f"ctrkit-validate: classify scores{where} do not sum to 1")
     for f in failures:
         print(f, file=sys.stderr)
     return 1 if failures else 0
+
+
+def _first_cause(message: str) -> str:
+    """The line of a TF error message that says what failed ("Graph execution error:" comes first)."""
+    lines = [ln.strip() for ln in message.splitlines()]
+    causes = [ln for ln in lines if ln and not ln.endswith("error:") and not ln.startswith(("[[", "Detected at node"))]
+    return (causes or lines or [""])[0][:300]
+
+
+def _session_outputs(export_dir: str, examples: Any) -> dict[str, dict[str, Any]]:
+    """Every checked signature's outputs, run by tensor name in a TF1 session the SavedModel was loaded into."""
+    import tensorflow as tf
+
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta_graph = tf.compat.v1.saved_model.loader.load(sess, [tf.saved_model.SERVING], export_dir)
+        out = {}
+        for name, key in _CHECKED_INPUTS.items():
+            sig = meta_graph.signature_def[name]
+            fetches = {k: v.name for k, v in sig.outputs.items() if k != "classes"}
+            out[name] = sess.run(fetches, {sig.inputs[key].name: list(examples)})
+        return out
 
 
 if __name__ == "__main__":

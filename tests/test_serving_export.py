@@ -243,6 +243,54 @@ def test_reload_check_catches_a_mismatch(exported, serving_spec):
         finish_reload_check(proc, tmp)
 
 
+def test_export_scores_under_tf_servings_loader(exported, loaded, serving_spec):
+    """TF Serving restores a SavedModel with the C++ loader, as `saved_model_cli run` does, not with
+    tf.saved_model.load; with the Keras 3 model tracked on the module every request failed there."""
+    import json
+    import subprocess
+    import sys
+
+    from ctrkit.serving.validate import _session_outputs
+
+    rows = exported["rows"][:16]
+    examples = _serialize(rows, serving_spec).numpy().tolist()
+    in_session = _session_outputs(exported["path"], examples)
+    want = loaded.signatures["serving_default"](examples=tf.constant(examples))["probabilities"].numpy()
+    np.testing.assert_allclose(in_session["serving_default"]["probabilities"], want, atol=1e-6)
+    np.testing.assert_allclose(in_session["regress"]["outputs"].reshape(-1), want.reshape(-1), atol=1e-6)
+    # TensorFlow's own tool, in its own process: no ctrkit code on this path.
+    example = {"I1": [3.0], "C1": ["c1_1"], "C2": ["c2_2"]}
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    out = subprocess.run([cli, "run", "--dir", exported["path"], "--tag_set", "serve", "--signature_def", "regress",
+                          "--input_examples", f"inputs=[{json.dumps(example)}]"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = float(re.search(r"Result for output key outputs:\s*\[([-0-9.e]+)\]", out.stdout).group(1))
+    assert printed == pytest.approx(float(loaded.signatures["regress"](inputs=_serialize([example], serving_spec))
+                                          ["outputs"].numpy()[0]), abs=1e-6)
+
+
+def test_reload_check_refuses_an_export_tf_servings_loader_cannot_run(exported, serving_spec, tmp_path):
+    import tensorflow_transform as tft
+
+    from ctrkit.serving.signatures import ServingModule
+    from ctrkit.serving.validate import ValidationError, finish_reload_check, start_reload_check
+
+    class KerasModelTracked(ServingModule):  # how ctrkit exported before: the Keras 3 model as an attribute
+        def __init__(self, model, *args):
+            super().__init__(model, *args)
+            del self.model_variables
+            self.model = model
+
+    module = KerasModelTracked(exported["model"], tft.TFTransformOutput(exported["pipeline"]), exported["manifest"])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures=module.signatures())
+    ex = _serialize(exported["rows"][:8], serving_spec).numpy().tolist()
+    want = _reference_probabilities(exported, exported["rows"][:8], serving_spec)
+    proc, tmp = start_reload_check(str(tmp_path / "1"), ex, want, atol=1e-5)
+    with pytest.raises(ValidationError, match="as TF Serving loads it, the signatures fail: Could not find variable"):
+        finish_reload_check(proc, tmp)
+
+
 def test_failed_prune_does_not_fail_the_export_and_leftovers_are_cleaned(exported, tmp_path, monkeypatch, caplog):
     import logging
 
