@@ -302,12 +302,14 @@ class Config:
 
 
 def builtin_config_path(name: str) -> str:
-    """Path of a config shipped with ctrkit (``configs/<name>.yaml``)."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    if not os.path.isdir(here):  # installed wheel: configs ship as the ctrkit.configs package
-        import ctrkit.configs
+    """Path of a config shipped with ctrkit (``configs/<name>.yaml``, installed as the ``ctrkit.configs`` package)."""
+    import importlib
 
-        here = os.path.dirname(ctrkit.configs.__file__)
+    try:
+        here = os.path.dirname(importlib.import_module("ctrkit.configs").__file__)
+    except ImportError:  # a source checkout run without installing: the folder beside the ctrkit package
+        # Only then: installed, that folder is site-packages/configs, which any other package may own.
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     path = os.path.join(here, f"{name}.yaml")
     if not os.path.exists(path):
         available = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".yaml"))

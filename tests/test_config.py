@@ -25,6 +25,26 @@ def test_builtin_configs_load_and_round_trip(name: str) -> None:
     assert builtin_config_path(name).endswith(f"{name}.yaml")
 
 
+def test_builtin_configs_come_from_the_ctrkit_configs_package(tmp_path, monkeypatch) -> None:
+    """Installed, the folder beside the ctrkit package is site-packages/configs, which another package may
+    own: its small.yaml was loaded instead of ctrkit's. The package is looked up first, that folder only in a
+    source checkout run without installing."""
+    import os
+    import sys
+    import types
+
+    import ctrkit
+
+    package = types.ModuleType("ctrkit.configs")
+    package.__file__ = str(tmp_path / "__init__.py")
+    (tmp_path / "small.yaml").write_text("name: from_the_package\n")
+    monkeypatch.setitem(sys.modules, "ctrkit.configs", package)
+    assert load_config("small").name == "from_the_package"
+    monkeypatch.setitem(sys.modules, "ctrkit.configs", None)  # importing it fails: not installed
+    beside = os.path.join(os.path.dirname(os.path.dirname(ctrkit.__file__)), "configs", "small.yaml")
+    assert builtin_config_path("small") == beside
+
+
 def test_shipped_configs_match_the_papers() -> None:
     bars = load_config("bars_criteo").model
     assert (bars.embedding_dim, bars.cross_kind, bars.cross_layers, bars.structure, bars.dnn_units) == (
