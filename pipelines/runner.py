@@ -62,6 +62,9 @@ class _FS:
     def exists(self, path: str) -> bool:
         return self.gfile.exists(path) if self.gfile else os.path.exists(path)
 
+    def isdir(self, path: str) -> bool:
+        return self.gfile.isdir(path) if self.gfile else os.path.isdir(path)
+
     def read_bytes(self, path: str) -> bytes:
         if self.gfile:
             with self.gfile.GFile(path, "rb") as f:
@@ -144,15 +147,17 @@ def line_offsets(config: DataConfig, files: list[str]) -> list[int]:
 
 
 def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
-    path = os.path.abspath(path)
-    if os.path.basename(path) == "transform_fn":
-        path = os.path.dirname(path)
+    remote = _remote(path)  # gs://, hdfs://: a previous job's output where the workers reach it
+    path = path.rstrip("/") if remote else os.path.abspath(path)
+    if path.rsplit("/", 1)[-1] == "transform_fn":
+        path = path.rsplit("/", 1)[0] if remote else os.path.dirname(path)
+    fs = _FS(remote)
     for sub in ("transform_fn", "transformed_metadata"):
-        if not os.path.isdir(os.path.join(path, sub)):
+        if not fs.isdir(f"{path}/{sub}"):
             raise InputError(f"--transform-fn {path}: no {sub}/ there (pass a previous `ctrkit preprocess` output)")
-    manifest = os.path.join(path, "manifest.json")
-    if os.path.exists(manifest):
-        theirs = recorded_columns(Manifest.load(path).config.get("data"), manifest)
+    manifest = f"{path}/manifest.json"
+    if fs.exists(manifest):
+        theirs = recorded_columns(_load_manifest(path, fs).config.get("data"), manifest)
         diff = differing_columns(config.columns, theirs) if theirs is not None else []
         if diff:
             raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
@@ -169,7 +174,8 @@ def _refuse_output_holding_inputs(output_dir: str, files: list[str], transform_f
     if inside:
         raise InputError(f"input {inside[0]} is inside the output directory {output_dir}, which the new output "
                          "replaces; write the output somewhere else")
-    if transform_fn_dir is not None and (os.path.realpath(transform_fn_dir) + os.sep).startswith(out + os.sep):
+    if (transform_fn_dir is not None and not _remote(transform_fn_dir)
+            and (os.path.realpath(transform_fn_dir) + os.sep).startswith(out + os.sep)):
         raise InputError(f"--transform-fn {transform_fn_dir} is the output directory {output_dir} or inside it, "
                          "which the new output replaces; write the output somewhere else")
 

@@ -318,6 +318,28 @@ def test_apply_mode_keeps_ids_and_maps_unseen_to_oov(raw, tsv_out, apply_out):
     np.testing.assert_allclose(rows["I2"], (x2 - x1.mean()) / x1.std(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_remote_transform_fn_dir_is_checked_where_it_is(tsv_out):
+    """--transform-fn gs://... was made absolute as a local path (CWD/gs:/...) and always refused. Here TF's
+    in-memory ram:// file system stands in for a bucket."""
+    import tensorflow as tf
+
+    from ctrkit.pipelines.runner import _check_transform_fn_dir
+
+    remote = "ram://ctrkit-test-bucket/prep"
+    for root, _, names in os.walk(tsv_out):
+        rel = os.path.relpath(root, tsv_out)
+        target = remote if rel == "." else f"{remote}/{rel}"
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}", overwrite=True)
+    assert _check_transform_fn_dir(remote, _data_config()) == remote
+    assert _check_transform_fn_dir(remote + "/transform_fn/", _data_config()) == remote
+    with pytest.raises(InputError, match=r"^--transform-fn ram://ctrkit-test-bucket/nothing: no transform_fn/ there"):
+        _check_transform_fn_dir("ram://ctrkit-test-bucket/nothing", _data_config())
+    with pytest.raises(Exception, match="different data.columns"):
+        _check_transform_fn_dir(remote, DataConfig(columns=_columns()[:-1], window_rows=WINDOW_ROWS))
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def bad_run(work, criteo_sample):
