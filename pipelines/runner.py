@@ -88,8 +88,18 @@ class _FS:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Globs → sorted, de-duplicated file list (each pattern sorted; patterns kept in the given order)."""
+def natural_order(path: str) -> tuple[list[str | int], str]:
+    """Sort key that compares the numbers in a name by value: ``day_2`` before ``day_10``, as a person
+    numbering daily files means them (text order put ``day_10`` between ``day_1`` and ``day_2``)."""
+    parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+    return parts, path  # str and int alternate at the same places in every key; the text breaks ties
+
+
+def expand_inputs(inputs: list[str] | str) -> list[str]:
+    """Globs → de-duplicated file list: each pattern's files in :func:`natural_order`, patterns in the given
+    order. With row-count windows this order is the time order of the rows."""
+    if isinstance(inputs, str):  # one path: not a sequence of one-character patterns
+        inputs = [inputs]
     if not inputs:
         raise InputError("no input given (pass --input PATH_OR_GLOB)")
     files: list[str] = []
@@ -98,13 +108,14 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         if "://" in pattern:
             from apache_beam.io.filesystems import FileSystems
 
-            matched = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+            matched = sorted((m.path for r in FileSystems.match([pattern]) for m in r.metadata_list), key=natural_order)
         else:
             path = os.path.expanduser(pattern)
             if os.path.isdir(path):
                 raise InputError(f"input {pattern!r} is a directory; pass its files, e.g. '{os.path.join(pattern, '*')}'")
             # A file that exists is itself, even when its name holds glob characters ("day[1].tsv").
-            matched = [path] if os.path.isfile(path) else sorted(p for p in _glob.glob(path) if os.path.isfile(p))
+            matched = [path] if os.path.isfile(path) else sorted((p for p in _glob.glob(path) if os.path.isfile(p)),
+                                                                 key=natural_order)
         if not matched:
             raise InputError(f"input {pattern!r} matches no files")
         for m in matched:
@@ -276,14 +287,16 @@ def check_pipeline_args(pipeline_args: list[str], own_options: list[str] = ()) -
                      f"pipeline option{' (' + '; '.join(hints) + ')' if hints else ''}")
 
 
-def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform_fn_dir: str | None = None,
+def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, transform_fn_dir: str | None = None,
                pipeline_args: list[str] | None = None, *, isolate: bool = True, overwrite: bool = False,
                vocabulary: str = "arrow", progress: bool = True) -> Manifest:
     """Read raw logs, analyze (or apply a saved ``transform_fn``), write windows of TFRecords + manifest.
 
     Args:
         config: the ``data:`` section (:class:`ctrkit.schema.DataConfig`).
-        inputs: files or globs (local, or any Beam filesystem such as ``gs://``); ``.gz`` is decompressed.
+        inputs: a file or glob, or a list of them (local, or any Beam filesystem such as ``gs://``); compressed
+            text is decompressed. A glob's files are read in natural name order (``day_2`` before ``day_10``),
+            globs in the order given: with ``window_rows`` that order is the time order.
         output_dir: where the data contract goes; must not exist or be empty (unless ``overwrite``).
         transform_fn_dir: a previous output directory whose ``transform_fn`` is applied unchanged (ids stay
             stable; unseen categories map to OOV) instead of analyzing this input.
@@ -305,7 +318,7 @@ def preprocess(config: DataConfig, inputs: list[str], output_dir: str, transform
     config.check()  # again: a config may have been changed since it was loaded
     pipeline_args = list(pipeline_args or [])
     check_pipeline_args(pipeline_args)
-    files = expand_inputs(list(inputs))
+    files = expand_inputs(inputs)
     if all(("://" not in f and os.path.getsize(f) == 0) for f in files):
         raise InputError(f"input is empty: {len(files)} file(s), 0 bytes ({', '.join(files[:3])})")
     from ctrkit.pipelines.reading import check_schema

@@ -549,6 +549,18 @@ def test_input_spellings_of_one_file_literal_names_and_directories(tmp_path, mon
         expand_inputs([str(tmp_path)])
 
 
+def test_globbed_files_are_read_in_natural_order_and_one_path_is_one_input(tmp_path, monkeypatch):
+    """Text order read day_10 between day_1 and day_2: with row-count windows, day 10's rows came before day 2's."""
+    from ctrkit.pipelines.runner import expand_inputs
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("day_10.tsv", "day_2.tsv", "day_1.tsv", "day_02b.tsv", "day_01.tsv"):
+        _write(tmp_path / name, b"x\n")
+    assert expand_inputs(["day_*.tsv"]) == ["day_01.tsv", "day_1.tsv", "day_2.tsv", "day_02b.tsv", "day_10.tsv"]
+    assert expand_inputs(["day_2*.tsv", "day_1*.tsv"]) == ["day_2.tsv", "day_1.tsv", "day_10.tsv"]  # globs in order
+    assert expand_inputs("day_2.tsv") == ["day_2.tsv"]  # not the patterns "d", "a", "y", ...
+
+
 def test_parquet_whole_floats_read_as_integers_and_duplicate_columns_are_named(tmp_path):
     """pandas stores an int id column holding a NaN as float64: its ids made second vocabulary entries
     ("1.23456789012e+11" beside "123456789012")."""
