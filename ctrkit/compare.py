@@ -64,28 +64,6 @@ def _is_calibrated(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, UNCALIBRATED_MODEL))
 
 
-def _check_run_fits_data(run_dir: str, model: Any, manifest: Manifest, fingerprint: str | None) -> None:
-    """The run's model must read DATA's ids as it was trained to: same features, vocabularies and sizes."""
-    from ctrkit.errors import InputError
-    from ctrkit.model import embedding_layer
-    from ctrkit.trainer import check_same_vocabulary
-
-    check_same_vocabulary(run_dir, manifest, fingerprint, "compare:",
-                          "Compare on data preprocessed with that run's transform (ctrkit preprocess ... --transform-fn).")
-    wanted = embedding_layer(model).vocab_sizes
-    have = manifest.vocab_sizes()
-    for name in sorted(set(wanted) | set(have)):
-        if wanted.get(name) != have.get(name):
-            raise InputError(
-                f"{run_dir}: feature {name!r} has vocabulary size {wanted.get(name, 'absent')} in the model but "
-                f"{have.get(name, 'absent')} in {manifest.transform_output_dir}/manifest.json: not the data it was "
-                "trained for"
-            )
-    missing = sorted({t.name for t in model.inputs} - {f.name for f in manifest.features})
-    if missing:
-        raise InputError(f"{run_dir}: the model reads features {missing} that {manifest.transform_output_dir} lacks")
-
-
 def compare_runs(
     run_a: str,
     run_b: str,
@@ -102,7 +80,7 @@ def compare_runs(
     the calibration, not the training. ``uncalibrated=True`` compares the models as trained.
     """
     from ctrkit.errors import InputError
-    from ctrkit.trainer import load_run_model, vocabulary_fingerprint
+    from ctrkit.trainer import check_model_fits_data, load_run_model, vocabulary_fingerprint
 
     manifest = Manifest.load(data_dir)
     fingerprint = vocabulary_fingerprint(manifest)
@@ -115,7 +93,8 @@ def compare_runs(
     models = []
     for run in (run_a, run_b):
         model = load_run_model(run, UNCALIBRATED_MODEL if uncalibrated and _is_calibrated(run) else RUN_MODEL)
-        _check_run_fits_data(run, model, manifest, fingerprint)
+        check_model_fits_data("compare:", run, model, manifest, fingerprint,
+                              "Compare on data preprocessed with that run's transform (ctrkit preprocess ... --transform-fn).")
         models.append(model)
     out = compare_models(models[0], models[1], manifest, windows, batch_size, progress)
     return {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b), "data": os.path.abspath(data_dir),

@@ -188,14 +188,15 @@ class DistillConfig:
     """Distillation from a teacher scoring each batch on the fly (or a teacher-logit column)."""
 
     enabled: bool = False  # add the distillation head and its loss; teacher and teacher_as_of need it (ctrkit run turns it on for its student, with its own teacher run as teacher, as of the previous window)
-    teacher: str | None = None  # a ctrkit run directory or a SavedModel directory; None: manifest column
+    teacher: str | None = None  # a ctrkit run directory (trained on data with these vocabularies), a .keras file, or a SavedModel whose `serve` takes the transformed features (`model.export()` of a ctrkit model; a TF Serving version from ctrkit export takes raw tf.Examples and is refused); None: manifest column
     temperature: float = 1.0  # softens teacher and student logits (loss scaled by T²)
     weight: float = 1.0  # weight of the distillation loss next to the click loss
     confidence_weighting: bool = False  # weight each example by the teacher's confidence |2σ(t) − 1|
     select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
     teacher_model: ModelConfig | None = None  # the teacher `ctrkit run` trains first; None: same as model
     # "previous_window": window w is scored by the teacher run's snapshot saved after window w-1, so a teacher
-    # trained on the same stream never hands the student labels from windows it has not reached yet
+    # trained on the same stream never hands the student labels from windows it has not reached yet; a teacher
+    # from another stream (yesterday's run) has no such snapshots: use "final" for it
     teacher_as_of: Literal["final", "previous_window"] = "final"
 
     def __post_init__(self) -> None:

@@ -136,6 +136,9 @@ def load_teacher(path: str) -> Callable[[dict[str, tf.Tensor]], tf.Tensor]:
 
         score_sm.model = loaded  # type: ignore[attr-defined]
         return score_sm
+    if not os.path.exists(path):
+        raise InputError(f"teacher {path!r} does not exist (distill.teacher: a ctrkit run directory, a .keras file "
+                         "or a SavedModel directory)")
     raise InputError(
         f"teacher {path!r} is neither a ctrkit run directory (with model.keras), a .keras file nor a SavedModel"
     )

@@ -579,6 +579,58 @@ def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | N
         )
 
 
+def check_model_fits_data(who: str, source: str, model: Any, manifest: Manifest, fingerprint: str | None,
+                          advice: str) -> None:
+    """``model``, loaded from ``source`` (a run directory or a model file), must read the data's ids as it was
+    trained to: the same vocabularies (checked when ``source`` is a run directory, which records them), sizes
+    and features. Otherwise its embedding rows belong to other tokens, or an id past its table fails deep in
+    a step. ``who`` starts the message and ``advice`` ends it.
+    """
+    import keras
+
+    from ctrkit.model import EMBEDDING_LAYER
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "run.json")):
+        check_same_vocabulary(source, manifest, fingerprint, who, advice)
+    if not isinstance(model, keras.Model) or EMBEDDING_LAYER not in {layer.name for layer in model.layers}:
+        return  # not a ctrkit model (a SavedModel, a user's own Keras model): nothing more to compare
+    wanted = model.get_layer(EMBEDDING_LAYER).vocab_sizes
+    have = manifest.vocab_sizes()
+    for name in sorted(set(wanted) | set(have)):
+        if wanted.get(name) != have.get(name):
+            raise InputError(
+                f"{who} {source}: feature {name!r} has vocabulary size {wanted.get(name, 'absent')} in the model but "
+                f"{have.get(name, 'absent')} in {manifest.transform_output_dir}/manifest.json: not the data it was "
+                f"trained for. {advice}"
+            )
+    missing = sorted({t.name for t in model.inputs} - {f.name for f in manifest.features})
+    if missing:
+        raise InputError(f"{who} {source}: the model reads features {missing} that {manifest.transform_output_dir} "
+                         f"lacks. {advice}")
+
+
+def _check_teacher_covers(teacher: str, windows: list[int], names: list[str], schedule: list[str | None],
+                          teacher_windows: list[str]) -> None:
+    """With ``teacher_as_of: previous_window`` a window distils only from the teacher's snapshot after the window
+    before it. A teacher run from another stream (yesterday's) has none of them, and distillation was off for
+    the whole run without a word."""
+    import warnings
+
+    without = [names[i] for i in windows if schedule[i] is None]
+    if not without:
+        return
+    if len(without) == len(windows):
+        raise InputError(
+            f"distill.teacher {teacher}: with teacher_as_of 'previous_window' each window distils from the teacher "
+            f"as it was after the window before it, but the teacher saved no model after any of "
+            f"{[names[i - 1] for i in windows]} (it has {teacher_windows}): it was trained on another stream. "
+            "Use distill.teacher_as_of: final to distil from its final model (e.g. yesterday's run), or a teacher "
+            "trained on this data"
+        )
+    warnings.warn(f"distill.teacher {teacher} saved no model after the window before {without}: those windows "
+                  "train on clicks alone", CtrkitWarning, stacklevel=3)
+
+
 def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[str]) -> None:
     """A resume must continue the same run: same config, same data, same windows."""
     saved = read_run_config(run_dir).to_dict()
@@ -762,6 +814,10 @@ def _train(
 
     step, examples, position = 0, 0, Position(selected[0], 0, 0)
     fingerprint = vocabulary_fingerprint(manifest)  # hashes every vocabulary file: once per run start
+    if teacher_fn is not None:
+        check_model_fits_data("distill.teacher", dc.teacher, teacher_fn.model, manifest, fingerprint,
+                              "The teacher must have been trained on data with these vocabularies: preprocess "
+                              "with the same transform (ctrkit preprocess ... --transform-fn).")
     windows_done = 0
     exports: list[str] = []
     if resume:
@@ -822,7 +878,10 @@ def _train(
     if teacher_fn is not None and dc.teacher_as_of == "previous_window":
         from ctrkit.distill import teacher_schedule, teacher_snapshots
 
-        schedule = teacher_schedule([w.name for w in manifest.windows], teacher_snapshots(dc.teacher))
+        names = [w.name for w in manifest.windows]
+        snapshots = teacher_snapshots(dc.teacher)
+        schedule = teacher_schedule(names, snapshots)
+        _check_teacher_covers(dc.teacher, [i for i in selected if i > 0], names, schedule, sorted(snapshots))
     teacher_window = [None]
 
     def use_teacher_for(w: int) -> None:

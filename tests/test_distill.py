@@ -45,6 +45,8 @@ def test_selection_weights_are_unbiased_and_keep_hard_examples() -> None:
 def test_bad_teacher_path_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(InputError, match="neither a ctrkit run directory"):
         load_teacher(str(tmp_path))
+    with pytest.raises(InputError, match=r"no_such_run' does not exist \(distill.teacher: a ctrkit run directory"):
+        load_teacher(str(tmp_path / "no_such_run"))
 
 
 @pytest.fixture(scope="module")

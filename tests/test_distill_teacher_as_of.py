@@ -110,3 +110,34 @@ def test_without_a_teacher_snapshot_the_teacher_selects_no_examples_either(teach
     taught = weights_after_one_step(1.0, 1.0)
     selected = weights_after_one_step(0.3, 1.0)
     assert any(not np.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(selected, taught))
+
+
+def test_a_teacher_from_another_stream_is_refused_or_named(teacher_run, tmp_path):
+    """Yesterday's run as teacher with teacher_as_of previous_window: none of its snapshots follows a window
+    before the student's, and distillation was off for the whole run without a word."""
+    import warnings
+
+    from ctrkit.errors import CtrkitWarning
+
+    root, data = teacher_run
+    train(_cfg(), data, str(tmp_path / "early"), progress=False, windows=[0])  # snapshot after w000 only
+    as_of = {"enabled": True, "teacher": str(tmp_path / "early"), "teacher_as_of": "previous_window"}
+    with pytest.raises(InputError, match=r"saved no model after any of \['w001'\] \(it has \['w000'\]\).*teacher_as_of: final"):
+        train(_cfg(as_of), data, str(tmp_path / "s2"), progress=False, windows=[2])
+    with pytest.warns(CtrkitWarning, match=r"saved no model after the window before \['w002'\]: those windows train on clicks alone"):
+        train(_cfg(as_of), data, str(tmp_path / "s12"), progress=False, windows=[1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CtrkitWarning)  # a teacher covering every window: nothing to say
+        train(_cfg(as_of), data, str(tmp_path / "s1"), progress=False, windows=[1])
+
+
+def test_a_teacher_trained_on_other_vocabularies_is_refused(teacher_run, tmp_path):
+    """Its embedding rows belong to other tokens: the student trained on wrong soft labels, or died with an
+    id-range error from inside the step that never named the teacher."""
+    root, data = teacher_run
+    other = write_dataset(tmp_path / "other", windows=1, rows_per_window=400, shards_per_window=1, seed=4, vocab_size=20)
+    train(_cfg(), other.directory, str(tmp_path / "other_teacher"), progress=False)
+    cfg = _cfg({"enabled": True, "teacher": str(tmp_path / "other_teacher")})
+    with pytest.raises(InputError, match=r"^distill.teacher .*other_teacher: feature 'c0' has vocabulary size 20 in the "
+                                         r"model but 50 .*--transform-fn"):
+        train(cfg, data, str(tmp_path / "student"), progress=False)
