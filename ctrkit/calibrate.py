@@ -11,10 +11,11 @@ Closed-form alternative for a model trained on negative-downsampled data (negati
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from ctrkit.errors import InputError
 from ctrkit.manifest import Manifest
 from ctrkit.metrics import StreamingMetrics
 
-__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "replace_run_model", "windows_trained_on"]
+__all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "downsampling_corrected",
+           "replace_run_model", "windows_trained_on"]
 
 
 _SCORERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
@@ -124,6 +126,25 @@ def apply_downsampling_correction(model: Any, rate: float) -> None:
             f"the closed-form downsampling correction needs calibration.kind 'temperature' or 'bias', "
             f"the model has {type(layer).__name__}"
         )
+
+
+@contextlib.contextmanager
+def downsampling_corrected(model: Any, rate: float | None) -> Iterator[Any]:
+    """``model`` with the closed-form downsampling correction in its calibration layer (see
+    :func:`apply_downsampling_correction`) inside the block, its own calibration weights again after it.
+    ``rate`` None: the model as it is."""
+    if rate is None:
+        yield model
+        return
+    from ctrkit.model import calibration_layer
+
+    layer = calibration_layer(model)
+    saved = layer.get_weights()
+    apply_downsampling_correction(model, rate)
+    try:
+        yield model
+    finally:
+        layer.set_weights(saved)
 
 
 def fit_calibration(

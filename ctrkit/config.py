@@ -225,7 +225,7 @@ class CalibrationConfig:
     segment_feature: str | None = None  # bias calibration only
     num_segments: int | None = None  # bias only; None: the segment feature's vocab size
     num_keypoints: int = 10  # piecewise only
-    downsampling_rate: float | None = None  # closed-form correction q = p / (p + (1-p)/w); temperature or bias only
+    downsampling_rate: float | None = None  # negatives kept at rate w in training: closed-form correction q = p / (p + (1-p)/w), temperature or bias only; set by ctrkit calibrate, and in every TF Serving version that training or ctrkit export publishes before it
     learning_rate: float = 0.05  # Adam step size of the calibration fit (not with downsampling_rate)
     steps: int = 500  # full-batch optimizer steps on the cached held-out logits (not with downsampling_rate)
     batch_size: int = 4096  # scoring batch size of the held-out stream

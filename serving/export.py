@@ -219,24 +219,32 @@ def make_export_fn(
     warmup_examples: RawRows | None = None,
     validate: bool = True,
     exclude_raw_features: Iterable[str] = (),
+    downsampling_rate: float | None = None,
 ) -> Callable[[Any, Manifest, int], str]:
     """The callable the trainer calls every export interval: ``export_fn(model, manifest, step) -> path``.
 
     Versions are chosen by :func:`ctrkit.serving.versions.next_version` (always increasing); the step is
     recorded in the log line, not used as the version, so a restarted run can never go backwards.
+
+    ``downsampling_rate`` (``calibration.downsampling_rate``: the model trains on data whose negatives were
+    kept at that rate): every version is published with the closed-form correction
+    q = p / (p + (1 − p) / w) in the model's calibration layer, so TF Serving never serves the inflated
+    click rates of the training stream. The model itself, which goes on training, keeps its weights.
     """
+    from ctrkit.calibrate import downsampling_corrected
 
     def export_fn(model: Any, manifest: Manifest, step: int) -> str:
-        path = export_model(
-            model,
-            manifest,
-            base_path,
-            model_name,
-            keep_versions=keep_versions,
-            warmup_examples=warmup_examples,
-            validate=validate,
-            exclude_raw_features=exclude_raw_features,
-        )
+        with downsampling_corrected(model, downsampling_rate):
+            path = export_model(
+                model,
+                manifest,
+                base_path,
+                model_name,
+                keep_versions=keep_versions,
+                warmup_examples=warmup_examples,
+                validate=validate,
+                exclude_raw_features=exclude_raw_features,
+            )
         log.info("step %d exported to %s", step, path)
         return path
 

@@ -357,6 +357,28 @@ def test_export_fn_keeps_last_k_increasing_versions(exported, tmp_path):
     assert not os.path.exists(paths[0])
 
 
+def test_export_fn_publishes_the_downsampling_correction_and_leaves_the_model_as_it_was(exported, serving_spec,
+                                                                                      tmp_path):
+    """With calibration.downsampling_rate set, the versions training published served the training stream's
+    inflated click rates (ratio 2.4 on full data) until `ctrkit calibrate` and a new export."""
+    from ctrkit.metrics import downsampling_correction
+    from ctrkit.model import calibration_layer
+    from ctrkit.serving.export import make_export_fn
+
+    model, keep = exported["model"], 0.25
+    before = [w.copy() for w in calibration_layer(model).get_weights()]
+    fn = make_export_fn(str(tmp_path), "ds", warmup_examples=exported["rows"][:4], validate=False,
+                        downsampling_rate=keep)
+    path = fn(model, exported["manifest"], 10)
+    examples = _serialize(exported["rows"][:64], serving_spec)
+    served = tf.saved_model.load(path).signatures["serving_default"](examples=examples)["probabilities"].numpy()
+    plain = _reference_probabilities(exported, exported["rows"][:64], serving_spec)  # the model as it trains
+    np.testing.assert_allclose(served.reshape(-1), downsampling_correction(plain, keep), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(served.reshape(-1), plain, atol=1e-3)
+    for a, b in zip(calibration_layer(model).get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
 def _cli(*args, timeout=600):
     import subprocess
     import sys
@@ -367,7 +389,7 @@ def _cli(*args, timeout=600):
     )
 
 
-def test_ctrkit_export_from_a_run_directory(exported, tmp_path):
+def test_ctrkit_export_from_a_run_directory(exported, serving_spec, tmp_path):
     """`ctrkit export RUN_DIR` on the trainer's run layout (run.json + model.keras). Validation is skipped
     here to stay in the suite's time budget; the session export above ran it through export_model."""
     import json
@@ -387,6 +409,32 @@ def test_ctrkit_export_from_a_run_directory(exported, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == str(base / "cli" / "5")
     assert versions.list_versions(str(base / "cli")) == [5]
     assert versions.is_complete(str(base / "cli" / "5"))
+
+    # A run whose config sets calibration.downsampling_rate, exported before `ctrkit calibrate`: corrected.
+    import argparse
+
+    import yaml
+
+    from ctrkit.commands.export import _downsampling_rate
+    from ctrkit.config import load_config
+    from ctrkit.metrics import downsampling_correction
+
+    config = load_config("small").to_dict()
+    config["calibration"]["downsampling_rate"] = 0.25
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = _cli("export", str(run), "--base-path", str(base), "--model-name", "cli", "--version", "6",
+                "--warmup-rows", str(rows), "--no-validate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not calibrated yet: exporting its model with the closed-form correction" in proc.stdout
+    examples = _serialize(exported["rows"][:16], serving_spec)
+    p5, p6 = (tf.saved_model.load(str(base / "cli" / v)).signatures["serving_default"](examples=examples)
+              ["probabilities"].numpy().reshape(-1) for v in ("5", "6"))
+    np.testing.assert_allclose(p6, downsampling_correction(p5, 0.25), rtol=1e-4, atol=1e-6)
+    args = argparse.Namespace(run_dir=str(run), model=None)
+    assert _downsampling_rate(args) == 0.25
+    assert _downsampling_rate(argparse.Namespace(run_dir=str(run), model=str(run / "model.keras"))) is None
+    (run / "model_uncalibrated.keras").write_bytes(b"")  # ctrkit calibrate ran: model.keras is corrected already
+    assert _downsampling_rate(args) is None
 
 
 def test_ctrkit_export_errors_are_one_line(tmp_path):

@@ -60,6 +60,19 @@ def _keep_versions(args: argparse.Namespace) -> int:
     return ExportConfig.keep_versions
 
 
+def _downsampling_rate(args: argparse.Namespace) -> float | None:
+    """RUN_DIR's ``calibration.downsampling_rate`` when its final model is exported before ``ctrkit calibrate``
+    ran (which keeps the model as trained in model_uncalibrated.keras): that model would serve the training
+    stream's inflated click rates. None for --model, a calibrated run, or a run without the setting."""
+    from ctrkit.trainer import UNCALIBRATED_MODEL, read_run_config
+
+    if args.model or not os.path.exists(os.path.join(args.run_dir, "config.yaml")):
+        return None
+    if os.path.exists(os.path.join(args.run_dir, UNCALIBRATED_MODEL)):
+        return None
+    return read_run_config(args.run_dir).calibration.downsampling_rate
+
+
 def run(args: argparse.Namespace) -> int:
     from ctrkit.errors import InputError
 
@@ -89,17 +102,24 @@ def run(args: argparse.Namespace) -> int:
     warmup, warmup_lines = None, []
     if args.warmup_rows:
         warmup, warmup_lines = _read_warmup_rows(args.warmup_rows)
+    from ctrkit.calibrate import downsampling_corrected
+
+    rate = _downsampling_rate(args)
+    if rate is not None:
+        print(f"{args.run_dir} is not calibrated yet: exporting its model with the closed-form correction for "
+              f"negatives kept at rate {rate:g} (calibration.downsampling_rate of its config)")
     try:
-        path = export_model(
-            model,
-            data_dir,
-            args.base_path,
-            args.model_name,
-            version=args.version,
-            keep_versions=keep_versions,
-            warmup_examples=warmup,
-            validate=not args.no_validate,
-        )
+        with downsampling_corrected(model, rate):
+            path = export_model(
+                model,
+                data_dir,
+                args.base_path,
+                args.model_name,
+                version=args.version,
+                keep_versions=keep_versions,
+                warmup_examples=warmup,
+                validate=not args.no_validate,
+            )
     except (ExportError, ValidationError, ValueError) as e:
         if args.debug:
             raise

@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.serving.export import make_export_fn
 
     base_path = config.export.base_path or os.path.join(run_dir, "serving")
-    export_fn = make_export_fn(base_path, config.export.model_name, config.export.keep_versions)
+    export_fn = make_export_fn(base_path, config.export.model_name, config.export.keep_versions,
+                               downsampling_rate=config.calibration.downsampling_rate)
     # The teacher trained on the same windows, so its final model has seen every label: score window w with
     # its snapshot after window w-1 instead (the first window trains on clicks alone).
     student_cfg = dataclasses.replace(config, distill=dataclasses.replace(

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         # version; without it the trainer saves RUN/models/<step>.keras.
         from ctrkit.serving.export import make_export_fn
 
-        export_fn = make_export_fn(config.export.base_path, config.export.model_name, config.export.keep_versions)
+        export_fn = make_export_fn(config.export.base_path, config.export.model_name, config.export.keep_versions,
+                                   downsampling_rate=config.calibration.downsampling_rate)
     try:
         result = train(
             config,
