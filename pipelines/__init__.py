@@ -2,13 +2,15 @@
 
 Library entry point: :func:`preprocess` (what ``ctrkit preprocess`` runs). Building blocks for your own
 Beam pipelines: :class:`ReadRawLogs`, :class:`ToWindowedTFTBatches`, :class:`WriteWindowShards`,
-:func:`make_preprocessing_fn`, :func:`build_pipeline`. Heavy imports (Beam, TFT) happen on first use.
+:func:`make_preprocessing_fn`, :func:`tensor_adapter_config`, :data:`PASSTHROUGH` (see :class:`WriteWindowShards` for
+how they fit together), :func:`build_pipeline`. Heavy imports (Beam, TFT) happen on first use.
 """
 from __future__ import annotations
 
 from typing import Any
 
 __all__ = [
+    "PASSTHROUGH",
     "ReadRawLogs",
     "ToWindowedTFTBatches",
     "WriteWindowShards",
@@ -16,6 +18,7 @@ __all__ = [
     "make_preprocessing_fn",
     "preprocess",
     "read_file",
+    "tensor_adapter_config",
 ]
 
 _WHERE = {
@@ -26,6 +29,8 @@ _WHERE = {
     "build_pipeline": "ctrkit.pipelines.beam_pipeline",
     "make_preprocessing_fn": "ctrkit.pipelines.transform",
     "read_file": "ctrkit.pipelines.reading",
+    "PASSTHROUGH": "ctrkit.pipelines.transform",
+    "tensor_adapter_config": "ctrkit.pipelines.transform",
 }
 
 

@@ -118,7 +118,12 @@ class ReadRawLogs(beam.PTransform):
 
 
 class ToWindowedTFTBatches(beam.PTransform):
-    """``(clean_batch, line_offset)`` → TFT-layout record batches, each holding rows of one window."""
+    """``(clean_batch, line_offset)`` → TFT-layout record batches, each holding rows of one window.
+
+    TFT reads them with :func:`~ctrkit.pipelines.transform.tensor_adapter_config`; their window, file and line
+    columns (:data:`~ctrkit.pipelines.transform.PASSTHROUGH`) must pass through it for
+    :class:`WriteWindowShards` (see there).
+    """
 
     def __init__(self, config: DataConfig):
         super().__init__()
@@ -192,6 +197,13 @@ class _WriteShards(beam.DoFn):
         from ctrkit.pipelines.transform import PASSTHROUGH
 
         batch, _unary = element
+        missing = [name for name in PASSTHROUGH if name not in batch.schema.names]
+        if missing:
+            raise ValueError(
+                f"WriteWindowShards: the transformed batches lack the columns {missing}, which say where each row "
+                "goes. Run TFT inside tft_beam.Context(passthrough_keys=set(ctrkit.pipelines.PASSTHROUGH)) and feed "
+                "it (batches, ctrkit.pipelines.tensor_adapter_config(config)) with output_record_batches=True"
+            )
         windows = batch.column("__window").flatten().to_numpy()
         files = batch.column("__file").flatten().to_numpy()
         lines = batch.column("__line").flatten().to_numpy()
@@ -221,7 +233,31 @@ class _WriteShards(beam.DoFn):
 
 
 class WriteWindowShards(beam.PTransform):
-    """TFT output ``(record_batch, unary_passthrough)`` → gzip TFRecord shards; emits shard JSON lines."""
+    """TFT output ``(record_batch, unary_passthrough)`` → gzip TFRecord shards; emits shard JSON lines.
+
+    The record batches must still carry the columns :data:`~ctrkit.pipelines.transform.PASSTHROUGH`
+    (``__window``, ``__file``, ``__line``) that :class:`ToWindowedTFTBatches` adds: they say which window and
+    shard a row goes to. TFT drops them unless it runs in ``tft_beam.Context(passthrough_keys=...)`` and reads
+    the batches through :func:`~ctrkit.pipelines.transform.tensor_adapter_config`, with
+    ``output_record_batches=True``. The shards are what a pipeline output holds under ``data/``; the
+    ``manifest.json`` that ``ctrkit train`` reads is written by :func:`ctrkit.pipelines.preprocess` after the
+    job, from these shard lines and the row counts, so a pipeline of your own that should feed the trainer
+    runs through ``preprocess``. Example (a complete analyze-and-transform job)::
+
+        import apache_beam as beam
+        import tensorflow_transform.beam as tft_beam
+        from ctrkit.pipelines import (PASSTHROUGH, ReadRawLogs, ToWindowedTFTBatches, WriteWindowShards,
+                                      make_preprocessing_fn, tensor_adapter_config)
+
+        data = ctrkit.config.load_config("small").data
+        with beam.Pipeline() as p, tft_beam.Context(temp_dir=tmp, passthrough_keys=set(PASSTHROUGH)):
+            read = p | beam.Create([(0, "/abs/clicks.tsv", 0)]) | ReadRawLogs(data)  # (file index, path, line offset)
+            batches = read.clean | ToWindowedTFTBatches(data)
+            (transformed, _), transform_fn = ((batches, tensor_adapter_config(data))
+                                              | tft_beam.AnalyzeAndTransformDataset(make_preprocessing_fn(data),
+                                                                                   output_record_batches=True))
+            shard_lines = transformed | WriteWindowShards(out_dir)
+    """
 
     def __init__(self, output_dir: str):
         super().__init__()

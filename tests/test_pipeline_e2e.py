@@ -340,6 +340,40 @@ def test_a_remote_transform_fn_dir_is_checked_where_it_is(tsv_out):
         _check_transform_fn_dir(remote, DataConfig(columns=_columns()[:-1], window_rows=WINDOW_ROWS))
 
 
+def test_the_ptransforms_compose_as_their_docstring_shows(raw, tsv_out, work, tmp_path):
+    """Composed from the README and docstrings, the job died at WriteWindowShards with KeyError '__window'
+    after a minute of work: nothing said TFT must pass the window columns through."""
+    import json
+
+    import apache_beam as beam
+    import tensorflow as tf
+    import tensorflow_transform.beam as tft_beam
+
+    from ctrkit.pipelines import (PASSTHROUGH, ReadRawLogs, ToWindowedTFTBatches, WriteWindowShards,
+                                  make_preprocessing_fn, tensor_adapter_config)
+    from ctrkit.pipelines.beam_pipeline import _WriteShards
+
+    data, out = _data_config(), str(tmp_path / "composed")
+    with beam.Pipeline() as p, tft_beam.Context(temp_dir=str(tmp_path / "tmp"), passthrough_keys=set(PASSTHROUGH)):
+        read = p | beam.Create([(0, raw["tsv"], 0)]) | ReadRawLogs(data)
+        batches = read.clean | ToWindowedTFTBatches(data)
+        (transformed, _), _ = ((batches, tensor_adapter_config(data))
+                               | tft_beam.AnalyzeAndTransformDataset(make_preprocessing_fn(data),
+                                                                    output_record_batches=True))
+        _ = (transformed | WriteWindowShards(out)
+             | beam.io.WriteToText(str(tmp_path / "lines" / "part"), file_name_suffix=".jsonl"))
+    lines = [json.loads(ln) for f in glob.glob(str(tmp_path / "lines" / "*.jsonl")) for ln in open(f)]
+    rows = collections.Counter()
+    for line in lines:
+        rows[line["window"]] += sum(1 for _ in tf.data.TFRecordDataset(os.path.join(out, line["shard"]),
+                                                                        compression_type="GZIP"))
+    assert [rows[i] for i in range(len(rows))] == [w.rows for w in Manifest.load(tsv_out).windows]
+
+    without = pa.RecordBatch.from_arrays([pa.array([[1]], pa.large_list(pa.int64()))], names=["C1"])
+    with pytest.raises(ValueError, match=r"lack the columns \['__window', '__file', '__line'\].*passthrough_keys"):
+        next(_WriteShards(str(tmp_path / "x")).process((without, None)))
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def bad_run(work, criteo_sample):
