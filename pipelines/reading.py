@@ -458,7 +458,10 @@ def check_schema(path: str, config: DataConfig) -> None:
         if extra:
             detail.append(f"unexpected columns {extra} (declare them with kind: ignore)")
         if not detail:
-            detail.append(f"column order {file_names} differs from the config's {names}")
+            i = next(i for i, (a, b) in enumerate(zip(file_names, names)) if a != b)
+            detail.append(f"the same columns in another order (column {i + 1} is {file_names[i]!r} in the file, "
+                          f"{names[i]!r} in the config); text columns are read by position, so list data.columns "
+                          "in the header's order")
         raise InputError(f"{path}: header does not match data.columns: {'; '.join(detail)}")
 
 

@@ -116,6 +116,10 @@ def test_csv_header_mismatch_is_a_one_line_input_error(tmp_path):
                                                ColumnSpec("C1")])
     with pytest.raises(InputError, match=r"missing columns \['C1'\].*unexpected columns \['C9'\]"):
         check_schema(str(path), config)
+    path.write_text("I1,label,C1\n2,1,a\n")  # the same columns in another order: say which and what to do
+    with pytest.raises(InputError, match=r"another order \(column 1 is 'I1' in the file, 'label' in the config\); "
+                                         r"text columns are read by position, so list data.columns in the header's"):
+        check_schema(str(path), config)
 
 
 def test_parquet_schema_mismatch(tmp_path):
