@@ -28,7 +28,7 @@ def _run(lang: str, code: str, cwd: str, timeout: int) -> subprocess.CompletedPr
 
 
 def test_readme_marks_the_three_ways():
-    assert set(_blocks()) == {"beam-cli", "layers", "serving"}
+    assert set(_blocks()) == {"beam-cli", "layers", "serving", "daily"}
 
 
 def test_layers_example(tmp_path):
@@ -54,3 +54,12 @@ def test_beam_then_serving_examples(tmp_path):
     assert len(response["results"]) == 1 and 0.0 < response["results"][0] < 1.0
     versions = os.listdir(tmp_path / "models" / "ctr")
     assert len(versions) == 1 and versions[0].isdigit()
+
+    lang, code = _blocks()["daily"]
+    out = _run(lang, code, str(tmp_path), 900)
+    day2 = json.load(open(tmp_path / "run_day2" / "run.json", encoding="utf-8"))
+    assert day2["warm_start"] == str(tmp_path / "run") and day2["status"] == "completed"
+    assert json.load(open(tmp_path / "run_day2" / "calibration.json"))["windows"] == ["w00000002"]
+    assert "(held out)" in out.stdout and "not held out" not in out.stderr
+    later = sorted(int(v) for v in os.listdir(tmp_path / "models" / "ctr"))
+    assert len(later) == 2 and later[0] == int(versions[0])  # the calibrated day-2 model is the newest version
