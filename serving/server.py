@@ -116,16 +116,30 @@ def load_version(path: str, version: int) -> LoadedVersion:
 
 
 def _replay_warmup(loaded: LoadedVersion) -> None:
+    """Run every warmup request, in this server's loaded model and, as TF Serving does with
+    ``--enable_model_warmup``, in the version loaded the way TF Serving loads it: a SavedModel can score with
+    ``tf.saved_model.load`` and fail every request there (ctrkit exports before the Keras 3 model's variables
+    were tracked directly). Such a version is refused, as TF Serving would fail to load it."""
     import tensorflow as tf
 
+    from ctrkit.serving.validate import TFServingSession, first_cause
     from ctrkit.serving.warmup import WARMUP_DIR, WARMUP_FILE, read_warmup, request_inputs
 
     if not os.path.exists(os.path.join(loaded.path, WARMUP_DIR, WARMUP_FILE)):
         return
-    for record in read_warmup(loaded.path):
-        signature, inputs = request_inputs(record)
+    requests = [request_inputs(record) for record in read_warmup(loaded.path)]
+    for signature, inputs in requests:
         fn = loaded.signatures[signature]
         fn(**{k: tf.constant(v, dtype=loaded.input_specs[signature][k][0]) for k, v in inputs.items()})
+    with TFServingSession(loaded.path) as session:
+        for signature, inputs in requests:
+            try:
+                session.run(signature, inputs)
+            except tf.errors.OpError as e:
+                raise RuntimeError(
+                    f"TF Serving could not run this version: its warmup request for {signature!r} fails where TF "
+                    f"Serving loads it ({first_cause(e.message)}); export the model again with this ctrkit"
+                ) from None
 
 
 def _tree_stamp(path: str) -> tuple[int, int, int]:

@@ -199,14 +199,18 @@ def _reload_and_compare(export_dir: str, check_path: str, atol: float) -> int:
         outputs[" in a TF1 session (TF Serving's loader)"] = _session_outputs(export_dir, data["examples"])
     except tf.errors.OpError as e:
         failures.append(f"ctrkit-validate: loaded into a TF1 session as TF Serving loads it, the signatures fail: "
-                        f"{_first_cause(e.message)}")
+                        f"{first_cause(e.message)}")
     for where, out in outputs.items():
         scores = out[CLASSIFY]["scores"]
         for what, values in (("serving_default", out[SERVING_DEFAULT]["probabilities"]),
                              ("classify scores[:, 1]", scores[:, 1]), ("regress", out[REGRESS]["outputs"])):
             values = values.reshape(-1)
-            diff = float(np.max(np.abs(values - want))) if len(want) and values.shape == want.shape else 0.0
-            if values.shape != want.shape or diff > atol:
+            if values.shape != want.shape:
+                failures.append(f"ctrkit-validate: {what}{where} gives {values.shape[0]} values for {want.shape[0]} "
+                                "examples")
+                continue
+            diff = float(np.max(np.abs(values - want))) if len(want) else 0.0
+            if diff > atol:
                 failures.append(f"ctrkit-validate: {what}{where} differs from the in-memory model by {diff:.3g} "
                                 f"(atol {atol})")
         if not np.allclose(scores.sum(axis=1), 1.0, atol=1e-6):
@@ -216,25 +220,44 @@ def _reload_and_compare(export_dir: str, check_path: str, atol: float) -> int:
     return 1 if failures else 0
 
 
-def _first_cause(message: str) -> str:
+def first_cause(message: str) -> str:
     """The line of a TF error message that says what failed ("Graph execution error:" comes first)."""
     lines = [ln.strip() for ln in message.splitlines()]
     causes = [ln for ln in lines if ln and not ln.endswith("error:") and not ln.startswith(("[[", "Detected at node"))]
     return (causes or lines or [""])[0][:300]
 
 
-def _session_outputs(export_dir: str, examples: Any) -> dict[str, dict[str, Any]]:
-    """Every checked signature's outputs, run by tensor name in a TF1 session the SavedModel was loaded into."""
-    import tensorflow as tf
+class TFServingSession:
+    """A SavedModel loaded into a TF1 session the way TF Serving's C++ ``LoadSavedModel`` loads it (the
+    MetaGraph's saver restores the variables, then its init op runs), with :meth:`run` calling a signature by
+    its tensor names. Use as a context manager."""
 
-    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
-        meta_graph = tf.compat.v1.saved_model.loader.load(sess, [tf.saved_model.SERVING], export_dir)
-        out = {}
-        for name, key in _CHECKED_INPUTS.items():
-            sig = meta_graph.signature_def[name]
-            fetches = {k: v.name for k, v in sig.outputs.items() if k != "classes"}
-            out[name] = sess.run(fetches, {sig.inputs[key].name: list(examples)})
-        return out
+    def __init__(self, export_dir: str):
+        import tensorflow as tf
+
+        self._graph = tf.Graph()
+        self._session = tf.compat.v1.Session(graph=self._graph)
+        with self._graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, [tf.saved_model.SERVING], export_dir)
+        self.signature_defs = meta_graph.signature_def
+
+    def run(self, signature: str, inputs: Mapping[str, Any], skip_outputs: tuple[str, ...] = ()) -> dict[str, Any]:
+        sig = self.signature_defs[signature]
+        fetches = {k: v.name for k, v in sig.outputs.items() if k not in skip_outputs}
+        return self._session.run(fetches, {sig.inputs[k].name: v for k, v in inputs.items()})
+
+    def __enter__(self) -> TFServingSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._session.close()
+
+
+def _session_outputs(export_dir: str, examples: Any) -> dict[str, dict[str, Any]]:
+    """Every checked signature's outputs on ``examples``, run in a :class:`TFServingSession`."""
+    with TFServingSession(export_dir) as session:
+        return {name: session.run(name, {key: list(examples)}, skip_outputs=("classes",))
+                for name, key in _CHECKED_INPUTS.items()}
 
 
 if __name__ == "__main__":

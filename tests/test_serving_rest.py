@@ -397,6 +397,34 @@ def test_version_completed_after_an_incomplete_poll_is_loaded(exported, tmp_path
     assert registry.status("m", None)[0]["version"] == "7"
 
 
+def test_a_version_tf_serving_could_not_run_is_refused(exported, tmp_path):
+    """A ctrkit export from before the Keras 3 model's variables were tracked directly: tf.saved_model.load
+    scores it, so `ctrkit serve` served it, while TF Serving fails every request ("Could not find variable")."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from ctrkit.serving.server import ModelRegistry
+    from ctrkit.serving.signatures import ServingModule
+    from ctrkit.serving.warmup import serialize_rows, write_warmup
+
+    class KerasModelTracked(ServingModule):  # the old export: the Keras model as a module attribute
+        def __init__(self, model, *args):
+            super().__init__(model, *args)
+            del self.model_variables
+            self.model = model
+
+    module = KerasModelTracked(exported["model"], tft.TFTransformOutput(exported["pipeline"]), exported["manifest"])
+    old = tmp_path / "m" / "3"
+    tf.saved_model.save(module, str(old), signatures=module.signatures())
+    write_warmup(str(old), serialize_rows(exported["rows"][:4], module.parse_spec), "m", module.parse_spec)
+    shutil.copytree(exported["path"], tmp_path / "m" / "4")  # a current export beside it loads
+    registry = ModelRegistry(str(tmp_path), "m", num_versions=2)
+    registry.poll_once()
+    assert sorted(registry._loaded) == [4]
+    assert "TF Serving could not run this version" in registry._failed[3][1]
+    assert "Could not find variable" in registry._failed[3][1]
+
+
 # -- the real command on loopback, under a short concurrent load ---------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
