@@ -90,10 +90,10 @@ def windows_trained_on(run_dir: str, data_dir: str, manifest: Manifest, windows:
     Judged from the run's ``run.json`` (its data directory and window names); windows of another pipeline
     output count as held out.
     """
-    from ctrkit.trainer import read_run_info
+    from ctrkit.trainer import read_run_info, trained_on_data
 
     info = read_run_info(run_dir)
-    if os.path.realpath(info.get("data_dir") or "") != os.path.realpath(data_dir):
+    if not trained_on_data(info, data_dir):
         return []
     trained = set(info.get("windows") or [])
     return [manifest.windows[i].name for i in windows if manifest.windows[i].name in trained]

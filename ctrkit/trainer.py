@@ -101,15 +101,29 @@ def _append_line(path: str, obj: Any) -> None:
 
 def _published_after(path: str, step: int) -> dict[int, str]:
     """Step → path of the exports ``exports.jsonl`` lists after ``step`` whose path still exists: what an
-    interrupted attempt published after the checkpoint a resume starts from."""
-    published = {}
+    interrupted attempt published after the checkpoint a resume starts from.
+
+    The file is rewritten to its complete records, one per step (the newest), keeping those up to ``step``
+    and the returned ones: a line the kill cut short would otherwise have the next export glued onto it.
+    """
+    recorded: dict[int, str] = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.endswith("\n"):  # a line cut by the kill was never a complete record
-                    entry = json.loads(line)
-                    if entry["step"] > step and os.path.exists(entry["path"]):
-                        published[entry["step"]] = entry["path"]
+                try:
+                    entry = json.loads(line) if line.endswith("\n") else None
+                except json.JSONDecodeError:
+                    entry = None
+                if entry is not None:
+                    recorded[entry["step"]] = entry["path"]
+    published = {s: p for s, p in recorded.items() if s > step and os.path.exists(p)}
+    kept = {s: p for s, p in recorded.items() if s <= step} | published
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"step": s, "path": kept[s]}) + "\n" for s in sorted(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return published
 
 
@@ -173,6 +187,15 @@ def run_info_field(run_dir: str, info: dict[str, Any], key: str) -> Any:
         raise InputError(f"{os.path.join(run_dir, 'run.json')} has no {key!r}: not written by this version of "
                          "ctrkit, or edited by hand")
     return info[key]
+
+
+def trained_on_data(info: dict[str, Any], data_dir: str) -> bool:
+    """Whether ``data_dir`` is the pipeline output the run whose ``run.json`` is ``info`` trained on, by real
+    path: recorded at training time (a symlink such as latest -> day1 may point elsewhere since); for runs
+    that predate the record, their ``data_dir`` resolved now. Window names say nothing here: every output
+    with row-count windows names them w00000000, w00000001, ..."""
+    recorded = info.get("data_realpath") or os.path.realpath(info.get("data_dir") or "")
+    return recorded == os.path.realpath(data_dir)
 
 
 def _scalar(tag: str, value: float) -> None:
@@ -588,13 +611,13 @@ def check_model_fits_data(who: str, source: str, model: Any, manifest: Manifest,
     """
     import keras
 
-    from ctrkit.model import EMBEDDING_LAYER
+    from ctrkit.model import EMBEDDING_LAYER, embedding_layer
 
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "run.json")):
         check_same_vocabulary(source, manifest, fingerprint, who, advice)
     if not isinstance(model, keras.Model) or EMBEDDING_LAYER not in {layer.name for layer in model.layers}:
         return  # not a ctrkit model (a SavedModel, a user's own Keras model): nothing more to compare
-    wanted = model.get_layer(EMBEDDING_LAYER).vocab_sizes
+    wanted = embedding_layer(model).vocab_sizes
     have = manifest.vocab_sizes()
     for name in sorted(set(wanted) | set(have)):
         if wanted.get(name) != have.get(name):
@@ -852,16 +875,17 @@ def _train(
         # A restart retrains from the same seed and warm start, so it reaches the same weights at the steps
         # the abandoned attempt exported.
         published = _published_after(exports_log, 0) if restart else {}
-        for path in (batches_log, metrics_log, exports_log):
+        for path in (batches_log, metrics_log) if restart else (batches_log, metrics_log, exports_log):
             open(path, "w").close()
-        for published_step, published_path in sorted(published.items()):
-            _append_line(exports_log, {"step": published_step, "path": published_path})
         if restart:  # the abandoned attempt's events would show its steps twice
             shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     previous = read_run_info(run_dir) if resume else {}
     run_info = {  # this process is run.json's only writer until it returns: later writes update this dict
         **previous,
         "data_dir": os.path.abspath(data_dir),
+        # Where the data really is: a symlink such as latest -> day1 may point elsewhere by the time another
+        # command asks whether it is this run's data.
+        "data_realpath": os.path.realpath(data_dir),
         "manifest": os.path.join(os.path.abspath(data_dir), "manifest.json"),
         "windows": [manifest.windows[i].name for i in selected],
         "warm_start": previous.get("warm_start") if resume else (os.path.abspath(warm_start) if warm_start else None),
@@ -878,6 +902,14 @@ def _train(
     if teacher_fn is not None and dc.teacher_as_of == "previous_window":
         from ctrkit.distill import teacher_schedule, teacher_snapshots
 
+        teacher_info = read_run_info(dc.teacher)
+        if not trained_on_data(teacher_info, data_dir):
+            raise InputError(
+                f"distill.teacher {dc.teacher}: teacher_as_of 'previous_window' distils each window from the "
+                f"teacher as it was after the window before, which needs a teacher trained on this same data "
+                f"({os.path.abspath(data_dir)}); it trained on {teacher_info.get('data_dir')}. For a teacher from "
+                "another stream (e.g. yesterday's run) use distill.teacher_as_of: final"
+            )
         names = [w.name for w in manifest.windows]
         snapshots = teacher_snapshots(dc.teacher)
         schedule = teacher_schedule(names, snapshots)

@@ -120,6 +120,12 @@ def test_a_teacher_from_another_stream_is_refused_or_named(teacher_run, tmp_path
     from ctrkit.errors import CtrkitWarning
 
     root, data = teacher_run
+    # Another pipeline output names its row-count windows the same (w000, w001, ...): names prove nothing.
+    other = write_dataset(tmp_path / "other", windows=3, rows_per_window=300, shards_per_window=1, seed=5)
+    train(_cfg(), other.directory, str(tmp_path / "yesterday"), progress=False)
+    yesterday = {"enabled": True, "teacher": str(tmp_path / "yesterday"), "teacher_as_of": "previous_window"}
+    with pytest.raises(InputError, match=r"needs a teacher trained on this same data .*teacher_as_of: final"):
+        train(_cfg(yesterday), data, str(tmp_path / "s"), progress=False, windows=[1])
     train(_cfg(), data, str(tmp_path / "early"), progress=False, windows=[0])  # snapshot after w000 only
     as_of = {"enabled": True, "teacher": str(tmp_path / "early"), "teacher_as_of": "previous_window"}
     with pytest.raises(InputError, match=r"saved no model after any of \['w001'\] \(it has \['w000'\]\).*teacher_as_of: final"):

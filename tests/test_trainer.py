@@ -343,10 +343,27 @@ def test_an_export_published_before_a_kill_is_kept_not_published_again(dataset, 
     monkeypatch.setattr(trainer_module, "_save_checkpoint", real_save)
     window_end = published[0]
     assert _load_checkpoint(_latest_checkpoint(run))[1]["step"] < window_end  # the resume trains up to it again
+    with open(os.path.join(run, "exports.jsonl"), "a") as f:
+        f.write('{"step": 99, "pa')  # a line cut by a kill: the next export must not be glued onto it
+    train(small_config(), dataset.directory, run, resume=True, progress=False, export_fn=export_fn,
+          max_steps=window_end + 1)
     done = train(small_config(), dataset.directory, run, resume=True, progress=False, export_fn=export_fn)
     assert published.count(window_end) == 1 and len(published) == WINDOWS
     assert done.exports == [str(tmp_path / "versions" / str(i)) for i in range(1, WINDOWS + 1)]
     assert [e["step"] for e in _read_jsonl(os.path.join(run, "exports.jsonl"))] == published
+
+
+def test_trained_on_data_goes_by_the_real_path_recorded_at_training(tmp_path) -> None:
+    """A run trained through latest -> day1 was taken to have trained on day2 once latest pointed there."""
+    from ctrkit.trainer import trained_on_data
+
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day2").mkdir()
+    os.symlink(tmp_path / "day2", tmp_path / "latest")  # repointed since the run trained through it
+    info = {"data_dir": str(tmp_path / "latest"), "data_realpath": str(tmp_path / "day1")}
+    assert trained_on_data(info, str(tmp_path / "day1"))
+    assert not trained_on_data(info, str(tmp_path / "day2")) and not trained_on_data(info, str(tmp_path / "latest"))
+    assert trained_on_data({"data_dir": str(tmp_path / "latest")}, str(tmp_path / "day2"))  # older run.json
 
 
 def test_warm_start_refuses_data_from_another_vocabulary(dataset, tmp_path) -> None:

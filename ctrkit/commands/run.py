@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 7. calibration on held-out data, body frozen
     from ctrkit.calibrate import fit_calibration_scored, replace_run_model
+    from ctrkit.commands._output import metric
     from ctrkit.report import ReliabilityCurve
     from ctrkit.trainer import load_run_model
 
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         }
         for when in ("before", "after"):
             r = calibration[when]
-            print(f"      {when}: calibration ratio {r['calibration']:.4f}, ECE {r['ece']:.4f}", flush=True)
+            print(f"      {when}: calibration ratio {metric(r['calibration'])}, ECE {metric(r['ece'])}", flush=True)
         replace_run_model(model, student_dir)  # so `ctrkit export RUN/student` exports it calibrated
     else:
         stages.start("calibrate", "no calibration configured (calibration.kind: none)")
