@@ -195,8 +195,8 @@ class DistillConfig:
     select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
     teacher_model: ModelConfig | None = None  # the teacher `ctrkit run` trains first; None: same as model
     # "previous_window": window w is scored by the teacher run's snapshot saved after window w-1, so a teacher
-    # trained on the same stream never hands the student labels from windows it has not reached yet; a teacher
-    # from another stream (yesterday's run) has no such snapshots: use "final" for it
+    # trained on the same pipeline output never hands the student labels from windows it has not reached yet;
+    # a teacher run on other data (yesterday's run) is refused there: use "final" for it
     teacher_as_of: Literal["final", "previous_window"] = "final"
 
     def __post_init__(self) -> None:
