@@ -52,14 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import signal
     import warnings
 
+    from ctrkit.errors import Terminated
+
+    _expand_home(args)
     default_formatwarning = _print_ctrkit_warnings_as_lines(args.command)
+    default_sigterm = _raise_on_sigterm()
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("ctrkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        hint = "; continue it with the same command and --resume" if args.command == "train" else ""
+        print(f"ctrkit {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as e:  # noqa: BLE001 - user-facing errors are one line; --debug shows the trace
         from ctrkit.errors import UserError
 
@@ -69,6 +76,38 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         warnings.formatwarning = default_formatwarning
+        if default_sigterm is not None:
+            signal.signal(signal.SIGTERM, default_sigterm)
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """``~`` in path arguments, as the shell would: it leaves ``--output=~/prep`` alone (no expansion after
+    ``=``), and the job wrote ``./~/prep``, which an ``rm -rf ~`` meant for it would take for the home directory."""
+    import os
+
+    for name, value in vars(args).items():
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list) and any(isinstance(v, str) and v.startswith("~") for v in value):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`ctrkit.errors.Terminated` in the main thread, so it stops a command as Ctrl-C
+    does (without a handler the process died at once: a training run stayed "running" in run.json and a
+    preprocessing worker ran on alone). Returns the previous handler, or None off the main thread."""
+    import signal
+    import threading
+
+    from ctrkit.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _is_storage_error(e: BaseException) -> bool:

@@ -9,6 +9,11 @@ class InputError(ValueError):
     """Input data is missing, empty or does not match the configured schema."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler or ``kill`` sends), raised in the main thread by the CLI so the same cleanup runs
+    as for Ctrl-C: a child process stopped, a run marked interrupted, temporary output removed."""
+
+
 class CtrkitWarning(UserWarning):
     """Something a user should know that does not stop the work; the CLI prints it as one line."""
 

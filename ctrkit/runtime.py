@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TF_PROCESS_ENV", "configure_process"]
+__all__ = ["TF_PROCESS_ENV", "configure_process", "child_dies_with_parent"]
 
 TF_PROCESS_ENV: dict[str, str] = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
@@ -44,3 +44,22 @@ def configure_process(environ: dict[str, str] | None = None) -> dict[str, str]:
     for key, value in TF_PROCESS_ENV.items():
         env.setdefault(key, value)
     return {key: env[key] for key in TF_PROCESS_ENV}
+
+
+def child_dies_with_parent():
+    """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child get SIGTERM when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``): a worker whose parent was killed (``kill PID``, an OOM kill, a scheduler) would
+    otherwise run on to the end, writing output nobody collects. None elsewhere."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_parent_death_signal() -> None:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_parent_death_signal

@@ -1077,7 +1077,8 @@ def _train(
         log_m.close()
         bar.close()
         try:
-            _write_json_atomic(run_json, {**run_info, "status": "failed", "steps": step, "examples": examples})
+            status = "interrupted" if isinstance(failure, KeyboardInterrupt) else "failed"  # Terminated too
+            _write_json_atomic(run_json, {**run_info, "status": status, "steps": step, "examples": examples})
         except OSError as e:  # e.g. the disk that failed the run is still full: report the first failure
             log.warning("could not mark %s failed (%s) after: %s", run_json, e, failure)
         raise

@@ -437,6 +437,16 @@ def _rows_reported(progress_dir: str) -> int:
     return total
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a child process, and kill it if it has not exited after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _run_isolated(spec: _Spec) -> dict[str, Any]:
     import threading
 
@@ -447,22 +457,29 @@ def _run_isolated(spec: _Spec) -> dict[str, Any]:
         json.dump(dataclasses.asdict(spec), f)
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from ctrkit.runtime import child_dies_with_parent
+
     proc = subprocess.Popen([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=env,
-                            stdout=None, stderr=subprocess.PIPE, text=True, errors="replace")
+                            stdout=None, stderr=subprocess.PIPE, text=True, errors="replace",
+                            preexec_fn=child_dies_with_parent())
     stderr: list[str] = []
     drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
     drain.start()  # a full pipe would block the child
-    if spec.progress_dir is None:
-        proc.wait()
-    else:
-        analyzing = spec.transform_fn_dir is None
-        # Analysis reads the input once and the transform again, so with analysis each row counts twice.
-        with tqdm(unit=" rows", desc="rows read (analysis, then transform)" if analyzing else "rows read",
-                  dynamic_ncols=True, leave=False, disable=None) as bar:  # None: off when stderr is no terminal
-            while proc.poll() is None:
-                time.sleep(0.5)
+    try:
+        if spec.progress_dir is None:
+            proc.wait()
+        else:
+            analyzing = spec.transform_fn_dir is None
+            # Analysis reads the input once and the transform again, so with analysis each row counts twice.
+            with tqdm(unit=" rows", desc="rows read (analysis, then transform)" if analyzing else "rows read",
+                      dynamic_ncols=True, leave=False, disable=None) as bar:  # None: off when stderr is no terminal
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    bar.update(_rows_reported(spec.progress_dir) - bar.n)
                 bar.update(_rows_reported(spec.progress_dir) - bar.n)
-            bar.update(_rows_reported(spec.progress_dir) - bar.n)
+    except BaseException:  # interrupted: the job must stop too, before the caller removes its directories
+        _stop(proc)
+        raise
     drain.join()
     proc.stderr.close()
     os.remove(spec_path)

@@ -69,6 +69,8 @@ def parse_show_all(text: str) -> dict[str, dict[str, Any]]:
 
 
 def saved_model_cli_show(export_dir: str, timeout: float = 300) -> str:
+    from ctrkit.runtime import child_dies_with_parent
+
     exe = shutil.which("saved_model_cli")
     cmd = [exe] if exe else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     proc = subprocess.run(
@@ -77,6 +79,7 @@ def saved_model_cli_show(export_dir: str, timeout: float = 300) -> str:
         text=True,
         timeout=timeout,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        preexec_fn=child_dies_with_parent(),
     )
     if proc.returncode != 0:
         raise ValidationError(f"saved_model_cli show --all failed on {export_dir}: {proc.stderr[-2000:]}")
@@ -137,12 +140,15 @@ def start_reload_check(export_dir: str, examples: list[bytes], probabilities: An
     tmp = tempfile.mkdtemp(prefix="ctrkit-validate-")
     check = os.path.join(tmp, "check.npz")
     np.savez(check, examples=np.array(examples, dtype=object), probabilities=np.asarray(probabilities, np.float32))
+    from ctrkit.runtime import child_dies_with_parent
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctrkit.serving.validate", export_dir, check, repr(atol)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        preexec_fn=child_dies_with_parent(),
     )
     return proc, tmp
 
@@ -154,6 +160,10 @@ def finish_reload_check(proc: subprocess.Popen, tmp: str, timeout: float = 300) 
         proc.kill()
         proc.communicate()
         raise ValidationError(f"reload check did not finish within {timeout} s") from None
+    except BaseException:  # interrupted: the check process must not run on alone
+        proc.kill()
+        proc.communicate()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if proc.returncode != 0:

@@ -374,6 +374,42 @@ def test_the_ptransforms_compose_as_their_docstring_shows(raw, tsv_out, work, tm
         next(_WriteShards(str(tmp_path / "x")).process((without, None)))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_sigterm_to_preprocess_stops_its_worker_and_leaves_nothing(raw, work):
+    """Killing `ctrkit preprocess` left its Beam worker running on to the end, writing a hidden output
+    directory nobody collected."""
+    import signal
+    import time
+
+    out = work / "out_terminated"
+    proc = subprocess.Popen([sys.executable, "-m", "ctrkit.cli", "preprocess", "--config", raw["config"], "--input",
+                             raw["tsv"], "--input", raw["later"], "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    children_file = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    deadline, children = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None and not children:
+        time.sleep(0.1)
+        children = open(children_file).read().split() if os.path.exists(children_file) else []
+    assert children and proc.poll() is None, "the worker process never started"
+    time.sleep(3)  # let the worker get into the job
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "ctrkit preprocess: terminated (SIGTERM)" in err, err[-2000:]
+
+    def alive(pid: str) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(c) for c in children):
+        time.sleep(0.2)
+    assert not any(alive(c) for c in children)
+    assert not [p for p in os.listdir(work) if p.startswith((out.name, f".{out.name}"))]
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def bad_run(work, criteo_sample):

@@ -216,3 +216,38 @@ def test_a_checkpoint_is_durable_before_latest_names_it(tmp_path, monkeypatch) -
     rest = order[first_ckpt:]
     assert rest[1].endswith(".tmp") and rest[2] == ckpts  # the checkpoint's directory, then its rename
     assert rest[3] == ckpts + "/LATEST.tmp" and rest[4] == ckpts
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_as_interrupted_and_it_resumes(tmp_path) -> None:
+    """SIGTERM (a scheduler, `kill PID`) killed the process at once: no message, exit 143, and run.json said
+    "running" for good."""
+    data, args = _small_run(tmp_path)
+    cmd = [sys.executable, "-m", "ctrkit.cli", *args, "--sleep-per-step", "0.2"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    batches = tmp_path / "run" / "batches.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (batches.exists() and len(_jsonl(str(batches))) >= 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "ctrkit train: terminated (SIGTERM); continue it with the same command and --resume" in err
+    assert json.load(open(tmp_path / "run" / "run.json"))["status"] == "interrupted"
+    resumed = subprocess.run([sys.executable, "-m", "ctrkit.cli", *args, "--resume"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [b["step"] for b in _jsonl(str(batches))] == list(range(1, 9))
+
+
+def test_home_in_path_arguments_is_expanded(tmp_path, monkeypatch, capsys) -> None:
+    """The shell leaves `--run-dir=~/run` alone, and ctrkit created a directory named `~` in the working one."""
+    from ctrkit.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config=~/nope.yaml", "--data=~/prep", "--run-dir=~/run"]) == 1
+    assert f"config file {tmp_path / 'home' / 'nope.yaml'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "~").exists()
