@@ -153,6 +153,15 @@ def load_run_model(run_dir: str, name: str = RUN_MODEL) -> Any:
 
     path = os.path.join(run_dir, name)
     if not os.path.exists(path):
+        status = None
+        if name == RUN_MODEL and os.path.exists(os.path.join(run_dir, "run.json")):
+            with contextlib.suppress(InputError):
+                status = read_run_info(run_dir).get("status")
+        if status in ("running", "interrupted", "stopped", "failed"):
+            # "running" with a live writer is still training; otherwise the process died without a word.
+            raise InputError(f"{run_dir} has no {name} yet: the run's status is {status!r}. A run still training "
+                             "finishes it at its end; one that was stopped or killed, after `ctrkit train ... "
+                             "--resume` with its --config, --data and --run-dir")
         raise InputError(f"{run_dir} has no {name}: not a finished ctrkit run directory")
     return keras.saving.load_model(path, compile=False)
 

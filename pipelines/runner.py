@@ -618,7 +618,9 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
         rows_padded=rows_padded,
         raw_schema={c.name: c.kind for c in config.columns},
         teacher_logit_feature=next((c.name for c in config.columns if c.kind == "teacher_logit"), None),
-        config={"data": to_dict(config), "inputs": files, "transform_fn_from": transform_fn_dir,
+        # Absolute: ctrkit export reads warmup rows from these, from whatever directory it runs in.
+        config={"data": to_dict(config), "inputs": [f if _remote(f) else os.path.abspath(f) for f in files],
+                "transform_fn_from": transform_fn_dir,
                 "pipeline_args": pipeline_args, "pipeline_options": result.get("pipeline_options", {}),
                 "runner": result.get("runner"), "counters": result.get("counters", {}),
                 "driver_pid": result.get("driver_pid"), "reader_pids": sorted({s["pid"] for s in stats}),

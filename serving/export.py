@@ -192,7 +192,8 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
 
     inputs = manifest.config.get("inputs")
     data = manifest.config.get("data")
-    hint = "pass warmup_examples=[raw row dicts or serialized tf.Examples] (ctrkit export --warmup-rows)"
+    hint = ("give raw rows for them with ctrkit export --warmup-rows ROWS.jsonl (library: warmup_examples=[raw row "
+            "dicts or serialized tf.Examples])")
     if not inputs or data is None:
         raise ExportError(f"the manifest in {manifest.root} records no raw inputs to build warmup requests from: {hint}")
     from ctrkit.pipelines import read_file
@@ -202,7 +203,9 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
     rows: list[dict[str, Any]] = []
     for i, path in enumerate(inputs):
         if not os.path.exists(path) and "://" not in path:
-            raise ExportError(f"raw input {path} recorded in the manifest is gone: {hint}")
+            where = (" (a path relative to where an older ctrkit ran preprocess: run the export from there)"
+                     if not os.path.isabs(path) else "")
+            raise ExportError(f"raw input {path} recorded in the manifest is not there{where}; {hint}")
         for batch, _rejected in read_file(path, i, config):
             rows.extend(batch.slice(0, n - len(rows)).to_pylist())
             if len(rows) >= n:

@@ -60,6 +60,8 @@ def test_beam_then_serving_examples(tmp_path):
     day2 = json.load(open(tmp_path / "run_day2" / "run.json", encoding="utf-8"))
     assert day2["warm_start"] == str(tmp_path / "run") and day2["status"] == "completed"
     assert json.load(open(tmp_path / "run_day2" / "calibration.json"))["windows"] == ["w00000002"]
+    # Recorded absolute, so `ctrkit export` finds its warmup rows from any directory (it failed from another).
+    assert Manifest.load(str(tmp_path / "prep_day2")).config["inputs"] == [str(tmp_path / "clicks_day2.tsv")]
     assert "(held out)" in out.stdout and "not held out" not in out.stderr
     later = sorted(int(v) for v in os.listdir(tmp_path / "models" / "ctr"))
     assert len(later) == 2 and later[0] == int(versions[0])  # the calibrated day-2 model is the newest version

@@ -236,6 +236,11 @@ def test_sigterm_stops_training_as_interrupted_and_it_resumes(tmp_path) -> None:
     assert proc.returncode == 143, err[-2000:]
     assert "ctrkit train: terminated (SIGTERM); continue it with the same command and --resume" in err
     assert json.load(open(tmp_path / "run" / "run.json"))["status"] == "interrupted"
+    from ctrkit.errors import InputError
+    from ctrkit.trainer import load_run_model
+
+    with pytest.raises(InputError, match=r"has no model.keras yet: the run's status is 'interrupted'.*--resume"):
+        load_run_model(str(tmp_path / "run"))  # what export and calibrate say ("not a finished run" before)
     resumed = subprocess.run([sys.executable, "-m", "ctrkit.cli", *args, "--resume"], env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -251,3 +256,12 @@ def test_home_in_path_arguments_is_expanded(tmp_path, monkeypatch, capsys) -> No
     assert main(["train", "--config=~/nope.yaml", "--data=~/prep", "--run-dir=~/run"]) == 1
     assert f"config file {tmp_path / 'home' / 'nope.yaml'} not found" in capsys.readouterr().err
     assert not (tmp_path / "~").exists()
+
+
+def test_calibrate_on_a_directory_that_is_no_run_says_so(tmp_path, capsys) -> None:
+    """It blamed a config file the user never gave: "config file prep/config.yaml not found"."""
+    from ctrkit.cli import main
+
+    data, _ = _small_run(tmp_path)
+    assert main(["calibrate", data.directory, "--data", data.directory, "--no-progress"]) == 1
+    assert f"{data.directory} has no run.json: not a ctrkit run directory" in capsys.readouterr().err

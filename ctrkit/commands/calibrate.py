@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.config import CalibrationConfig
     from ctrkit.data import window_indices
     from ctrkit.manifest import Manifest
-    from ctrkit.trainer import load_run_model, read_run_config, run_dir_lock
+    from ctrkit.trainer import load_run_model, read_run_config, read_run_info, run_dir_lock
 
+    read_run_info(args.run_dir)  # "not a ctrkit run directory", before its config.yaml is missed
     config = read_run_config(args.run_dir)
     cal = config.calibration
     if args.downsampling_rate is not None:
@@ -57,14 +58,15 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.data)
     n = len(manifest.windows)
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")
-    seen = windows_trained_on(args.run_dir, args.data, manifest, windows)
-    if seen:
-        warnings.warn(f"{args.run_dir} trained on window(s) {', '.join(seen)} of {args.data}: they are not held out, so "
-                      "the calibration is fitted and measured on examples the model has learned from, where it reads "
-                      "better calibrated than on new data. Keep the last windows out of training (ctrkit train "
-                      f"--windows=:-{cal.holdout_windows}) or calibrate on later data.", CtrkitWarning, stacklevel=2)
     with run_dir_lock(os.path.abspath(args.run_dir), "ctrkit calibrate"):  # not while it trains
         model = load_run_model(args.run_dir)
+        seen = windows_trained_on(args.run_dir, args.data, manifest, windows)
+        if seen:
+            warnings.warn(f"{args.run_dir} trained on window(s) {', '.join(seen)} of {args.data}: they are not held "
+                          "out, so the calibration is fitted and measured on examples the model has learned from, "
+                          "where it reads better calibrated than on new data. Keep the last windows out of training "
+                          f"(ctrkit train --windows=:-{cal.holdout_windows}) or calibrate on later data.", CtrkitWarning,
+                          stacklevel=2)
         report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress)
         report["windows"] = [manifest.windows[i].name for i in windows]
         final = replace_run_model(model, args.run_dir)
