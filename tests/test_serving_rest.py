@@ -509,3 +509,23 @@ def test_a_version_that_failed_to_load_is_listed_with_its_error(exported, tmp_pa
         assert c.post("/v1/models/m:predict", json={"instances": []}).status_code == 404
         shutil.rmtree(broken)  # gone from disk: no longer listed
         assert _wait_for(lambda: c.get("/v1/models/m").status_code == 404)
+
+
+def test_serve_refuses_a_port_in_use_and_points_at_misplaced_versions(tmp_path, capsys):
+    """A port in use failed after the models loaded, with uvicorn's raw error and exit 3; BASE given as
+    BASE/NAME (TF Serving's --model_base_path form) or a mistyped name waited forever answering 404."""
+    from ctrkit.cli import main
+    from ctrkit.commands.serve import _misplaced_versions
+
+    (tmp_path / "m" / "3").mkdir(parents=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--model-name", "m", "--port", str(port)]) == 1
+    assert f"port {port} on 127.0.0.1 is in use (another server?); choose another with --port" in capsys.readouterr().err
+    assert _misplaced_versions(str(tmp_path), "m") is None
+    assert _misplaced_versions(str(tmp_path / "m"), "m") == (
+        f"{tmp_path / 'm'} itself holds versions [3]: ctrkit serve takes their parent, `ctrkit serve {tmp_path} "
+        "--model-name m`")
+    assert _misplaced_versions(str(tmp_path), "mm") == f"{tmp_path} holds no model 'mm', but versions of ['m']: check --model-name"

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.base_path):
         raise NotADirectoryError(f"model base path {args.base_path} is not a directory")
+    _refuse_port_in_use(args.host, args.port)  # before minutes of loading, not after (uvicorn's raw error, exit 3)
     try:
         from ctrkit.serving.server import serve
         import orjson  # noqa: F401
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     # Versions loaded, failed or incomplete, and the startup line: an operator's view of what is served.
     logging.basicConfig(level=logging.WARNING, format="ctrkit serve: %(message)s", stream=sys.stderr)
     logging.getLogger("ctrkit.serving").setLevel(logging.INFO)
+    hint = _misplaced_versions(args.base_path, args.model_name)
+    if hint:
+        logging.getLogger("ctrkit.serving").warning(hint)
     serve(
         args.base_path,
         args.model_name,
@@ -57,3 +61,39 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
     )
     return 0
+
+
+def _refuse_port_in_use(host: str, port: int) -> None:
+    import errno
+    import socket
+
+    from ctrkit.errors import InputError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InputError(f"port {port} on {host} is in use (another server?); choose another with --port") from None
+            raise
+
+
+def _misplaced_versions(base_path: str, model_name: str) -> str | None:
+    """What to pass instead when BASE/NAME holds no versions but the versions are nearby: BASE given as
+    BASE/NAME (TF Serving's --model_base_path form), or another model name under BASE."""
+    import os
+
+    from ctrkit.serving import versions
+
+    if versions.list_versions(os.path.join(base_path, model_name)):
+        return None
+    if versions.list_versions(base_path):
+        parent, name = os.path.split(os.path.normpath(os.path.abspath(base_path)))
+        return (f"{base_path} itself holds versions {versions.list_versions(base_path)}: ctrkit serve takes their "
+                f"parent, `ctrkit serve {parent} --model-name {name}`")
+    others = sorted(d for d in os.listdir(base_path) if versions.list_versions(os.path.join(base_path, d)))
+    if others:
+        return f"{base_path} holds no model {model_name!r}, but versions of {others}: check --model-name"
+    return None
