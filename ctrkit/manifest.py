@@ -187,8 +187,14 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str) -> Manifest:
+        """The manifest of a pipeline output directory (its ``manifest.json`` itself is accepted too)."""
+        if os.path.basename(os.path.normpath(directory)) == MANIFEST_FILE and os.path.isfile(directory):
+            directory = os.path.dirname(os.path.normpath(directory)) or "."
         path = os.path.join(directory, MANIFEST_FILE)
         if not os.path.exists(path):
+            if os.path.exists(os.path.join(directory, "run.json")):
+                raise ManifestError(f"{directory!r} is a ctrkit run directory (it holds run.json), not a pipeline "
+                                    "output: give the directory `ctrkit preprocess` wrote (the run's data_dir)")
             raise ManifestError(
                 f"{path} not found: {directory!r} is not a complete ctrkit pipeline output "
                 "(run `ctrkit preprocess` first; the manifest is written last)"

@@ -112,6 +112,9 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
         else:
             path = os.path.expanduser(pattern)
             if os.path.isdir(path):
+                if os.path.exists(os.path.join(path, "manifest.json")):
+                    raise InputError(f"input {pattern!r} is a ctrkit pipeline output, not raw logs; to reuse its "
+                                     "transform on new logs pass it as --transform-fn")
                 raise InputError(f"input {pattern!r} is a directory; pass its files, e.g. '{os.path.join(pattern, '*')}'")
             # A file that exists is itself, even when its name holds glob characters ("day[1].tsv").
             matched = [path] if os.path.isfile(path) else sorted((p for p in _glob.glob(path) if os.path.isfile(p)),

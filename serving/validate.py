@@ -247,7 +247,10 @@ class TFServingSession:
 
         self._graph = tf.Graph()
         self._session = tf.compat.v1.Session(graph=self._graph)
-        with self._graph.as_default():
+        from tensorflow.python.util import deprecation
+
+        # silence(): the TF1 loader is deprecated for TF2 code, but it is the path TF Serving takes.
+        with self._graph.as_default(), deprecation.silence():
             meta_graph = tf.compat.v1.saved_model.loader.load(self._session, [tf.saved_model.SERVING], export_dir)
         self.signature_defs = meta_graph.signature_def
 

@@ -66,6 +66,15 @@ def test_categorical_needs_vocab_size():
 def test_missing_manifest_names_the_directory(tmp_path):
     with pytest.raises(ManifestError, match="not a complete ctrkit pipeline output"):
         Manifest.load(str(tmp_path))
+    (tmp_path / "run.json").write_text("{}")  # --data RUN instead of the data: say what it is
+    with pytest.raises(ManifestError, match=r"is a ctrkit run directory \(it holds run.json\), not a pipeline output"):
+        Manifest.load(str(tmp_path))
+
+
+def test_the_manifest_file_itself_loads_its_directory(tmp_path):
+    """`--data prep/manifest.json` looked for prep/manifest.json/manifest.json."""
+    _manifest().save(str(tmp_path))
+    assert Manifest.load(str(tmp_path / "manifest.json")) == Manifest.load(str(tmp_path))
 
 
 def test_unknown_window_is_named(tmp_path):

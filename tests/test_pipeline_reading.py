@@ -551,6 +551,10 @@ def test_input_spellings_of_one_file_literal_names_and_directories(tmp_path, mon
     assert expand_inputs([literal]) == [literal]
     with pytest.raises(InputError, match=r"is a directory; pass its files"):
         expand_inputs([str(tmp_path)])
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prep" / "manifest.json").write_text("{}")  # its suggested 'prep/*' would read the output as logs
+    with pytest.raises(InputError, match=r"is a ctrkit pipeline output, not raw logs; .* --transform-fn"):
+        expand_inputs(["prep"])
 
 
 def test_globbed_files_are_read_in_natural_order_and_one_path_is_one_input(tmp_path, monkeypatch):

@@ -13,13 +13,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained model as a TF Serving SavedModel version BASE/NAME/<version>/",
-        description="Exports RUN_DIR's final model (or --model PATH.keras, with RUN_DIR or --data PIPELINE_OUT) "
+        description="Exports RUN_DIR's final model (or --model PATH.keras, with RUN_DIR or --data DATA) "
         "with the pipeline's tensorflow-transform graph inside, so clients send raw features. Signatures: "
         "serving_default (serialized tf.Example 'examples'), predict_raw, classify, regress. The version is "
-        "validated (saved_model_cli, fresh-process reload) before it is renamed into place.",
+        "validated (saved_model_cli; a fresh-process reload, also as TF Serving loads it) before it is renamed into "
+        "place. Example: ctrkit export runs/day2 --base-path /srv/models --model-name ctr",
     )
-    p.add_argument("run_dir", nargs="?", help="a finished `ctrkit train` run directory: its final model, its data "
-                   "and its export.keep_versions (--base-path and --model-name are always given here)")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished `ctrkit train` run directory: its final "
+                   "model, its data and its export.keep_versions are used (the run's export.base_path and model_name "
+                   "are not: give --base-path and --model-name)")
     p.add_argument("--base-path", required=True, help="TF Serving model base path parent (BASE)")
     p.add_argument("--model-name", required=True, type=model_name, help="model name (versions go to BASE/NAME/<version>)")
     p.add_argument("--model", help="a .keras model to export instead of RUN_DIR's final model (e.g. "
@@ -77,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.errors import InputError
 
     if not args.run_dir and not args.model:
-        raise InputError("give RUN_DIR, or --model PATH.keras with --data PIPELINE_OUT")
+        raise InputError("give RUN_DIR, or --model PATH.keras with --data DATA (the pipeline output)")
     if args.model and not args.data and not args.run_dir:
-        raise InputError("--model without RUN_DIR needs --data PIPELINE_OUT (the pipeline output the model was "
+        raise InputError("--model without RUN_DIR needs --data DATA (the pipeline output the model was "
                          "trained on)")
     data_dir = args.data or _run_data_dir(args.run_dir)
     keep_versions = _keep_versions(args)

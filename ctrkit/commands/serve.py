@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "smoke tests and machines without Docker; production uses tensorflow/serving (serving/deploy/).",
     )
     p.add_argument("base_path", help="directory holding NAME/<version>/")
-    p.add_argument("--model-name", required=True, type=model_name, help="model name")
+    p.add_argument("--model-name", required=True, type=model_name,
+                   help="the NAME in BASE/NAME/<version>/ and in the URL /v1/models/NAME")
     p.add_argument("--port", type=port, default=8501, help="REST port (default: 8501, TF Serving's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--num-versions", type=positive_int, default=1, help="newest versions kept loaded (default: 1)")

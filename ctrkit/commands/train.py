@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model online over a pipeline output's windows, in time order",
-        description="Replays each window of PIPELINE_OUT once in time order. Every batch is scored before the "
+        description="Replays each window of DATA once in time order. Every batch is scored before the "
         "model trains on it (progressive validation): per-window and cumulative AUC, log loss, normalized "
         "entropy, calibration ratio and ECE go to RUN/metrics.jsonl and TensorBoard (RUN/tensorboard). "
         "Checkpoints every train.checkpoint_every_steps steps; --resume continues a killed run exactly. One "
