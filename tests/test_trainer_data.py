@@ -77,7 +77,11 @@ def test_a_shard_changed_after_preprocessing_is_an_error_not_a_shorter_window(tm
     w0 = other.manifest.shard_paths(other.manifest.windows[0])[0]
     with open(w0, "r+b") as f:  # cut mid-stream: the error reads without TF's function-node tags
         f.truncate(os.path.getsize(w0) // 2)
-    with pytest.raises(InputError, match=r"window 'w000', shard .*near record \d+: cannot read") as cut:
+    # Where the cut falls depends on how the records serialized (feature order follows the hash seed): inside
+    # a record TF reports the damage; at a record boundary the stream just ends early and the count check
+    # fires. Either way the window is named and the run stops.
+    with pytest.raises(InputError, match=r"window 'w000'(, shard .*near record \d+: cannot read|: its shards hold "
+                                         r"\d+ records but the manifest lists 40 rows)") as cut:
         list(iterate_batches(other.manifest, 16, windows=[0]))
     assert "function_node" not in str(cut.value)
 
