@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TF_PROCESS_ENV", "configure_process", "child_dies_with_parent"]
+__all__ = ["TF_PROCESS_ENV", "configure_process", "exit_with_parent", "worker_env"]
 
 TF_PROCESS_ENV: dict[str, str] = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
@@ -46,20 +46,31 @@ def configure_process(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {key: env[key] for key in TF_PROCESS_ENV}
 
 
-def child_dies_with_parent():
-    """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child get SIGTERM when its parent dies (Linux
-    ``PR_SET_PDEATHSIG``): a worker whose parent was killed (``kill PID``, an OOM kill, a scheduler) would
-    otherwise run on to the end, writing output nobody collects. None elsewhere."""
+
+PARENT_PID_ENV = "CTRKIT_PARENT_PID"
+
+
+def worker_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a worker process that calls :func:`exit_with_parent`: ``env`` (default: this
+    process's) plus this process's pid."""
+    return {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+
+
+def exit_with_parent() -> None:
+    """First thing in a worker process started with :func:`worker_env`: it gets SIGTERM when its parent dies
+    (Linux ``PR_SET_PDEATHSIG``), and exits at once if the parent is already gone. A worker whose parent was
+    killed (``kill PID``, an OOM kill, a scheduler) otherwise ran on to the end, writing output nobody
+    collects. Set here rather than in a ``preexec_fn``, which is unsafe in a parent running threads (as
+    TensorFlow's are). Elsewhere than Linux, nothing."""
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return None
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    import ctypes
+    import signal
 
-    def set_parent_death_signal() -> None:
-        import ctypes
-        import signal
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return set_parent_death_signal
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the line above took effect
+        os._exit(143)

@@ -460,11 +460,10 @@ def _run_isolated(spec: _Spec) -> dict[str, Any]:
         json.dump(dataclasses.asdict(spec), f)
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from ctrkit.runtime import child_dies_with_parent
+    from ctrkit.runtime import worker_env
 
-    proc = subprocess.Popen([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=env,
-                            stdout=None, stderr=subprocess.PIPE, text=True, errors="replace",
-                            preexec_fn=child_dies_with_parent())
+    proc = subprocess.Popen([sys.executable, "-m", "ctrkit.pipelines.runner", spec_path], env=worker_env(env),
+                            stdout=None, stderr=subprocess.PIPE, text=True, errors="replace")
     stderr: list[str] = []
     drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
     drain.start()  # a full pipe would block the child
@@ -644,4 +643,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
 
 
 if __name__ == "__main__":
+    from ctrkit.runtime import exit_with_parent
+
+    exit_with_parent()
     sys.exit(_child_main(sys.argv[1]))

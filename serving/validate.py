@@ -69,8 +69,6 @@ def parse_show_all(text: str) -> dict[str, dict[str, Any]]:
 
 
 def saved_model_cli_show(export_dir: str, timeout: float = 300) -> str:
-    from ctrkit.runtime import child_dies_with_parent
-
     exe = shutil.which("saved_model_cli")
     cmd = [exe] if exe else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     proc = subprocess.run(
@@ -79,8 +77,7 @@ def saved_model_cli_show(export_dir: str, timeout: float = 300) -> str:
         text=True,
         timeout=timeout,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        preexec_fn=child_dies_with_parent(),
-    )
+    )  # subprocess.run kills it if this process is interrupted meanwhile
     if proc.returncode != 0:
         raise ValidationError(f"saved_model_cli show --all failed on {export_dir}: {proc.stderr[-2000:]}")
     return proc.stdout
@@ -140,15 +137,14 @@ def start_reload_check(export_dir: str, examples: list[bytes], probabilities: An
     tmp = tempfile.mkdtemp(prefix="ctrkit-validate-")
     check = os.path.join(tmp, "check.npz")
     np.savez(check, examples=np.array(examples, dtype=object), probabilities=np.asarray(probabilities, np.float32))
-    from ctrkit.runtime import child_dies_with_parent
+    from ctrkit.runtime import worker_env
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctrkit.serving.validate", export_dir, check, repr(atol)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        preexec_fn=child_dies_with_parent(),
+        env=worker_env(dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")),
     )
     return proc, tmp
 
@@ -274,6 +270,9 @@ def _session_outputs(export_dir: str, examples: Any) -> dict[str, dict[str, Any]
 
 
 if __name__ == "__main__":
+    from ctrkit.runtime import exit_with_parent
+
+    exit_with_parent()
     code = _reload_and_compare(sys.argv[1], sys.argv[2], float(sys.argv[3]))
     sys.stdout.flush()
     sys.stderr.flush()
