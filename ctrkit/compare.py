@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ctrkit.manifest import Manifest
-from ctrkit.trainer import RUN_MODEL, UNCALIBRATED_MODEL
+from ctrkit.trainer import RUN_MODEL, UNCALIBRATED_MODEL, is_calibrated
 
 __all__ = ["prediction_difference", "compare_runs", "compare_models", "UNCALIBRATED_MODEL"]
 
@@ -60,10 +60,6 @@ def compare_models(
     return out
 
 
-def _is_calibrated(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, UNCALIBRATED_MODEL))
-
-
 def compare_runs(
     run_a: str,
     run_b: str,
@@ -84,15 +80,15 @@ def compare_runs(
 
     manifest = Manifest.load(data_dir)
     fingerprint = vocabulary_fingerprint(manifest)
-    if not uncalibrated and _is_calibrated(run_a) != _is_calibrated(run_b):
-        calibrated, plain = (run_a, run_b) if _is_calibrated(run_a) else (run_b, run_a)
+    if not uncalibrated and is_calibrated(run_a) != is_calibrated(run_b):
+        calibrated, plain = (run_a, run_b) if is_calibrated(run_a) else (run_b, run_a)
         raise InputError(
             f"{calibrated} holds a calibrated model and {plain} does not, so PD would mostly measure the "
             "calibration; compare the models as trained (--uncalibrated) or calibrate both"
         )
     models = []
     for run in (run_a, run_b):
-        model = load_run_model(run, UNCALIBRATED_MODEL if uncalibrated and _is_calibrated(run) else RUN_MODEL)
+        model = load_run_model(run, UNCALIBRATED_MODEL if uncalibrated and is_calibrated(run) else RUN_MODEL)
         check_model_fits_data("compare:", run, model, manifest, fingerprint,
                               "Compare on data preprocessed with that run's transform (ctrkit preprocess ... --transform-fn).")
         models.append(model)

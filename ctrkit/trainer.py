@@ -166,6 +166,11 @@ def load_run_model(run_dir: str, name: str = RUN_MODEL) -> Any:
     return keras.saving.load_model(path, compile=False)
 
 
+def is_calibrated(run_dir: str) -> bool:
+    """Whether ``ctrkit calibrate`` has replaced the run's model (it keeps the model as trained beside it)."""
+    return os.path.exists(os.path.join(run_dir, UNCALIBRATED_MODEL))
+
+
 def read_run_config(run_dir: str) -> Config:
     """The run's recorded ``config.yaml``, read as recorded: settings it would ignore are accepted, since an
     older ctrkit may have written them (see :func:`ctrkit.configio.reading_recorded_config`)."""
@@ -644,8 +649,9 @@ def check_model_fits_data(who: str, source: str, model: Any, manifest: Manifest,
 def _check_teacher_covers(teacher: str, windows: list[int], names: list[str], schedule: list[str | None],
                           teacher_windows: list[str]) -> None:
     """With ``teacher_as_of: previous_window`` a window distils only from the teacher's snapshot after the window
-    before it. A teacher run from another stream (yesterday's) has none of them, and distillation was off for
-    the whole run without a word."""
+    before it. A teacher run on other windows of the same data may have none of those snapshots, and
+    distillation was then off for the whole run without a word. (A teacher run on other data is refused
+    before this, whatever its window names.)"""
     import warnings
 
     without = [names[i] for i in windows if schedule[i] is None]
@@ -655,9 +661,9 @@ def _check_teacher_covers(teacher: str, windows: list[int], names: list[str], sc
         raise InputError(
             f"distill.teacher {teacher}: with teacher_as_of 'previous_window' each window distils from the teacher "
             f"as it was after the window before it, but the teacher saved no model after any of "
-            f"{[names[i - 1] for i in windows]} (it has {teacher_windows}): it was trained on another stream. "
-            "Use distill.teacher_as_of: final to distil from its final model (e.g. yesterday's run), or a teacher "
-            "trained on this data"
+            f"{[names[i - 1] for i in windows]} (it has {teacher_windows}): it was trained on other windows. "
+            "Use distill.teacher_as_of: final to distil from its final model, or a teacher trained on the windows "
+            "before the student's"
         )
     warnings.warn(f"distill.teacher {teacher} saved no model after the window before {without}: those windows "
                   "train on clicks alone", CtrkitWarning, stacklevel=3)
@@ -1089,7 +1095,7 @@ def _train(
             status = "interrupted" if isinstance(failure, KeyboardInterrupt) else "failed"  # Terminated too
             _write_json_atomic(run_json, {**run_info, "status": status, "steps": step, "examples": examples})
         except OSError as e:  # e.g. the disk that failed the run is still full: report the first failure
-            log.warning("could not mark %s failed (%s) after: %s", run_json, e, failure)
+            log.warning("could not mark %s %s (%s) after: %s", run_json, status, e, failure)
         raise
     log_b.close()
     log_m.close()

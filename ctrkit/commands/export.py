@@ -66,11 +66,11 @@ def _downsampling_rate(args: argparse.Namespace) -> float | None:
     """RUN_DIR's ``calibration.downsampling_rate`` when its final model is exported before ``ctrkit calibrate``
     ran (which keeps the model as trained in model_uncalibrated.keras): that model would serve the training
     stream's inflated click rates. None for --model, a calibrated run, or a run without the setting."""
-    from ctrkit.trainer import UNCALIBRATED_MODEL, read_run_config
+    from ctrkit.trainer import is_calibrated, read_run_config
 
     if args.model or not os.path.exists(os.path.join(args.run_dir, "config.yaml")):
         return None
-    if os.path.exists(os.path.join(args.run_dir, UNCALIBRATED_MODEL)):
+    if is_calibrated(args.run_dir):
         return None
     return read_run_config(args.run_dir).calibration.downsampling_rate
 
