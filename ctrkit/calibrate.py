@@ -187,28 +187,29 @@ def fit_calibration_scored(
     if config.downsampling_rate is not None:
         apply_downsampling_correction(model, config.downsampling_rate)
         method = f"closed form, downsampling rate {config.downsampling_rate}"
+    elif segment:
+        _fit_segment_biases(layer, stream["logits"], y, stream["segments"], config)
+        method = (f"fitted {type(layer).__name__} with {config.steps} full-batch steps, segments shrunk toward "
+                  f"one global correction (segment_prior_rows {config.segment_prior_rows:g})")
     else:
         set_calibration_trainable(model, True)
         try:
             opt = keras.optimizers.Adam(config.learning_rate)
             z_all = tf.constant(stream["logits"].reshape(-1, 1), tf.float32)
             y_all = tf.constant(y.reshape(-1, 1), tf.float32)
-            s_all = tf.constant(stream["segments"]) if segment else None
             variables = layer.trainable_variables
 
             @tf.function(reduce_retracing=True)
-            def step(z, yb, s):
+            def step(z, yb):
                 with tf.GradientTape() as tape:
-                    out = layer(z, s) if segment else layer(z)
-                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=out))
+                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=yb, logits=layer(z)))
                 opt.apply(tape.gradient(loss, variables), variables)
                 return loss
 
             # The layer has a handful of weights and the logits are cached: full-batch steps converge
             # reliably (the bias gradient Σ(p − y) vanishes at the optimum, so Σp = Σy there).
-            s_in = s_all if segment else tf.zeros([0])
             for _ in range(config.steps):
-                step(z_all, y_all, s_in)
+                step(z_all, y_all)
         finally:
             set_calibration_trainable(model, False)
         method = f"fitted {type(layer).__name__} with {config.steps} full-batch steps"
@@ -227,6 +228,50 @@ def fit_calibration_scored(
         after["calibration_if_held_out_downsampled"] = _reweighted_ratio(after_stream["probabilities"],
                                                                          after_stream["labels"], rate)
     return report, stream, after_stream
+
+
+def _fit_segment_biases(layer: Any, logits: np.ndarray, labels: np.ndarray, segments: np.ndarray,
+                        config: CalibrationConfig) -> None:
+    """Set a :class:`~ctrkit.layers.BiasCalibration`'s ``c[s] = g + δ_s``: one global correction ``g`` and
+    per-segment deviations ``δ`` under a Gaussian prior, by full-batch Adam on the cached logits:
+
+    ```
+    minimise  mean_i BCE(y_i, z_i + g + δ[s_i])  +  τ / (2N) · Σ_s δ_s²,   τ = k · ȳ(1 − ȳ)
+    ```
+
+    ``k`` is ``segment_prior_rows``: the prior weighs as much as ``k`` rows at the stream's click rate ``ȳ``,
+    so a segment's deviation is shrunk by about ``n_s / (n_s + k)``. Without it, the correction of a segment
+    with a few held-out rows and no click runs towards −∞ (only the step budget stops it) and scores that
+    segment's later traffic near 0; a segment absent from the stream keeps ``g``, not 0.
+    """
+    import keras
+    import tensorflow as tf
+
+    n = len(labels)
+    rate = float(np.clip(np.mean(labels), 1e-6, 1 - 1e-6))
+    penalty = tf.constant(config.segment_prior_rows * rate * (1 - rate) / (2 * n), tf.float32)
+    z_all = tf.constant(logits.reshape(-1), tf.float32)
+    y_all = tf.constant(labels.reshape(-1), tf.float32)
+    s_all = tf.constant(np.asarray(segments).reshape(-1).astype(np.int64))
+    # The layer checks the ids' range (and names the row) before anything is fitted.
+    layer(z_all[:, None], s_all)
+    global_bias = tf.Variable(0.0, dtype=tf.float32)
+    deviations = tf.Variable(tf.zeros(layer.segment_bias.shape, tf.float32))
+    variables = [global_bias, deviations]
+    opt = keras.optimizers.Adam(config.learning_rate)
+
+    @tf.function
+    def step() -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            out = z_all + global_bias + tf.gather(deviations, s_all)
+            loss = (tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y_all, logits=out))
+                    + penalty * tf.reduce_sum(tf.square(deviations)))
+        opt.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    for _ in range(config.steps):
+        step()
+    layer.segment_bias.assign(tf.cast(global_bias + deviations, layer.segment_bias.dtype))
 
 
 def _reweighted_ratio(p: np.ndarray, y: np.ndarray, rate: float) -> float | None:

@@ -224,6 +224,7 @@ class CalibrationConfig:
     holdout_windows: int = 1  # ctrkit calibrate fits on the last N windows of --data by default
     segment_feature: str | None = None  # bias calibration only
     num_segments: int | None = None  # bias only; None: the segment feature's vocab size
+    segment_prior_rows: float = 100.0  # bias only: each segment's correction is shrunk toward one global correction; a segment with this many held-out rows moves about halfway to its own; 0: no shrinkage (segments with few rows overfit)
     num_keypoints: int = 10  # piecewise only
     downsampling_rate: float | None = None  # negatives kept at rate w in training: closed-form correction q = p / (p + (1-p)/w), temperature or bias only; set by ctrkit calibrate, and in every TF Serving version that training or ctrkit export publishes before it
     learning_rate: float = 0.05  # Adam step size of the calibration fit (not with downsampling_rate)
@@ -237,6 +238,8 @@ class CalibrationConfig:
                "kind 'bias' needs a segment_feature")
         _check(self.num_segments is None or self.num_segments >= 1, "calibration.num_segments",
                f"must be >= 1 or null, got {self.num_segments}")
+        _check(self.segment_prior_rows >= 0, "calibration.segment_prior_rows",
+               f"must be >= 0, got {self.segment_prior_rows}")
         _check(self.num_keypoints >= 2, "calibration.num_keypoints", f"must be >= 2, got {self.num_keypoints}")
         _check(self.downsampling_rate is None or 0 < self.downsampling_rate <= 1, "calibration.downsampling_rate",
                f"must be in (0, 1] or null, got {self.downsampling_rate}")
@@ -247,14 +250,14 @@ class CalibrationConfig:
         if self.kind == "none":  # no calibration layer: nothing is held out, scored or fitted
             for name in ("holdout_windows", "downsampling_rate", "learning_rate", "steps", "batch_size"):
                 _check_used(self, "calibration", name, False, kind, "choose a calibration.kind")
-        for name in ("segment_feature", "num_segments"):
+        for name in ("segment_feature", "num_segments", "segment_prior_rows"):
             _check_used(self, "calibration", name, self.kind == "bias", kind, "set calibration.kind: bias")
         _check_used(self, "calibration", "num_keypoints", self.kind == "piecewise", kind,
                     "set calibration.kind: piecewise")
         _check_used(self, "calibration", "downsampling_rate", self.kind in ("temperature", "bias"),
                     f"{kind} (the closed-form correction needs 'temperature' or 'bias')",
                     "set calibration.kind: temperature")
-        for name in ("learning_rate", "steps"):  # the closed-form correction fits nothing
+        for name in ("learning_rate", "steps", "segment_prior_rows"):  # the closed-form correction fits nothing
             _check_used(self, "calibration", name, self.downsampling_rate is None,
                         "calibration.downsampling_rate is set (closed-form correction, no fit)",
                         "remove calibration.downsampling_rate")

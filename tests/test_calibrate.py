@@ -193,3 +193,41 @@ def test_closed_form_on_downsampled_held_out_windows_reports_the_reweighted_rati
     assert after["calibration"] < 0.8  # the downsampled labels, as they are (measured 0.593)
     assert abs(after["calibration_if_held_out_downsampled"] - 1) < 0.1  # what the correction predicts (1.043)
     assert f"with their negatives weighted 1/{KEEP:g}: calibration ratio" in out
+
+
+def test_bias_calibration_shrinks_rare_segments_toward_one_global_correction(tmp_path) -> None:
+    """A segment with a few held-out rows and no click must not be scored ~0 for ever after; one absent
+    from the held-out stream gets the global correction; a big segment still gets (nearly) its own."""
+    vocab = 1000  # 8000 Zipf-distributed rows: ~40 ids absent, ~260 with <= 5 rows and no click
+    holdout = write_dataset(tmp_path / "holdout", windows=1, rows_per_window=8000, shards_per_window=1, seed=2,
+                            vocab_size=vocab)
+    cfg = Config.from_dict({"model": {"embedding_dim": 4, "cross_layers": 1, "dnn_units": [8]},
+                            "calibration": {"kind": "bias", "segment_feature": "c0"}})
+    model = build_model(cfg, holdout.manifest)  # untrained: its logits are near 0, far from the ~20% CTR
+    stream = score_stream(model, holdout.manifest, segment="c0")
+    z, y, s = stream["logits"], stream["labels"], stream["segments"].reshape(-1)
+    report = fit_calibration(model, holdout.manifest, cfg.calibration)
+    assert abs(report["after"]["calibration"] - 1) < 0.01  # the global term is unpenalised: Σp = Σy
+    bias = model.get_layer("calibration").segment_bias.numpy()
+    rows, clicks = np.bincount(s, minlength=vocab), np.bincount(s, weights=y, minlength=vocab)
+    absent, rare_no_click = rows == 0, (rows > 0) & (rows <= 5) & (clicks == 0)
+    assert absent.any() and rare_no_click.any(), "the generated stream must hold both kinds of segment"
+    global_bias = np.median(bias[absent])
+    np.testing.assert_allclose(bias[absent], global_bias, atol=1e-6)
+    assert abs(global_bias) > 0.5  # the untrained model's rate is far off: the shared correction moved
+    # Unshrunk, these ran to about -6.6 below the rest (only the step budget stopped them).
+    assert np.all(np.abs(bias[rare_no_click] - global_bias) < 1.0), bias[rare_no_click] - global_bias
+    # The largest segment: its correction solves the documented objective, here by Newton's method on that
+    # segment alone given the fitted global term: Σ_i∈s (σ(z_i + g + δ) − y_i) + τ δ = 0, τ = k ȳ(1 − ȳ).
+    big = int(np.argmax(rows))
+    zb, yb = z[s == big].astype(np.float64) + global_bias, y[s == big]
+    tau = cfg.calibration.segment_prior_rows * y.mean() * (1 - y.mean())
+    delta = unshrunk = 0.0
+    for _ in range(50):
+        p, q = 1 / (1 + np.exp(-(zb + delta))), 1 / (1 + np.exp(-(zb + unshrunk)))
+        delta -= (p.sum() - yb.sum() + tau * delta) / ((p * (1 - p)).sum() + tau)
+        unshrunk -= (q.sum() - yb.sum()) / (q * (1 - q)).sum()
+    print(f"largest segment ({rows[big]} rows): fitted {bias[big] - global_bias:.4f}, solved {delta:.4f}, "
+          f"unshrunk {unshrunk:.4f}; global {global_bias:.3f}")
+    assert abs(unshrunk) > 0.1 and abs(delta) < abs(unshrunk)  # the check below can tell shrunk from not
+    assert abs(bias[big] - global_bias - delta) < 0.02, (bias[big] - global_bias, delta, unshrunk)

@@ -68,6 +68,7 @@ def test_shipped_configs_match_the_papers() -> None:
         ("distill", {"temperature": 0}, "distill.temperature"),
         ("calibration", {"kind": "bias"}, "calibration.segment_feature"),
         ("calibration", {"downsampling_rate": 2.0}, "calibration.downsampling_rate"),
+        ("calibration", {"kind": "bias", "segment_feature": "C1", "segment_prior_rows": -1}, "calibration.segment_prior_rows"),
         ("export", {"every_windows": 0}, "export.every_windows"),
     ],
 )
@@ -159,6 +160,9 @@ IGNORED = [
     ({"calibration": {"downsampling_rate": 0.1, "learning_rate": 0.1}},
      "calibration.learning_rate", "calibration.downsampling_rate"),
     ({"calibration": {"downsampling_rate": 0.1, "steps": 50}}, "calibration.steps", "calibration.downsampling_rate"),
+    ({"calibration": {"segment_prior_rows": 10}}, "calibration.segment_prior_rows", "calibration.kind"),
+    ({"calibration": {"kind": "bias", "segment_feature": "C1", "downsampling_rate": 0.1, "segment_prior_rows": 10}},
+     "calibration.segment_prior_rows", "calibration.downsampling_rate"),
 ]
 
 
@@ -191,6 +195,7 @@ def test_ineffective_settings_are_refused_naming_both_keys(tmp_path, config: dic
         {"distill": {"temperature": 2.0, "weight": 0.5, "confidence_weighting": True, "select_fraction": 0.5}},
         {"calibration": {"kind": "bias", "segment_feature": "C1", "num_segments": 8, "downsampling_rate": 0.1}},
         {"calibration": {"kind": "piecewise", "num_keypoints": 20, "learning_rate": 0.1, "steps": 50}},
+        {"calibration": {"kind": "bias", "segment_feature": "C1", "segment_prior_rows": 0}},
         {"calibration": {"kind": "none"}},
     ],
 )
