@@ -44,13 +44,14 @@ def distillation_loss(
 
     Args:
         teacher_logits: teacher logits ``t``, any shape.
-        student_logits: student logits ``s``, same shape.
+        student_logits: student logits ``s``, same shape; a trailing axis of 1 on one side only is added to
+            the other (``(batch,)`` against ``(batch, 1)``), any other difference is an error.
         temperature: ``T > 0``. Defaults to 1.
         confidence_weighting: multiply by ``w = |2 σ(t) − 1|``. Defaults to ``False``.
         form: ``"bce"`` or ``"kl"``.
 
     Returns:
-        The loss per example, shape of the inputs.
+        The loss per example, shape of the (rank-aligned) inputs.
 
     References:
     - [G. Hinton et al., 2015](https://arxiv.org/abs/1503.02531), Distilling the knowledge in a neural network.
@@ -65,7 +66,8 @@ def distillation_loss(
         raise ValueError(f"distillation_loss: form must be 'bce' or 'kl', got {form!r}")
     t = ops.convert_to_tensor(teacher_logits, "float32")
     s = ops.convert_to_tensor(student_logits, "float32")
-    if tuple(t.shape) != tuple(s.shape) and None not in tuple(t.shape) + tuple(s.shape):
+    t, s = _same_rank(t, s)
+    if len(t.shape) != len(s.shape) or any(a != b for a, b in zip(t.shape, s.shape) if None not in (a, b)):
         raise ValueError(f"distillation_loss: teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
     p = ops.sigmoid(t / temperature)
     loss = _bce_with_logits(p, s / temperature)
@@ -75,6 +77,17 @@ def distillation_loss(
     if confidence_weighting:
         loss = loss * teacher_confidence(t)
     return loss
+
+
+def _same_rank(t: Any, s: Any) -> tuple[Any, Any]:
+    """A ``(batch,)`` column of logits next to a ``(batch, 1)`` one gets the trailing axis too, as Keras'
+    built-in losses do: broadcasting them instead gives a ``(batch, batch)`` loss (every student logit
+    fitted to every teacher logit), which a ``tf.data`` batch of unknown size would not reveal."""
+    if len(t.shape) == len(s.shape) + 1 and t.shape[-1] == 1:
+        s = ops.expand_dims(s, -1)
+    elif len(s.shape) == len(t.shape) + 1 and s.shape[-1] == 1:
+        t = ops.expand_dims(t, -1)
+    return t, s
 
 
 @keras.saving.register_keras_serializable(package="ctrkit")
