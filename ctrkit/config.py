@@ -192,7 +192,7 @@ class DistillConfig:
     temperature: float = 1.0  # softens teacher and student logits (loss scaled by T²)
     weight: float = 1.0  # weight of the distillation loss next to the click loss
     confidence_weighting: bool = False  # weight each example by the teacher's confidence |2σ(t) − 1|
-    select_fraction: float = 1.0  # train on the top fraction by teacher loss (importance-weighted)
+    select_fraction: float = 1.0  # teacher-guided selection: keep each example with probability q ∝ its teacher loss (capped at 1, Σq = fraction · batch), weighted 1/q so the loss stays unbiased; the hardest are always kept, the rest sampled; the whole batch is still computed; 1: off
     teacher_model: ModelConfig | None = None  # the teacher `ctrkit run` trains first; None: same as model
     # "previous_window": window w is scored by the teacher run's snapshot saved after window w-1, so a teacher
     # trained on the same pipeline output never hands the student labels from windows it has not reached yet;
