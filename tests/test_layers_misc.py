@@ -150,6 +150,36 @@ def test_feature_embedding_gradient_is_sparse_indexed_slices():
     assert set(np.nonzero(np.abs(dense_a).sum(1))[0]) == {1, 3}  # only looked-up rows get gradient
 
 
+def test_feature_embedding_under_a_mixed_policy_casts_the_looked_up_rows_not_the_tables():
+    """Autocast tables were read as a bfloat16 copy of each whole table on every call: O(table), not O(batch)."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = FeatureEmbedding({"a_cat": 5000, "b_multi": 3000}, embedding_dim=4, multivalued_features=["b_multi"])
+        inputs = {"a_cat": tf.constant([1, 1, 4999]), "b_multi": tf.constant([[0, -1], [2, 2999], [-1, -1]])}
+        out = layer(inputs)
+        tables = list(layer.embedding_tables.values())
+
+        @tf.function
+        def step(features):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(layer(features), tf.float32) ** 2)
+            return tape.gradient(loss, tables)
+
+        graph = step.get_concrete_function(inputs).graph
+        grads = step(inputs)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert out.dtype == "bfloat16" and all(t.dtype == "float32" for t in tables)
+    table_shapes = {tuple(t.shape) for t in tables}
+    full_table_casts = [op.name for op in graph.get_operations() if op.type == "Cast"
+                        and tuple(op.inputs[0].shape) in table_shapes]
+    assert not full_table_casts, full_table_casts
+    assert all(isinstance(g, tf.IndexedSlices) for g in grads)
+    a = tables[0].numpy()
+    np.testing.assert_array_equal(np.asarray(out[:, :4], "float32"),
+                                  np.asarray(tf.cast(tf.cast(a[[1, 1, 4999]], tf.bfloat16), tf.float32)))
+
+
 def test_feature_embedding_validation():
     with pytest.raises(ValueError, match="missing: \\['b'\\]"):
         FeatureEmbedding({"a": 3, "b": 4}, embedding_dim={"a": 2})
@@ -318,6 +348,20 @@ def test_dcn_dropout_only_in_training_and_validation():
         DCN(dropout=1.0)
     with pytest.raises(ValueError, match="cross_only"):
         DCN(structure="cross_only", dnn_units=(3,))
+
+
+@pytest.mark.parametrize("structure", ["stacked", "parallel"])
+def test_dcn_dropout_keeps_the_dcn_dtype(structure):
+    """Dropout left to the global policy put a float64 DNN through float32 (2.9e-8 off at inference)."""
+    x0 = np.random.default_rng(3).normal(size=(16, 6))
+    with_dropout = DCN(structure=structure, num_cross_layers=1, dnn_units=(8,), dropout=0.3, dtype="float64")
+    without = DCN(structure=structure, num_cross_layers=1, dnn_units=(8,), dtype="float64")
+    with_dropout(x0)
+    without(x0)
+    without.set_weights(with_dropout.get_weights())
+    out = with_dropout(x0, training=False)
+    assert out.dtype == "float64" and all(d.dtype_policy.name == "float64" for d in with_dropout.dropout_layers)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(without(x0, training=False)))
 
 
 def test_dcn_default_dnn_units_depend_on_structure():
