@@ -741,8 +741,15 @@ def train(
             window to kill the process mid-run).
         max_steps: stop after this many steps in total (the run stays resumable); None: the whole data.
     """
+    import keras
     import tensorflow as tf
 
+    policy = keras.config.dtype_policy().name
+    if policy != "float32":
+        # Under a mixed policy the sparse optimizer would get 16-bit gradients without loss scaling.
+        raise ConfigError(f"ctrkit train trains float32 models, but the global Keras dtype policy is {policy!r} "
+                          "(set by keras.mixed_precision.set_global_policy or keras.config.set_dtype_policy); "
+                          "call keras.config.set_dtype_policy('float32') before training")
     manifest = Manifest.load(data_dir)
     _warn_if_other_columns(config, manifest, data_dir, run_dir)
     tc = config.train

@@ -136,7 +136,10 @@ class DCN(keras.layers.Layer):
             keras.layers.Dense(u, activation=act, dtype=self.dtype_policy, name=f"dnn_{i}")
             for i, u in enumerate(dnn_units)
         ]
-        self.dropout_layers = [keras.layers.Dropout(self.dropout) for _ in dnn_units] if self.dropout else []
+        # The DCN's dtype, as for the Dense layers: left to the global policy, Dropout casts a float64 (or
+        # float16) DNN to float32 and back, and a .keras file reloaded under another policy changes the output dtype.
+        self.dropout_layers = ([keras.layers.Dropout(self.dropout, dtype=self.dtype_policy) for _ in dnn_units]
+                               if self.dropout else [])
 
     def _dnn(self, z: Any, training: Any) -> Any:
         for i, dense in enumerate(self.dense_layers):

@@ -115,3 +115,35 @@ def test_keras_file_round_trip(tmp_path) -> None:
     model.save(path)
     loaded = keras.saving.load_model(path, compile=False)
     np.testing.assert_allclose(loaded(batch)["probabilities"], model(batch)["probabilities"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["none", "temperature", "piecewise", "bias"])
+def test_under_a_mixed_policy_the_served_outputs_stay_float32(kind: str) -> None:
+    """Left to the global policy, the logit, its calibration and the probability were bfloat16 (3 digits)."""
+    cal = {"kind": kind, "segment_feature": "c1"} if kind == "bias" else {"kind": kind}
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_model(Config.from_dict({"model": {"embedding_dim": 3, "cross_layers": 1, "dnn_units": [8],
+                                                        "rank_head": True},
+                                              "calibration": cal}), _manifest())
+        out = model(_batch(64))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.get_layer("dcn").compute_dtype == "bfloat16"  # the body follows the policy
+    for name in ("logits", "probabilities", "uncalibrated_logits", "rank_logits"):
+        assert out[name].dtype == "float32", name
+    p = np.asarray(out["probabilities"]).reshape(-1)
+    assert len(np.unique(p)) == len(p)  # bfloat16 probabilities of 64 random rows tie
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.asarray(out["logits"], np.float64).reshape(-1))), rtol=1e-6)
+
+
+def test_train_refuses_a_global_mixed_policy(tmp_path) -> None:
+    from ctrkit.trainer import train
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        with pytest.raises(ConfigError, match=r"global Keras dtype policy is 'mixed_float16'.*set_dtype_policy\('float32'\)"):
+            train(Config(), str(tmp_path / "data"), str(tmp_path / "run"), progress=False)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert not (tmp_path / "run").exists()
