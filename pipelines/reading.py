@@ -40,6 +40,9 @@ LINE_COLUMN = "__line"
 # count of "nan" clicks is a broken log line, not a missing value).
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _INTEGER = r"^\s*[-+]?\d+\s*$"
+# Unix seconds: an integer, or a whole decimal (`1700001000.0`, as pandas writes a float column to CSV) as a
+# Parquet float column is read.
+_WHOLE_SECONDS = r"^\s*[-+]?\d+(\.0*)?\s*$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,12 +642,14 @@ def validate(batch: pa.RecordBatch, lines: np.ndarray, file_index: int, path: st
             if bad_utf8 is not None:
                 reject(bad_utf8, f"undecodable bytes (not UTF-8) in field {spec.name}")
                 col = pc.if_else(pa.array(~bad_utf8), col, pa.nulls(n, pa.binary()))
-            pattern = _INTEGER if spec.kind == "timestamp" else _NUMBER
+            pattern = _WHOLE_SECONDS if spec.kind == "timestamp" else _NUMBER
             ok = pc.fill_null(pc.match_substring_regex(col, pattern), False).to_numpy(zero_copy_only=False)
             values = col.to_pylist
-            reject(~missing & ~ok, lambda i, s=spec.name, v=values, w=what: f"field {s}: {_show(v()[i])} is not a valid {w}")
+            what_valid = "timestamp (whole Unix seconds)" if spec.kind == "timestamp" else what
+            reject(~missing & ~ok, lambda i, s=spec.name, v=values, w=what_valid: f"field {s}: {_show(v()[i])} is not a valid {w}")
             good = pc.utf8_trim_whitespace(pc.if_else(pa.array(ok), col, pa.nulls(n, pa.binary())).cast(pa.string()))
             if spec.kind == "timestamp":
+                good = pc.replace_substring_regex(good, r"\.0*$", "")
                 seconds = _to_int64(good, lambda mask, s=spec.name, v=values: reject(
                     mask, lambda i: f"field {s}: {_show(v()[i])} is out of int64 range"))
                 reject(_implausible_seconds(seconds), lambda i, s=spec.name, v=values: (

@@ -194,6 +194,20 @@ def test_timestamps_outside_1900_to_3000_are_rejected(tmp_path):
     assert table["ts"].to_pylist() == [1700000000, -2208988800, 32503679999]
 
 
+def test_whole_decimal_timestamps_read_as_seconds_as_in_parquet(tmp_path):
+    """pandas writes a float column as `1700001000.0`: read as a Parquet float column is, not refused."""
+    path = tmp_path / "ts.csv"
+    path.write_text("label,ts,c\n1,1700001000.0,a\n0, 1700001001.000 ,b\n1,1700001002.5,c\n0,1.7e9,d\n1,1700001003,e\n")
+    config = _label_timestamp_category_csv()
+    table, rejected = _read_all(str(path), config)
+    assert table["ts"].to_pylist() == [1700001000, 1700001001, 1700001003]
+    assert {r.line: r.reason for r in rejected} == {
+        4: "field ts: '1700001002.5' is not a valid timestamp (whole Unix seconds)",
+        5: "field ts: '1.7e9' is not a valid timestamp (whole Unix seconds)",
+    }
+    assert read_timestamps(str(path), config).tolist() == table["ts"].to_pylist()
+
+
 def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
     """Excel writes a BOM before the header; a header-less file may start with one too."""
     path = tmp_path / "bom.csv"
