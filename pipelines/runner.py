@@ -252,6 +252,19 @@ class _Spec:
     progress_dir: str | None = None  # local runs: where readers record rows read, for the progress bar
 
 
+def _beam_parser_class() -> type:
+    from apache_beam.options import pipeline_options as po
+
+    class OptionParser(po._BeamArgumentParser):
+        """Beam's parser, but a bad value (``--direct_running_mode=multi_procesing``) is one line naming the
+        option, not argparse's exit with Beam's 125-line usage under ctrkit's name."""
+
+        def error(self, message: str) -> None:
+            raise InputError(f"Beam option: {message}")
+
+    return OptionParser
+
+
 def check_pipeline_args(pipeline_args: list[str], own_options: list[str] = ()) -> None:
     """Refuse arguments no Beam pipeline-options class defines (Beam itself only logs "Discarding
     unparseable args" and runs on): a mistyped option must not silently change the job.
@@ -262,7 +275,7 @@ def check_pipeline_args(pipeline_args: list[str], own_options: list[str] = ()) -
 
     from apache_beam.options import pipeline_options as po
 
-    parser = po._BeamArgumentParser(allow_abbrev=False)  # how PipelineOptions.get_all_options parses
+    parser = _beam_parser_class()(allow_abbrev=False)  # how PipelineOptions.get_all_options parses
     classes: dict[str, type] = {}
     for cls in po.PipelineOptions.__subclasses__():
         classes.setdefault(str(cls), cls)

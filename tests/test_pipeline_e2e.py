@@ -498,7 +498,7 @@ def test_failure_inside_the_job_leaves_no_output(work):
 
 
 # -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
-@pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown",
+@pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown", "value",
                                   "runner", "inside", "truncated"])
 def test_cli_one_line_errors(raw, work, case):
     empty = work / "empty.tsv"
@@ -533,6 +533,9 @@ def test_cli_one_line_errors(raw, work, case):
                  "pipeline option (--transform_fn: did you mean --transform-fn?)"),
         "unknown": (["--input", raw["tsv"], "--output", str(work / "o5"), "--direct_num_worker=2"],
                     "(--direct_num_worker: did you mean --direct_num_workers?)"),
+        # argparse's own exit printed Beam's 125-line usage under the name ctrkit.
+        "value": (["--input", raw["tsv"], "--output", str(work / "o8"), "--direct_running_mode=multi_procesing"],
+                  "Beam option: argument --direct_running_mode: invalid choice: 'multi_procesing'"),
         "runner": (["--input", raw["tsv"], "--output", str(work / "o6"), "--runner=NoSuchRunner"],
                    "unknown Beam runner 'NoSuchRunner'"),
         "inside": (["--input", str(holder / "in.tsv"), "--output", str(holder), "--overwrite"],
@@ -548,7 +551,7 @@ def test_cli_one_line_errors(raw, work, case):
     assert len(err) == 1 and message in err[0], proc.stderr
     assert err[0].startswith("ctrkit preprocess: error:")
     assert (occupied / "keep.txt").exists() and (holder / "in.tsv").exists()
-    assert not any((work / o).exists() for o in ("o4", "o5", "o6", "o7"))
+    assert not any((work / o).exists() for o in ("o4", "o5", "o6", "o7", "o8"))
 
 
 def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
