@@ -366,7 +366,13 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
         os.fsync(f.fileno())
     os.replace(latest + ".tmp", latest)
     _fsync_dir(ckpt_dir)
-    for old in _complete_checkpoints(ckpt_dir)[:-keep]:
+    # An earlier save at this step is superseded now that LATEST names this one; left, it would count
+    # towards `keep` (a finished run kept two copies of its last step and no older checkpoint).
+    step = meta["step"]
+    superseded = [c for c in _complete_checkpoints(ckpt_dir) if c != name and _checkpoint_key(c)[0] == step]
+    for old in superseded:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    for old in [c for c in _complete_checkpoints(ckpt_dir) if c not in superseded][:-keep]:
         if old != name:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     return final

@@ -317,6 +317,22 @@ def test_a_kill_while_a_step_is_saved_again_leaves_a_resumable_run(dataset, tmp_
     assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
 
 
+def test_a_finished_run_keeps_its_newest_distinct_checkpoints(dataset, tmp_path) -> None:
+    """The final save repeats the last window's step; both copies counted towards keep_checkpoints, so a
+    finished run held two identical checkpoints of its last step and nothing to roll back to."""
+    from ctrkit.trainer import _checkpoint_key
+
+    run = str(tmp_path / "run")
+    train(small_config(keep_checkpoints=2), dataset.directory, run, windows=[0], progress=False)
+    names = sorted(n for n in os.listdir(os.path.join(run, "checkpoints")) if _checkpoint_key(n))
+    steps = [_checkpoint_key(n)[0] for n in names]
+    assert len(names) == 2 and len(set(steps)) == 2, names
+    last = -(-ROWS // BATCH)
+    assert max(steps) == last and min(steps) < last
+    assert open(os.path.join(run, "checkpoints", "LATEST")).read().strip() == max(names, key=_checkpoint_key)
+    assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
+
+
 def test_an_export_published_before_a_kill_is_kept_not_published_again(dataset, tmp_path, monkeypatch) -> None:
     """The resume published the interrupted window's export a second time: an orphan version beside it."""
     import ctrkit.trainer as trainer_module
