@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="pipeline output directory the model was trained on (default: RUN_DIR's)")
     p.add_argument("--version", type=positive_int, help="integer version (default: above every existing one)")
     p.add_argument("--keep-versions", type=positive_int,
-                   help="newest versions to keep (default: export.keep_versions of RUN_DIR's config.yaml; 5 with "
-                        "--model or a run directory without config.yaml)")
+                   help="newest versions to keep (default: export.keep_versions of RUN_DIR's config.yaml, also with "
+                        "--model; 5 without RUN_DIR or without its config.yaml)")
     p.add_argument(
         "--warmup-rows",
         metavar="JSONL",
