@@ -244,12 +244,16 @@ class WriteWindowShards(beam.PTransform):
     job, from these shard lines and the row counts, so a pipeline of your own that should feed the trainer
     runs through ``preprocess``. Example (a complete analyze-and-transform job)::
 
+        import tempfile
+
         import apache_beam as beam
         import tensorflow_transform.beam as tft_beam
+        from ctrkit.config import load_config
         from ctrkit.pipelines import (PASSTHROUGH, ReadRawLogs, ToWindowedTFTBatches, WriteWindowShards,
                                       make_preprocessing_fn, tensor_adapter_config)
 
-        data = ctrkit.config.load_config("small").data
+        data = load_config("small").data
+        tmp, out_dir = tempfile.mkdtemp(), "/abs/prep/data"  # TFT's scratch space; where the shards go
         with beam.Pipeline() as p, tft_beam.Context(temp_dir=tmp, passthrough_keys=set(PASSTHROUGH)):
             read = p | beam.Create([(0, "/abs/clicks.tsv", 0)]) | ReadRawLogs(data)  # (file index, path, line offset)
             batches = read.clean | ToWindowedTFTBatches(data)
