@@ -40,6 +40,23 @@ def test_streaming_metrics_match_batch_formulas() -> None:
     assert abs(r["auc"] - auc_exact(p, y)) < 1e-4
 
 
+def test_ece_is_ten_equal_width_bins_worked_by_hand() -> None:
+    """ECE = Σ_b |Σ_{i∈b} p_i − Σ_{i∈b} y_i| / n over 10 bins [0, 0.1), …, [0.9, 1.0]; checked against a
+    computation by hand, not against ctrkit's own ece() (one bin or 20 would pass such a comparison)."""
+    p = np.array([0.05, 0.05, 0.15, 0.15, 0.15, 0.55, 0.95, 1.0])
+    y = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    # bin 0: |0.1 − 1| = 0.9; bin 1: |0.45 − 0| = 0.45; bin 5: |0.55 − 1| = 0.45; bin 9 (0.95 and 1.0): |1.95 − 2| = 0.05
+    want = (0.9 + 0.45 + 0.45 + 0.05) / 8
+    assert ece(p, y) == pytest.approx(want, abs=1e-12)
+    m = StreamingMetrics()
+    m.update(p[:3], y[:3])
+    m.update(p[3:], y[3:])
+    assert m.result()["ece"] == pytest.approx(want, abs=1e-12)
+    # Calibrated overall but not within its bins (one bin would read |Σp − Σy| / n = 0 here):
+    p2, y2 = np.array([0.05, 0.05, 0.95, 0.95]), np.array([1.0, 0.0, 0.0, 1.0])
+    assert ece(p2, y2) == pytest.approx((0.9 + 0.9) / 4, abs=1e-12)
+
+
 def test_auc_exact_against_pairwise_definition() -> None:
     p, y = _data(400, seed=1)
     p = np.round(p, 2)  # force ties
