@@ -43,10 +43,11 @@ def test_streaming_metrics_match_batch_formulas() -> None:
 def test_ece_is_ten_equal_width_bins_worked_by_hand() -> None:
     """ECE = Σ_b |Σ_{i∈b} p_i − Σ_{i∈b} y_i| / n over 10 bins [0, 0.1), …, [0.9, 1.0]; checked against a
     computation by hand, not against ctrkit's own ece() (one bin or 20 would pass such a comparison)."""
-    p = np.array([0.05, 0.05, 0.15, 0.15, 0.15, 0.55, 0.95, 1.0])
-    y = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
-    # bin 0: |0.1 − 1| = 0.9; bin 1: |0.45 − 0| = 0.45; bin 5: |0.55 − 1| = 0.45; bin 9 (0.95 and 1.0): |1.95 − 2| = 0.05
-    want = (0.9 + 0.45 + 0.45 + 0.05) / 8
+    p = np.array([0.05, 0.05, 0.12, 0.18, 0.55, 0.95, 1.0])
+    y = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    # bin 0: |0.1 − 1| = 0.9; bin 1 (0.12 and 0.18; 20 bins would split them): |0.3 − 1| = 0.7;
+    # bin 5: |0.55 − 1| = 0.45; bin 9 (0.95 and 1.0): |1.95 − 2| = 0.05
+    want = (0.9 + 0.7 + 0.45 + 0.05) / 7
     assert ece(p, y) == pytest.approx(want, abs=1e-12)
     m = StreamingMetrics()
     m.update(p[:3], y[:3])
