@@ -140,12 +140,16 @@ def test_run_dir_records_metrics_exports_and_final_model(full_run, dataset) -> N
     assert np.asarray(model(first)["probabilities"]).shape == (5, 1)
 
 
-def test_progressive_metrics_use_predictions_made_before_the_update(dataset, tmp_path) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # with dropout the step scores in a separate inference pass
+def test_progressive_metrics_use_predictions_made_before_the_update(dataset, tmp_path, dropout) -> None:
+    import dataclasses
+
     import keras
 
     from ctrkit.model import build_model
 
     cfg = small_config(learning_rate=0.5)  # a big step: post-update predictions would differ clearly
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=dropout))
     result = train(cfg, dataset.directory, str(tmp_path / "one"), progress=False, max_steps=1)
     assert result.steps == 1 and result.examples == BATCH
     keras.utils.set_random_seed(cfg.train.seed)
