@@ -136,3 +136,60 @@ def test_a_serving_export_as_teacher_is_refused_up_front(tmp_path) -> None:
     tf.saved_model.save(module, str(tmp_path / "2"))
     with pytest.raises(InputError, match=r"takes serialized tf\.Examples"):
         load_teacher(str(tmp_path / "2"))
+
+
+def _first_step_scalars(run_dir: str) -> dict[str, float]:
+    import os
+
+    from tensorflow.core.util import event_pb2
+
+    out = {}
+    log_dir = os.path.join(run_dir, "tensorboard")
+    for name in sorted(os.listdir(log_dir)):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                if event.step == 1:
+                    out[v.tag] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def test_the_trainer_feeds_the_configured_losses_the_teacher_column(streams) -> None:
+    """The first step's logged losses against NumPy, from the initial weights (same seed) and the pipeline's
+    teacher-logit column: the trainer must pass temperature, confidence weighting, the column and the rank
+    head's weight through (each of those mutated passed every other test)."""
+    import keras
+
+    from ctrkit.model import build_model
+
+    root, small, _, _ = streams
+    model_cfg = {**STUDENT, "rank_head": True, "rank_loss_weight": 0.7}
+    cfg = _cfg(model_cfg, {"enabled": True, "temperature": 3.0, "confidence_weighting": True, "weight": 0.5},
+               log_every_steps=1)
+    result = train(cfg, small.directory, str(root / "wiring"), progress=False, max_steps=1)
+    logged = _first_step_scalars(result.run_dir)
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    initial = build_model(cfg, small.manifest)  # the weights the first batch was trained from
+    n = cfg.train.batch_size
+    out = initial({k: v[:n] for k, v in small.features[0].items()})
+    z, d, r = (np.asarray(out[k], np.float64).reshape(-1) for k in ("uncalibrated_logits", "distill_logits", "rank_logits"))
+    y = small.labels[0][:n].astype(np.float64)
+    p_true = small.true_probabilities[0][:n]
+    t = np.log(p_true / (1 - p_true))  # the column holds the generating logit
+
+    def sigmoid(v):
+        return 1 / (1 + np.exp(-v))
+
+    def bce(target, logit):
+        return np.logaddexp(0, logit) - target * logit
+
+    T = 3.0
+    distill = np.mean(T**2 * np.abs(2 * sigmoid(t) - 1) * bce(sigmoid(t / T), d / T))
+    click = np.mean(bce(y, z))
+    diff = r[y > 0.5][:, None] - r[y <= 0.5][None, :]
+    rank = np.mean(np.logaddexp(0, -diff))
+    assert logged["train/distill_loss"] == pytest.approx(distill, rel=1e-4)
+    assert logged["train/click_loss"] == pytest.approx(click, rel=1e-4)
+    assert logged["train/rank_loss"] == pytest.approx(rank, rel=1e-4)
+    assert logged["train/loss"] == pytest.approx(click + 0.5 * distill + 0.7 * rank, rel=1e-4)
