@@ -98,6 +98,29 @@ def test_duplicate_ids_are_summed_once_per_id_in_first_seen_order(row_shape) -> 
     expected = np.stack([rows[ids == i].sum(axis=0) for i in expected_ids])
     np.testing.assert_allclose(summed.numpy(), expected, rtol=1e-5, atol=1e-5)
 
+def test_embedding_learning_rate_moves_the_tables_and_learning_rate_the_rest(dataset) -> None:
+    """Adam's first step moves every coordinate with a gradient by its learning rate (m̂/√v̂ = ±1)."""
+    import keras
+
+    from ctrkit.model import build_model, embedding_layer
+    from ctrkit.trainer import make_optimizer
+
+    cfg = small_config(learning_rate=0.01, embedding_learning_rate=0.2)
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg, dataset.manifest)
+    opt = make_optimizer(cfg, model)
+    tables = {id(t.value) for t in embedding_layer(model).embedding_tables.values()}
+    before = [v.numpy().copy() for v in opt.variables]
+    batch = {k: v[:BATCH] for k, v in dataset.features[0].items()}
+    with tf.GradientTape() as tape:
+        logits = tf.reshape(model(batch, training=True)["uncalibrated_logits"], [-1])
+        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=dataset.labels[0][:BATCH], logits=logits))
+    opt.apply(tape.gradient(loss, opt.variables))
+    for var, old in zip(opt.variables, before):
+        moved = np.abs(var.numpy() - old).max()
+        assert moved == pytest.approx(0.2 if id(var) in tables else 0.01, rel=0.01), var.name
+
+
 def test_dense_gradient_for_a_table_is_refused() -> None:
     var = tf.Variable(tf.zeros([4, 2]))
     opt = SparseOptimizer("adam", [var], [var])
