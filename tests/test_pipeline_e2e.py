@@ -231,14 +231,15 @@ def test_golden_against_numpy(raw, tsv_out):
         np.testing.assert_allclose(rows[col], (x - x.mean()) / x.std(), rtol=1e-4, atol=1e-4)
     x3 = np.log1p(np.maximum(np.nan_to_num(t["I3"].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
     np.testing.assert_allclose(rows["I3"], x3, rtol=1e-6)  # zscore: false
-    # Quantile buckets: TFT's quantiles are approximate; bucket ids agree with NumPy's exact quartiles
-    # for nearly every row and never by more than one bucket.
+    # Quantile buckets: TFT's quantiles are approximate (rank error up to its epsilon); on this column, whose
+    # values are logs of integers with gaps between them, every row lands in NumPy's exact quartile (measured:
+    # all 3000). 0.999 leaves room for 3 rows; 0.97 let 90 rows sit in the wrong bucket.
     x5 = np.log1p(np.maximum(np.nan_to_num(t["I5"].to_numpy(zero_copy_only=False), nan=0.0), 0.0))
     edges = np.quantile(x5, [0.25, 0.5, 0.75])
     expected_b = np.searchsorted(edges, x5, side="right")
     got_b = np.array(rows["I5_bucket"])
     assert set(got_b.tolist()) == {0, 1, 2, 3}
-    assert np.abs(got_b - expected_b).max() <= 1 and np.mean(got_b == expected_b) > 0.97
+    assert np.abs(got_b - expected_b).max() <= 1 and np.mean(got_b == expected_b) >= 0.999
     # Hashing and the label.
     assert 0 <= min(rows["C26"]) and max(rows["C26"]) < 50 and len(set(rows["C26"])) > 5
     assert rows["label"] == t["label"].to_pylist()
