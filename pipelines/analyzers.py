@@ -50,7 +50,11 @@ def _merge(tables: list[pa.Table]) -> pa.Table:
     if len(tables) == 1:
         return tables[0]
     merged = pa.concat_tables(tables).group_by("v").aggregate([("c", "sum")])
-    return merged.select(["v", "c_sum"]).rename_columns(["v", "c"])
+    # group_by returns ~32k-row chunks that slice shared buffers, and Beam pickles the accumulator: pickle
+    # writes every chunk's whole parent buffers, so the state grew with the square of the vocabulary
+    # (1.1 GiB for 1.38M tokens, 25 MiB of data; 15.6 GiB peak RSS on a 1.57M-token column). One
+    # contiguous chunk pickles at its own size.
+    return merged.select(["v", "c_sum"]).rename_columns(["v", "c"]).combine_chunks()
 
 
 def arrow_batch_counts(batch: pa.RecordBatch, columns: list[tuple[str, str | None]]) -> list[pa.Table]:
