@@ -318,7 +318,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
                                          "(see ctrkit.pipelines.runner.analysis_windows)")
                     analyze_window_ids = list(range(config.analyze_windows))
                 keep = frozenset(analyze_window_ids)
-                to_analyze = batches | "AnalysisSpan" >> beam.Filter(lambda b: set(_batch_windows(b)) <= keep)
+                # Filter the analysis read, not `batches`: a second consumer of the transform's read makes the
+                # local runner hold every parsed batch (2.5 GiB per 1M Criteo rows, measured).
+                to_analyze = to_analyze | "AnalysisSpan" >> beam.Filter(lambda b: set(_batch_windows(b)) <= keep)
             counts = None
             if vocabulary == "arrow" and vocabulary_count_columns(config):
                 counts = to_analyze | "CountVocabularies" >> CountVocabularies(vocabulary_count_columns(config))
