@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob as _glob
+import heapq
 import json
 import logging
 import os
@@ -71,6 +72,10 @@ class _FS:
                 return f.read()
         with open(path, "rb") as f:
             return f.read()
+
+    def open_lines(self, path: str) -> Any:
+        """The file's lines as bytes, read as a stream."""
+        return self.gfile.GFile(path, "rb") if self.gfile else open(path, "rb")
 
     def write_text(self, path: str, text: str) -> None:
         if self.gfile:
@@ -568,6 +573,21 @@ def _read_jsonl_dir(path: str, fs: _FS) -> list[dict]:
     return out
 
 
+def _count_rejected(path: str, fs: _FS, first: int = 3) -> tuple[int, list[dict]]:
+    """(rows in ``rejected/``, the ``first`` of them by file and line), read as a stream: parsing them all
+    into dicts cost ~1 KiB per row (10M rejected rows would have needed ~10 GiB)."""
+    count, smallest = 0, []
+    for name in sorted(fs.listdir(path)):
+        with fs.open_lines(os.path.join(path, name)) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                count += 1
+                row = json.loads(line)
+                smallest = heapq.nsmallest(first, smallest + [(row["file"], row["line"], row["reason"])])
+    return count, [{"file": f, "line": ln, "reason": why} for f, ln, why in smallest]
+
+
 def _vocab_sizes(config: DataConfig, work: str, fs: _FS) -> dict[str, int]:
     from ctrkit.pipelines.transform import vocab_filename, vocabulary_columns
 
@@ -589,8 +609,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
 
     stats = _read_jsonl_dir(os.path.join(work, STATS_DIR), fs)
     shards = _read_jsonl_dir(os.path.join(work, SHARDS_DIR), fs)
-    rejected = _read_jsonl_dir(os.path.join(work, "rejected"), fs)
-    n_rejected_lines = len(rejected)
+    n_rejected_lines, first_rejected = _count_rejected(os.path.join(work, "rejected"), fs)
     rows_read = sum(s["rows_read"] for s in stats)
     rows_rejected = sum(s["rows_rejected"] for s in stats)
     rows_padded = sum(s["rows_padded"] for s in stats)
@@ -604,7 +623,7 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
                            f"{rows_rejected} ({n_rejected_lines} in rejected/)")
     if rows_written == 0:
         # Data with no rows would only fail at `ctrkit train` ("no windows"), far from the reason.
-        first = sorted(rejected, key=lambda r: (r["file"], r["line"]))[:3]
+        first = first_rejected
         raise InputError(f"every row was rejected ({rows_rejected} of {rows_read}), so there is no data to write. "
                          "First: " + "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in first))
     for d in (STATS_DIR, SHARDS_DIR, "_tft_tmp"):
