@@ -343,7 +343,8 @@ def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, servi
     model_dir.mkdir()
     shutil.copytree(exported["path"], model_dir / "1")
     ex = {"instances": [_b64(_serialized([{"I1": 2.0}], serving_spec)[0])]}
-    with TestClient(create_app(ModelRegistry(str(tmp_path), "m", poll_seconds=0.2))) as c:
+    registry = ModelRegistry(str(tmp_path), "m", poll_seconds=0.2)
+    with TestClient(create_app(registry)) as c:
         status = lambda: [s["version"] for s in c.get("/v1/models/m").json().get("model_version_status", [])  # noqa: E731
                           if s["state"] == "AVAILABLE"]
         assert status() == ["1"]
@@ -355,7 +356,8 @@ def test_picks_up_new_versions_and_never_loads_half_written_ones(exported, servi
         broken = model_dir / "2"
         shutil.copytree(exported["path"], broken)
         (broken / "saved_model.pb").write_bytes(b"garbage")
-        time.sleep(1.5)
+        # The poller has looked at the half-written version (a fixed sleep could end before it ran).
+        assert _wait_for(lambda: 3 in registry._incomplete, timeout=30)
         assert status() == ["1"]
         assert c.post("/v1/models/m:predict", json=ex).status_code == 200
         # The export finishes: version 3 appears and replaces version 1.
@@ -507,7 +509,8 @@ def test_a_version_that_failed_to_load_is_listed_with_its_error(exported, tmp_pa
     broken = tmp_path / "m" / "7"
     shutil.copytree(exported["path"], broken)
     (broken / "saved_model.pb").write_bytes(b"garbage")
-    with TestClient(create_app(ModelRegistry(str(tmp_path), "m", poll_seconds=0.2))) as c:
+    registry = ModelRegistry(str(tmp_path), "m", poll_seconds=0.2)
+    with TestClient(create_app(registry)) as c:
         reply = c.get("/v1/models/m")
         assert reply.status_code == 200
         [status] = reply.json()["model_version_status"]
