@@ -144,6 +144,20 @@ def test_calibrate_command_applies_the_closed_form_correction_whatever_the_fit_s
     assert abs(report["after"]["calibration"] - 1) < 0.1 < report["before"]["calibration"] - 1
 
 
+def test_closed_form_correction_of_a_bias_run_whatever_its_segment_prior(tmp_path, capsys) -> None:
+    """segment_prior_rows tunes the fit too; with it set, --downsampling-rate was refused ("would be ignored")."""
+    data = write_dataset(tmp_path / "data", windows=2, rows_per_window=1000, shards_per_window=1, seed=3,
+                         negative_keep_rate=KEEP, vocab_size=20)
+    cfg = Config.from_dict({"name": "b", "model": {"embedding_dim": 4, "cross_layers": 1, "dnn_units": [8]},
+                            "train": {"batch_size": 128, "checkpoint_every_steps": 1000},
+                            "calibration": {"kind": "bias", "segment_feature": "c0", "segment_prior_rows": 10}})
+    run = train(cfg, data.directory, str(tmp_path / "run"), windows=[0], progress=False)
+    assert main(["calibrate", run.run_dir, "--data", data.directory, "--windows", "1:",
+                 "--downsampling-rate", str(KEEP)]) == 0
+    bias = load_run_model(run.run_dir).get_layer("calibration").segment_bias.numpy()
+    np.testing.assert_allclose(bias, np.log(KEEP), rtol=1e-6)
+
+
 def test_scoring_a_model_again_reuses_its_compiled_function(setup) -> None:
     """calibrate and compare score the same model several times; each call used to trace a new function."""
     from ctrkit.calibrate import _scorer
@@ -231,3 +245,38 @@ def test_bias_calibration_shrinks_rare_segments_toward_one_global_correction(tmp
           f"unshrunk {unshrunk:.4f}; global {global_bias:.3f}")
     assert abs(unshrunk) > 0.1 and abs(delta) < abs(unshrunk)  # the check below can tell shrunk from not
     assert abs(bias[big] - global_bias - delta) < 0.02, (bias[big] - global_bias, delta, unshrunk)
+
+
+def test_bias_fit_reaches_the_documented_optimum_for_every_segment_size() -> None:
+    """A model off by ~2 logits overall, segments of 20000 to 5 rows: every fitted c[s] solves the documented
+    objective (solved here independently by alternating Newton steps). With the global term started at 0,
+    the 5-row segment ended 0.8 logit short of it after the default 500 steps."""
+    import tensorflow as tf
+
+    from ctrkit.calibrate import _fit_segment_biases
+    from ctrkit.layers import BiasCalibration
+
+    rng = np.random.default_rng(0)
+    rows, deviations, shift = [20000, 3000, 3000, 50, 5], np.array([0.5, 0.0, -1.0, 0.5, 0.0]), -2.0
+    s = np.concatenate([np.full(n, i) for i, n in enumerate(rows)]).astype(np.int64)
+    z = (rng.normal(size=len(s)) - 3.5).astype(np.float32)
+    y = (rng.random(len(s)) < 1 / (1 + np.exp(-(z + shift + deviations[s])))).astype(np.float32)
+    config = CalibrationConfig(kind="bias", segment_feature="c")
+    layer = BiasCalibration(len(rows))
+    layer(tf.zeros([1, 1]), tf.zeros([1], tf.int64))
+    _fit_segment_biases(layer, z, y, s, config)
+
+    tau = config.segment_prior_rows * y.mean() * (1 - y.mean())
+    # Newton's method on (g, δ) jointly: Hessian [[Σw, W_s], [W_s, diag(W_s + τ)]], w = p(1 − p).
+    zd, theta = z.astype(np.float64), np.zeros(len(rows) + 1)
+    for _ in range(30):
+        p = 1 / (1 + np.exp(-(zd + theta[0] + theta[1:][s])))
+        w_s = np.bincount(s, p * (1 - p), len(rows))
+        grad = np.concatenate([[np.sum(p - y)], np.bincount(s, p - y, len(rows)) + tau * theta[1:]])
+        hessian = np.diag(np.concatenate([[w_s.sum()], w_s + tau]))
+        hessian[0, 1:] = hessian[1:, 0] = w_s
+        theta -= np.linalg.solve(hessian, grad)
+    assert np.abs(grad).max() < 1e-8
+    g, delta = theta[0], theta[1:]
+    np.testing.assert_allclose(layer.segment_bias.numpy(), g + delta, atol=0.02)
+    assert g < -1.5  # the case is the hard one: a large shared correction
