@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             # The closed-form correction fits nothing: the fit's own settings in the run's config do not apply.
             cal = dataclasses.replace(cal, downsampling_rate=args.downsampling_rate,
-                                      learning_rate=CalibrationConfig.learning_rate, steps=CalibrationConfig.steps)
+                                      learning_rate=CalibrationConfig.learning_rate, steps=CalibrationConfig.steps,
+                                      segment_prior_rows=CalibrationConfig.segment_prior_rows)
         except ConfigError as e:
             raise ConfigError(
                 f"--downsampling-rate {args.downsampling_rate} does not fit the calibration section of "
