@@ -111,7 +111,7 @@ def build_model(config: Config, manifest: Manifest) -> keras.Model:
         activation=m.activation,
         name="dcn",
     )(x0)
-    # The heads and what follows them stay float32 under a global mixed policy (Keras' advice for outputs):
+    # The served head and what follows it stay float32 under a global mixed policy (Keras' advice for outputs):
     # a bfloat16 probability has ~3 significant digits (only 85 of 200 served values distinct, measured).
     raw_logit = keras.layers.Dense(1, dtype="float32", name="main_logit")(hidden)
     logits = _calibration(config, manifest, raw_logit, inputs)
