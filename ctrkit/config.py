@@ -216,6 +216,10 @@ class DistillConfig:
         return DistillConfig(teacher_model=self.teacher_model)
 
 
+# Settings of the calibration fit, which the closed-form downsampling correction replaces.
+_CALIBRATION_FIT_SETTINGS = ("learning_rate", "steps", "segment_prior_rows")
+
+
 @dataclasses.dataclass
 class CalibrationConfig:
     """The calibration layer after the main logit, fitted by ``ctrkit calibrate`` with the body frozen."""
@@ -257,10 +261,16 @@ class CalibrationConfig:
         _check_used(self, "calibration", "downsampling_rate", self.kind in ("temperature", "bias"),
                     f"{kind} (the closed-form correction needs 'temperature' or 'bias')",
                     "set calibration.kind: temperature")
-        for name in ("learning_rate", "steps", "segment_prior_rows"):  # the closed-form correction fits nothing
+        for name in _CALIBRATION_FIT_SETTINGS:  # the closed-form correction fits nothing
             _check_used(self, "calibration", name, self.downsampling_rate is None,
                         "calibration.downsampling_rate is set (closed-form correction, no fit)",
                         "remove calibration.downsampling_rate")
+
+    def closed_form(self, downsampling_rate: float) -> CalibrationConfig:
+        """This section with the closed-form correction at ``downsampling_rate`` instead of a fit: the fit's
+        own settings go back to their defaults (set for a fit, they would be refused as ignored)."""
+        return dataclasses.replace(self, downsampling_rate=downsampling_rate,
+                                   **{name: _field_default(self, name) for name in _CALIBRATION_FIT_SETTINGS})
 
 
 @dataclasses.dataclass

@@ -28,15 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctrkit.commands._output import metric
-    import dataclasses
-
     import warnings
 
     from ctrkit.calibrate import fit_calibration, replace_run_model, windows_trained_on
-    from ctrkit.errors import CtrkitWarning
-    from ctrkit.config import CalibrationConfig
+    from ctrkit.commands._output import metric
     from ctrkit.data import window_indices
+    from ctrkit.errors import CtrkitWarning
     from ctrkit.manifest import Manifest
     from ctrkit.trainer import load_run_model, read_run_config, read_run_info, run_dir_lock
 
@@ -48,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             # The closed-form correction fits nothing: the fit's own settings in the run's config do not apply.
-            cal = dataclasses.replace(cal, downsampling_rate=args.downsampling_rate,
-                                      learning_rate=CalibrationConfig.learning_rate, steps=CalibrationConfig.steps,
-                                      segment_prior_rows=CalibrationConfig.segment_prior_rows)
+            cal = cal.closed_form(args.downsampling_rate)
         except ConfigError as e:
             raise ConfigError(
                 f"--downsampling-rate {args.downsampling_rate} does not fit the calibration section of "
