@@ -46,7 +46,6 @@ def configure_process(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {key: env[key] for key in TF_PROCESS_ENV}
 
 
-
 PARENT_PID_ENV = "CTRKIT_PARENT_PID"
 
 

@@ -380,13 +380,11 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
     _fsync_dir(ckpt_dir)
     # An earlier save at this step is superseded now that LATEST names this one; left, it would count
     # towards `keep` (a finished run kept two copies of its last step and no older checkpoint).
-    step = meta["step"]
-    superseded = [c for c in _complete_checkpoints(ckpt_dir) if c != name and _checkpoint_key(c)[0] == step]
-    for old in superseded:
+    complete = _complete_checkpoints(ckpt_dir)
+    superseded = [c for c in complete if c != name and _checkpoint_key(c)[0] == meta["step"]]
+    kept = [c for c in complete if c not in superseded]
+    for old in superseded + [c for c in kept[:-keep] if c != name]:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    for old in [c for c in _complete_checkpoints(ckpt_dir) if c not in superseded][:-keep]:
-        if old != name:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     return final
 
 

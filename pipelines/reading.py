@@ -39,7 +39,6 @@ LINE_COLUMN = "__line"
 # Integers, decimals and exponents, as C strtod / pyarrow's float cast accept them (no inf/nan: a
 # count of "nan" clicks is a broken log line, not a missing value).
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
-_INTEGER = r"^\s*[-+]?\d+\s*$"
 # Unix seconds: an integer, or a whole decimal (`1700001000.0`, as pandas writes a float column to CSV) as a
 # Parquet float column is read.
 _WHOLE_SECONDS = r"^\s*[-+]?\d+(\.0*)?\s*$"

@@ -623,9 +623,8 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
                            f"{rows_rejected} ({n_rejected_lines} in rejected/)")
     if rows_written == 0:
         # Data with no rows would only fail at `ctrkit train` ("no windows"), far from the reason.
-        first = first_rejected
         raise InputError(f"every row was rejected ({rows_rejected} of {rows_read}), so there is no data to write. "
-                         "First: " + "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in first))
+                         "First: " + "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in first_rejected))
     for d in (STATS_DIR, SHARDS_DIR, "_tft_tmp"):
         fs.rmtree(os.path.join(work, d))
 

@@ -90,9 +90,10 @@ def _misplaced_versions(base_path: str, model_name: str) -> str | None:
 
     if versions.list_versions(os.path.join(base_path, model_name)):
         return None
-    if versions.list_versions(base_path):
+    here = versions.list_versions(base_path)
+    if here:
         parent, name = os.path.split(os.path.normpath(os.path.abspath(base_path)))
-        return (f"{base_path} itself holds versions {versions.list_versions(base_path)}: ctrkit serve takes their "
+        return (f"{base_path} itself holds versions {here}: ctrkit serve takes their "
                 f"parent, `ctrkit serve {parent} --model-name {name}`")
     others = sorted(d for d in os.listdir(base_path) if versions.list_versions(os.path.join(base_path, d)))
     if others:
