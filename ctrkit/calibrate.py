@@ -33,18 +33,27 @@ __all__ = ["score_stream", "fit_calibration", "apply_downsampling_correction", "
 _SCORERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
+class _Predict:
+    """The scoring call of one model, as an object: TensorFlow counts traces towards its "frequent
+    retracing" warning per Python function ``__code__``, so one nested function shared by every model made
+    a run that scored five models once each warn, though none was traced more than once per batch shape.
+    An object without ``__code__`` is counted on its own."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = weakref.ref(model)  # a strong reference would keep the model's _SCORERS entry alive
+
+    def __call__(self, features: Any) -> Any:
+        out = self.model()(features, training=False)
+        return out["probabilities"], out["uncalibrated_logits"]
+
+
 def _scorer(model: Any) -> Any:
     """One compiled inference function per model: a new ``tf.function`` per call retraced every time (and
     TensorFlow warned about frequent retracing once a run had scored a few streams)."""
     import tensorflow as tf
 
     if model not in _SCORERS:
-        @tf.function(reduce_retracing=True)
-        def predict(features):
-            out = model(features, training=False)
-            return out["probabilities"], out["uncalibrated_logits"]
-
-        _SCORERS[model] = predict
+        _SCORERS[model] = tf.function(_Predict(model), reduce_retracing=True)
     return _SCORERS[model]
 
 

@@ -172,6 +172,36 @@ def test_scoring_a_model_again_reuses_its_compiled_function(setup) -> None:
     np.testing.assert_array_equal(first["probabilities"], again["probabilities"])
 
 
+def test_scoring_several_models_once_each_raises_no_retracing_warning(setup) -> None:
+    """`ctrkit run` scores five or six models once each; their scorers shared one Python function, and
+    TensorFlow's frequent-retracing warning counted all their first traces together."""
+    import gc
+    import logging
+
+    from ctrkit.calibrate import _SCORERS
+
+    _, run, holdout, _ = setup
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.WARNING)
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for _ in range(6):
+            # One batch per model, as `ctrkit run` scores its small held-out streams: TensorFlow warns when 5
+            # of a function's last 10 calls traced.
+            score_stream(load_run_model(run.run_dir), holdout.manifest, batch_size=65536)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "retracing" in r.getMessage()]
+    gc.collect()
+    assert len(_SCORERS) <= 1  # a scored model that is gone takes its compiled function with it
+
+
 def test_calibrate_shows_progress_of_the_scoring_it_waits_on(setup, capsys) -> None:
     """Scoring the held-out stream twice is calibrate's long part, and it used to show nothing."""
     import shutil
