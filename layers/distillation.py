@@ -103,7 +103,9 @@ class DistillationLoss(keras.losses.Loss):
     Example:
 
     ```python
-    model.compile(loss={"logits": "binary_crossentropy",
+    # Both heads output logits: the click loss must take logits too ("binary_crossentropy" would read
+    # them as probabilities, clipped into (0, 1)).
+    model.compile(loss={"logits": keras.losses.BinaryCrossentropy(from_logits=True),
                         "distill_logits": DistillationLoss(temperature=2.0)})
     ```
 

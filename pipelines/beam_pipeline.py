@@ -235,6 +235,9 @@ class _WriteShards(beam.DoFn):
 class WriteWindowShards(beam.PTransform):
     """TFT output ``(record_batch, unary_passthrough)`` → gzip TFRecord shards; emits shard JSON lines.
 
+    ``output_dir`` is the root of a pipeline output: shards go to ``output_dir/data/<window>/part-*.tfrecord.gz``
+    and the shard lines name them relative to it.
+
     The record batches must still carry the columns :data:`~ctrkit.pipelines.transform.PASSTHROUGH`
     (``__window``, ``__file``, ``__line``) that :class:`ToWindowedTFTBatches` adds: they say which window and
     shard a row goes to. TFT drops them unless it runs in ``tft_beam.Context(passthrough_keys=...)`` and reads
@@ -253,7 +256,7 @@ class WriteWindowShards(beam.PTransform):
                                       make_preprocessing_fn, tensor_adapter_config)
 
         data = load_config("small").data
-        tmp, out_dir = tempfile.mkdtemp(), "/abs/prep/data"  # TFT's scratch space; where the shards go
+        tmp, out_dir = tempfile.mkdtemp(), "/abs/prep"  # TFT's scratch space; the output root (shards: data/<window>/)
         with beam.Pipeline() as p, tft_beam.Context(temp_dir=tmp, passthrough_keys=set(PASSTHROUGH)):
             read = p | beam.Create([(0, "/abs/clicks.tsv", 0)]) | ReadRawLogs(data)  # (file index, path, line offset)
             batches = read.clean | ToWindowedTFTBatches(data)
