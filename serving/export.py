@@ -124,6 +124,10 @@ def export_model(
             "multivalued": multivalued_columns(manifest, module.parse_spec),
             "label": manifest.label,
             "pipeline_dir": manifest.transform_output_dir,
+            # The reload check below scores the warmup rows in a TF1 session as TF Serving loads a version;
+            # `ctrkit serve` then skips that second, in-process load (it held a second copy of the weights
+            # for as long as the server ran) when it runs the same TensorFlow.
+            "tf_serving_session_checked_with_tensorflow": tf.__version__ if validate else None,
         }
         info_path = os.path.join(staged, WARMUP_DIR, EXPORT_INFO_FILE)
 

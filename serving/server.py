@@ -103,6 +103,7 @@ def load_version(path: str, version: int) -> LoadedVersion:
     raw_sizes = {k: int(np.prod([d or 1 for d in shape[1:]])) for k, (_, shape) in raw_inputs.items()}
     ignored: set[str] = set()
     multivalued: dict[str, str | None] = {}
+    info: dict[str, Any] = {}
     info_path = os.path.join(path, "assets.extra", "ctrkit_export.json")
     if os.path.exists(info_path):
         with open(info_path, encoding="utf-8") as f:
@@ -111,15 +112,19 @@ def load_version(path: str, version: int) -> LoadedVersion:
         multivalued = dict(info.get("multivalued") or {})
     loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(path), raw_dtypes,
                            ignored, raw_sizes, multivalued)
-    _replay_warmup(loaded)
+    _replay_warmup(loaded, session_checked=info.get("tf_serving_session_checked_with_tensorflow") == tf.__version__)
     return loaded
 
 
-def _replay_warmup(loaded: LoadedVersion) -> None:
+def _replay_warmup(loaded: LoadedVersion, session_checked: bool = False) -> None:
     """Run every warmup request, in this server's loaded model and, as TF Serving does with
     ``--enable_model_warmup``, in the version loaded the way TF Serving loads it: a SavedModel can score with
     ``tf.saved_model.load`` and fail every request there (ctrkit exports before the Keras 3 model's variables
-    were tracked directly). Such a version is refused, as TF Serving would fail to load it."""
+    were tracked directly). Such a version is refused, as TF Serving would fail to load it.
+
+    ``session_checked``: the export's own validation already ran that TF1-session check with this TensorFlow
+    (its ``ctrkit_export.json`` says so), so it is not repeated. Repeating it loads the version a second time
+    in this process, and the allocator keeps that memory: the server stayed at about twice the weights."""
     import tensorflow as tf
 
     from ctrkit.serving.validate import TFServingSession, first_cause
@@ -131,6 +136,8 @@ def _replay_warmup(loaded: LoadedVersion) -> None:
     for signature, inputs in requests:
         fn = loaded.signatures[signature]
         fn(**{k: tf.constant(v, dtype=loaded.input_specs[signature][k][0]) for k, v in inputs.items()})
+    if session_checked:
+        return
     with TFServingSession(loaded.path) as session:
         for signature, inputs in requests:
             try:

@@ -427,6 +427,38 @@ def test_a_version_tf_serving_could_not_run_is_refused(exported, tmp_path):
     assert "Could not find variable" in registry._failed[3][1]
 
 
+def test_a_version_the_export_checked_is_not_loaded_a_second_time(exported, tmp_path, monkeypatch):
+    """The export's validation already scored the warmup rows as TF Serving loads a version; repeating that in
+    the server loaded the weights a second time, and the process kept the memory (RSS ~2x the weights)."""
+    import json
+
+    import tensorflow as tf
+
+    from ctrkit.serving import validate
+    from ctrkit.serving.server import ModelRegistry
+
+    opened = []
+
+    class Counting(validate.TFServingSession):
+        def __init__(self, path):
+            opened.append(os.path.basename(path))
+            super().__init__(path)
+
+    monkeypatch.setattr(validate, "TFServingSession", Counting)
+    checked = tmp_path / "m" / "5"
+    shutil.copytree(exported["path"], checked)
+    info = json.loads((checked / "assets.extra" / "ctrkit_export.json").read_text())
+    assert info["tf_serving_session_checked_with_tensorflow"] == tf.__version__
+    other_tf = tmp_path / "m" / "6"  # exported and checked by another TensorFlow: checked again here
+    shutil.copytree(exported["path"], other_tf)
+    (other_tf / "assets.extra" / "ctrkit_export.json").write_text(
+        json.dumps({**info, "tf_serving_session_checked_with_tensorflow": "2.0.0"}))
+    registry = ModelRegistry(str(tmp_path), "m", num_versions=2)
+    registry.poll_once()
+    assert sorted(registry._loaded) == [5, 6]
+    assert opened == ["6"]
+
+
 # -- the real command on loopback, under a short concurrent load ---------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
