@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -282,12 +282,16 @@ class _State:
         weights = {id(w) for w in self.model.weights}
         return [v for v in self.model.variables if id(v) not in weights]
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {f"weight/{i}": np.asarray(w.numpy()) for i, w in enumerate(self.model.weights)}
-        out.update({f"slot/{i}": v.numpy() for i, v in enumerate(self.optimizer.slot_variables())})
-        out.update({f"rng/{i}": np.asarray(v.numpy()) for i, v in enumerate(self._rng_states())})
-        out.update(self.pv.state())
-        return out
+    def arrays(self) -> Iterator[tuple[str, np.ndarray]]:
+        """``(key, value)`` of everything saved, one variable read at a time: a checkpoint then needs one
+        table's copy in memory, not a copy of the whole state (which doubled the peak RSS of every save)."""
+        for i, w in enumerate(self.model.weights):
+            yield f"weight/{i}", np.asarray(w.numpy())
+        for i, v in enumerate(self.optimizer.slot_variables()):
+            yield f"slot/{i}", np.asarray(v.numpy())
+        for i, v in enumerate(self._rng_states()):
+            yield f"rng/{i}", np.asarray(v.numpy())
+        yield from self.pv.state().items()
 
     def names(self) -> list[str]:
         return [w.path for w in self.model.weights]
@@ -305,7 +309,7 @@ class _State:
         named += [(f"optimizer/{v.name}", v) for v in self.optimizer.slot_variables()]
         return [n for n, v in named if v.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(v)))]
 
-    def restore(self, arrays: dict[str, np.ndarray], names: list[str], where: str, metrics: bool = True) -> None:
+    def restore(self, arrays: Mapping[str, np.ndarray], names: list[str], where: str, metrics: bool = True) -> None:
         weights = self.model.weights
         if names != self.names():
             raise InputError(
@@ -361,7 +365,7 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, _STATE), "wb") as f:
-        np.savez(f, **state.arrays())
+        _write_npz(f, state.arrays())
         f.flush()
         os.fsync(f.fileno())
     with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
@@ -388,6 +392,17 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
     return final
 
 
+def _write_npz(f: Any, items: Iterable[tuple[str, np.ndarray]]) -> None:
+    """``np.savez(f, **dict(items))`` (the same file, ``np.load`` reads it), writing each array as it comes
+    instead of after all of them exist."""
+    import zipfile
+
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in items:
+            with zf.open(key + ".npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
+
+
 def _fsync_dir(path: str) -> None:
     """Make the entries of directory ``path`` (new files, renames) durable: a rename is atomic against a
     kill, but only an fsync of its directory makes it survive a power loss."""
@@ -409,21 +424,58 @@ def _latest_checkpoint(run_dir: str) -> str | None:
     return path
 
 
-def _load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+class _CheckpointArrays(Mapping[str, np.ndarray]):
+    """A checkpoint's arrays, read from its file one at a time as they are asked for, so restoring one
+    needs one table in memory rather than a second copy of the whole state. Close it after use."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = np.load(os.path.join(path, _STATE))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        import zipfile
+
+        if key not in self._file.files:
+            raise KeyError(key)
+        try:
+            return self._file[key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a member cut short or corrupted
+            raise _damaged(self.path, e) from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file.files)
+
+    def __len__(self) -> int:
+        return len(self._file.files)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _damaged(path: str, error: BaseException) -> InputError:
+    ckpt_dir = os.path.dirname(path)
+    kept = [d for d in _complete_checkpoints(ckpt_dir) if d != os.path.basename(path)]
+    older = (f"; an older checkpoint is kept ({kept[-1]}): point {ckpt_dir}/LATEST at it to resume from "
+             "there") if kept else ""
+    return InputError(f"checkpoint {path} is damaged ({type(error).__name__}: {error}){older}")
+
+
+@contextlib.contextmanager
+def _load_checkpoint(path: str) -> Iterator[tuple[_CheckpointArrays, dict[str, Any]]]:
+    """``(arrays, meta)`` of the checkpoint at ``path``; the arrays are read as they are used, inside the
+    ``with`` block."""
     import zipfile
 
     try:
         with open(os.path.join(path, _META), encoding="utf-8") as f:
             meta = json.load(f)
-        with np.load(os.path.join(path, _STATE)) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _CheckpointArrays(path)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
-        ckpt_dir = os.path.dirname(path)
-        kept = [d for d in _complete_checkpoints(ckpt_dir) if d != os.path.basename(path)]
-        older = (f"; an older checkpoint is kept ({kept[-1]}): point {ckpt_dir}/LATEST at it to resume from "
-                 "there") if kept else ""
-        raise InputError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}){older}") from e
-    return arrays, meta
+        raise _damaged(path, e) from e
+    try:
+        yield arrays, meta
+    finally:
+        arrays.close()
 
 
 # -- the loss ----------------------------------------------------------------------------------------------
@@ -883,10 +935,10 @@ def _train(
     exports: list[str] = []
     if resume:
         _check_same_run(run_dir, config, data_dir, [manifest.windows[i].name for i in selected])
-        arrays, meta = _load_checkpoint(latest)
-        if meta.get("finished"):
-            return _finished_run(run_dir, meta)
-        state.restore(arrays, meta["weight_names"], latest)
+        with _load_checkpoint(latest) as (arrays, meta):
+            if meta.get("finished"):
+                return _finished_run(run_dir, meta)
+            state.restore(arrays, meta["weight_names"], latest)
         step, examples, windows_done = meta["step"], meta["examples"], meta["windows_done"]
         position = Position.from_dict(meta["position"])
         exports = list(meta.get("exports", []))
@@ -900,13 +952,13 @@ def _train(
             prev = _latest_checkpoint(warm_start)
             if prev is None:
                 raise InputError(f"--warm-start {warm_start}: no checkpoint there (not a ctrkit run directory?)")
-            arrays, meta = _load_checkpoint(prev)
-            if not meta.get("finished"):
-                raise InputError(f"--warm-start {warm_start}: that run did not finish; resume it first")
-            check_same_vocabulary(warm_start, manifest, fingerprint, "--warm-start",
-                                  "Preprocess the new data with the previous transform "
-                                  "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that.")
-            state.restore(arrays, meta["weight_names"], prev, metrics=False)
+            with _load_checkpoint(prev) as (arrays, meta):
+                if not meta.get("finished"):
+                    raise InputError(f"--warm-start {warm_start}: that run did not finish; resume it first")
+                check_same_vocabulary(warm_start, manifest, fingerprint, "--warm-start",
+                                      "Preprocess the new data with the previous transform "
+                                      "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that.")
+                state.restore(arrays, meta["weight_names"], prev, metrics=False)
             _warn_if_other_model(config, warm_start)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -187,16 +187,21 @@ def test_progressive_metrics_use_predictions_made_before_the_update(dataset, tmp
     assert np.abs(p_after - p).max() > 1e-3  # the update happened after scoring
 
 
+def _checkpoint_meta(run_dir):
+    with _load_checkpoint(_latest_checkpoint(run_dir)) as (_, meta):
+        return meta
+
+
 def load_model_from_checkpoint(cfg, dataset, run_dir):
     import keras
 
     from ctrkit.model import build_model
 
-    arrays, meta = _load_checkpoint(_latest_checkpoint(run_dir))
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg, dataset.manifest)
-    for i, w in enumerate(model.weights):
-        w.assign(arrays[f"weight/{i}"])
+    with _load_checkpoint(_latest_checkpoint(run_dir)) as (arrays, _):
+        for i, w in enumerate(model.weights):
+            w.assign(arrays[f"weight/{i}"])
     return model
 
 
@@ -379,7 +384,7 @@ def test_a_kill_while_a_step_is_saved_again_leaves_a_resumable_run(dataset, tmp_
     assert _latest_checkpoint(run) is not None  # LATEST still names a complete checkpoint
     done = train(small_config(), dataset.directory, run, resume=True, progress=False)
     assert done.examples == WINDOWS * ROWS
-    assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
+    assert _checkpoint_meta(run)["finished"]
 
 
 def test_a_finished_run_keeps_its_newest_distinct_checkpoints(dataset, tmp_path) -> None:
@@ -395,7 +400,7 @@ def test_a_finished_run_keeps_its_newest_distinct_checkpoints(dataset, tmp_path)
     last = -(-ROWS // BATCH)
     assert max(steps) == last and min(steps) < last
     assert open(os.path.join(run, "checkpoints", "LATEST")).read().strip() == max(names, key=_checkpoint_key)
-    assert _load_checkpoint(_latest_checkpoint(run))[1]["finished"]
+    assert _checkpoint_meta(run)["finished"]
 
 
 def test_an_export_published_before_a_kill_is_kept_not_published_again(dataset, tmp_path, monkeypatch) -> None:
@@ -423,7 +428,7 @@ def test_an_export_published_before_a_kill_is_kept_not_published_again(dataset, 
         train(small_config(), dataset.directory, run, progress=False, export_fn=export_fn)
     monkeypatch.setattr(trainer_module, "_save_checkpoint", real_save)
     window_end = published[0]
-    assert _load_checkpoint(_latest_checkpoint(run))[1]["step"] < window_end  # the resume trains up to it again
+    assert _checkpoint_meta(run)["step"] < window_end  # the resume trains up to it again
     with open(os.path.join(run, "exports.jsonl"), "a") as f:
         f.write('{"step": 99, "pa')  # a line cut by a kill: the next export must not be glued onto it
     train(small_config(), dataset.directory, run, resume=True, progress=False, export_fn=export_fn,
