@@ -350,7 +350,10 @@ def _complete_checkpoints(ckpt_dir: str) -> list[str]:
     return [d for _, d in keyed]
 
 
-def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: int) -> str:
+def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: int,
+                     same_state_as: str | None = None) -> str:
+    """Write a checkpoint; returns its directory. ``same_state_as``: an earlier checkpoint whose state file
+    holds exactly this state (nothing trained since), hard-linked instead of written again."""
     os.makedirs(ckpt_dir, exist_ok=True)
     # A step can be saved more than once (a window's last batch, then the run's final save). Each save gets
     # a new directory, so LATEST always names a complete checkpoint: replacing one in place would leave a
@@ -364,10 +367,18 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    with open(os.path.join(tmp, _STATE), "wb") as f:
-        _write_npz(f, state.arrays())
-        f.flush()
-        os.fsync(f.fileno())
+    linked = False
+    if same_state_as is not None:
+        try:
+            os.link(os.path.join(same_state_as, _STATE), os.path.join(tmp, _STATE))
+            linked = True
+        except OSError:  # a file system without hard links: write it
+            pass
+    if not linked:
+        with open(os.path.join(tmp, _STATE), "wb") as f:
+            _write_npz(f, state.arrays())
+            f.flush()
+            os.fsync(f.fileno())
     with open(os.path.join(tmp, _META), "w", encoding="utf-8") as f:
         json.dump({**meta, "weight_names": state.names()}, f, indent=1)
         f.flush()
@@ -401,6 +412,10 @@ def _write_npz(f: Any, items: Iterable[tuple[str, np.ndarray]]) -> None:
         for key, value in items:
             with zf.open(key + ".npy", "w", force_zip64=True) as out:
                 np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
+
+
+def _same_arrays(a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray] | None) -> bool:
+    return a is not None and b is not None and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def _fsync_dir(path: str) -> None:
@@ -1053,6 +1068,8 @@ def _train(
             )
         verified_step[0] = step
 
+    last_save: dict[str, Any] = {}  # step, metric state and directory of this process's newest checkpoint
+
     def checkpoint(pos: Position, window: int, finished: bool = False) -> None:
         require_finite(window, "checkpointed")
         for log_file in (log_b, log_m):  # on disk, not in the page cache: a power loss must not leave the
@@ -1069,7 +1086,13 @@ def _train(
             "exports": exports,
             "finished": finished,
         }
-        _save_checkpoint(ckpt_dir, state, meta, tc.keep_checkpoints)
+        # A run's final save repeats the last window's (same step, same metric state, only the meta says
+        # "finished"): its state file is linked, not written again (~5-8 s and a transient copy per GB).
+        pv_state = pv.state()
+        previous = last_save.get("path") if last_save.get("step") == step and _same_arrays(
+            pv_state, last_save.get("pv")) else None
+        last_save.update(step=step, pv=pv_state,
+                         path=_save_checkpoint(ckpt_dir, state, meta, tc.keep_checkpoints, same_state_as=previous))
 
     def end_window(w: int) -> None:
         nonlocal windows_done, now

@@ -417,10 +417,10 @@ def test_an_export_published_before_a_kill_is_kept_not_published_again(dataset, 
 
     real_save = trainer_module._save_checkpoint
 
-    def save(ckpt_dir, state, meta, keep):
+    def save(ckpt_dir, state, meta, keep, **kw):
         if meta["exports"]:  # the checkpoint right after the first window's export: killed before it
             raise _Killed()
-        return real_save(ckpt_dir, state, meta, keep)
+        return real_save(ckpt_dir, state, meta, keep, **kw)
 
     run = str(tmp_path / "run")
     monkeypatch.setattr(trainer_module, "_save_checkpoint", save)
@@ -575,3 +575,28 @@ def test_config_describing_other_columns_than_the_data_is_warned_about(tmp_path)
         warnings.formatwarning = default
     assert shown == "ctrkit train: warning: data differs\n"
     assert other.startswith("/x/y.py:3: UserWarning: else")
+
+
+def test_the_final_save_links_the_last_windows_state_instead_of_writing_it_again(dataset, tmp_path, monkeypatch) -> None:
+    """A finished run wrote its whole state twice at the end (the last window's checkpoint, then the final
+    one with the same weights, slots and metrics): at scale ~5-8 s and a transient copy per GB."""
+    import ctrkit.trainer as trainer
+
+    writes: list[int] = []
+    real = trainer._write_npz
+    monkeypatch.setattr(trainer, "_write_npz", lambda f, items: (writes.append(1), real(f, items))[1])
+    steps_per_window = -(-ROWS // BATCH)  # the last batch of a window is short
+    run = str(tmp_path / "run")
+    # Periodic saves on each window's last step, then end_window saves there again with the window's metrics
+    # closed: that state differs and must be written; only the final save repeats one.
+    done = train(small_config(checkpoint_every_steps=steps_per_window), dataset.directory, run, progress=False)
+    assert done.steps == WINDOWS * steps_per_window
+    assert len(writes) == 2 * WINDOWS  # before: 2 * WINDOWS + 1
+    ckpts = os.path.join(run, "checkpoints")
+    with trainer._load_checkpoint(trainer._latest_checkpoint(run)) as (arrays, meta):
+        assert meta["finished"] and meta["step"] == done.steps
+        model = load_run_model(run)
+        for i, w in enumerate(model.weights):
+            np.testing.assert_array_equal(arrays[f"weight/{i}"], w.numpy())
+    assert os.stat(os.path.join(trainer._latest_checkpoint(run), "state.npz")).st_nlink == 1  # the earlier one pruned
+    assert len(os.listdir(ckpts)) == 1 + 2  # LATEST and keep_checkpoints = 2
