@@ -70,18 +70,33 @@ class LoadedVersion:
     multivalued: dict[str, str | None] = field(default_factory=dict)  # raw column → separator (export info)
 
 
-def _signature_defs_json(path: str) -> dict[str, Any]:
-    from google.protobuf import json_format
+def _read_signature_defs(path: str) -> dict[str, Any]:
+    """The SignatureDef protos of the SavedModel at ``path`` (TensorFlow's internal ``__...`` ones left out)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         sm.ParseFromString(f.read())
-    defs = sm.meta_graphs[0].signature_def
+    return {k: v for k, v in sm.meta_graphs[0].signature_def.items() if not k.startswith("__")}
+
+
+def _signature_defs_json(defs: dict[str, Any]) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return {k: json_format.MessageToDict(v, preserving_proto_field_name=True) for k, v in defs.items()}
+
+
+def _input_specs(defs: dict[str, Any]) -> dict[str, dict[str, tuple[Any, list[int | None]]]]:
+    """signature → input → (dtype, shape), keyed by the SignatureDef's input names, which are the raw column
+    names TF Serving clients send. The loaded functions' ``structured_input_signature`` keys are Python
+    identifiers made from them ("ad.id" → "ad_id", "9num" → "arg_9num"), so a model with such columns
+    failed its warmup replay and never loaded; the functions take the SignatureDef names as keywords."""
+    import tensorflow as tf
+
     return {
-        k: json_format.MessageToDict(v, preserving_proto_field_name=True)
-        for k, v in defs.items()
-        if not k.startswith("__")
+        name: {k: (tf.dtypes.as_dtype(info.dtype), [None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim])
+               for k, info in sd.inputs.items()}
+        for name, sd in defs.items()
     }
 
 
@@ -93,10 +108,8 @@ def load_version(path: str, version: int) -> LoadedVersion:
         raise FileNotFoundError(f"{path} is not a complete SavedModel")
     model = tf.saved_model.load(path)
     signatures = dict(model.signatures)
-    input_specs = {
-        name: {k: (spec.dtype, list(spec.shape)) for k, spec in fn.structured_input_signature[1].items()}
-        for name, fn in signatures.items()
-    }
+    defs = _read_signature_defs(path)
+    input_specs = {name: spec for name, spec in _input_specs(defs).items() if name in signatures}
     raw_inputs = input_specs.get("predict_raw", {})
     raw_dtypes = {k: dt for k, (dt, _) in raw_inputs.items()}
     # (B,) → one value per example; (B, k) → k values (a FixedLen raw column of shape [k]).
@@ -110,7 +123,7 @@ def load_version(path: str, version: int) -> LoadedVersion:
             info = json.load(f)
         ignored.add(info["label"])
         multivalued = dict(info.get("multivalued") or {})
-    loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(path), raw_dtypes,
+    loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(defs), raw_dtypes,
                            ignored, raw_sizes, multivalued)
     _replay_warmup(loaded, session_checked=info.get("tf_serving_session_checked_with_tensorflow") == tf.__version__)
     return loaded

@@ -459,6 +459,66 @@ def test_a_version_the_export_checked_is_not_loaded_a_second_time(exported, tmp_
     assert opened == ["6"]
 
 
+def _odd_names_export(path: str) -> dict:
+    """A small SavedModel shaped like a ctrkit export whose raw columns are not Python identifiers."""
+    from ctrkit.serving.export import set_method_names
+    from ctrkit.serving.warmup import serialize_rows, write_warmup
+
+    spec = {"ad.id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+            "9num": tf.io.FixedLenFeature([], tf.float32, default_value=0.0)}
+
+    def score(f):
+        z = f["9num"] + tf.where(tf.equal(f["ad.id"], "a"), 1.0, -1.0)
+        return tf.reshape(tf.sigmoid(z), [-1, 1])
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+        def serve(self, examples):
+            return {"probabilities": score(tf.io.parse_example(examples, spec))}
+
+        @tf.function(input_signature=[{k: tf.TensorSpec([None], v.dtype, name=k) for k, v in spec.items()}])
+        def raw(self, features):
+            return {"probabilities": score(features)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def classify(self, inputs):
+            p = score(tf.io.parse_example(inputs, spec))
+            return {"scores": tf.concat([1 - p, p], 1), "classes": tf.constant([["0", "1"]])}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def regress(self, inputs):
+            return {"outputs": tf.reshape(score(tf.io.parse_example(inputs, spec)), [-1])}
+
+    m = M()
+    tf.saved_model.save(m, path, signatures={"serving_default": m.serve, "predict_raw": m.raw,
+                                             "classify": m.classify, "regress": m.regress})
+    set_method_names(path)
+    write_warmup(path, serialize_rows([{"ad.id": "a", "9num": 0.5}], spec), "odd", spec)
+    return spec
+
+
+def test_raw_columns_that_are_not_python_identifiers_load_and_score(tmp_path):
+    """The config allows '.', '-' and a leading digit in column names. The server read its input names from
+    the loaded functions, which hold them as Python identifiers ('ad.id' -> 'ad_id', '9num' -> 'arg_9num'):
+    the warmup replay failed (KeyError) and the version never loaded; without warmup, requests with the
+    real names were refused and the mangled ones silently scored as missing."""
+    from ctrkit.serving.server import Handler, ModelRegistry
+
+    _odd_names_export(str(tmp_path / "odd" / "1"))
+    registry = ModelRegistry(str(tmp_path), "odd")
+    registry.poll_once()
+    assert registry.loaded_versions() == [1], registry._failed
+    handler = Handler(registry)
+    want = 1 / (1 + np.exp(-(2.0 + 1.0)))
+    status, body = handler.post("odd:predict", json.dumps(
+        {"signature_name": "predict_raw", "instances": [{"ad.id": "a", "9num": 2.0}]}).encode())
+    assert status == 200 and np.ravel(body["predictions"])[0] == pytest.approx(want, rel=1e-6)  # the only output
+    status, body = handler.post("odd:regress", json.dumps({"examples": [{"ad.id": "a", "9num": 2.0}]}).encode())
+    assert status == 200 and body["results"][0] == pytest.approx(want, rel=1e-6)
+    status, body = handler.post("odd:regress", json.dumps({"examples": [{"ad_id": "a", "arg_9num": 2.0}]}).encode())
+    assert status == 400 and "unknown feature" in body["error"]
+
+
 # -- the real command on loopback, under a short concurrent load ---------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
