@@ -263,10 +263,19 @@ class TFServingSession:
 
 
 def _session_outputs(export_dir: str, examples: Any) -> dict[str, dict[str, Any]]:
-    """Every checked signature's outputs on ``examples``, run in a :class:`TFServingSession`."""
+    """Every checked signature's outputs on ``examples``, run in a :class:`TFServingSession`; then every
+    warmup request in the same session, as TF Serving replays them at load (``predict_raw`` and the other
+    batch sizes included). ``ctrkit serve`` skips its own replay in a TF1 session for versions whose export
+    ran this with the same TensorFlow, so this must cover everything that replay did."""
+    from ctrkit.serving.warmup import WARMUP_DIR, WARMUP_FILE, read_warmup, request_inputs
+
     with TFServingSession(export_dir) as session:
-        return {name: session.run(name, {key: list(examples)}, skip_outputs=("classes",))
-                for name, key in _CHECKED_INPUTS.items()}
+        outputs = {name: session.run(name, {key: list(examples)}, skip_outputs=("classes",))
+                   for name, key in _CHECKED_INPUTS.items()}
+        if os.path.exists(os.path.join(export_dir, WARMUP_DIR, WARMUP_FILE)):
+            for record in read_warmup(export_dir):
+                session.run(*request_inputs(record))
+        return outputs
 
 
 if __name__ == "__main__":

@@ -270,6 +270,26 @@ def test_export_scores_under_tf_servings_loader(exported, loaded, serving_spec):
                                           ["outputs"].numpy()[0]), abs=1e-6)
 
 
+def test_the_tf_serving_session_check_replays_every_warmup_request(exported, serving_spec, monkeypatch):
+    """`ctrkit serve` skips its own TF1-session warmup replay for versions whose export ran this check, so
+    the check must run what that replay ran: every warmup request, predict_raw included (it ran only
+    serving_default, classify and regress on one batch)."""
+    from ctrkit.serving import validate
+    from ctrkit.serving.warmup import read_warmup, request_inputs
+
+    ran = []
+    real_run = validate.TFServingSession.run
+    monkeypatch.setattr(validate.TFServingSession, "run",
+                        lambda self, sig, inputs, **kw: (ran.append((sig, len(next(iter(inputs.values()))))),
+                                                          real_run(self, sig, inputs, **kw))[1])
+    examples = _serialize(exported["rows"][:4], serving_spec).numpy().tolist()
+    validate._session_outputs(exported["path"], examples)
+    warmup = [request_inputs(r) for r in read_warmup(exported["path"])]
+    want = [(sig, len(next(iter(inputs.values())))) for sig, inputs in warmup]
+    assert "predict_raw" in {sig for sig, _ in want}
+    assert ran[-len(want):] == want
+
+
 def test_reload_check_refuses_an_export_tf_servings_loader_cannot_run(exported, serving_spec, tmp_path):
     import tensorflow_transform as tft
 
