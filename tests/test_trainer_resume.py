@@ -296,8 +296,12 @@ manifest = Manifest(features=feats, label="label", windows=(Window("w", ("none",
 model = build_model(cfg, manifest)
 state = _State(model, make_optimizer(cfg, model), ProgressiveValidation())
 state_bytes = sum(v.numpy().nbytes for v in list(model.weights) + state.optimizer.slot_variables())
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak (VmHWM) to the current RSS
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+except OSError as e:
+    print(json.dumps({"skip": f"cannot reset the peak RSS: {e}"}))
+    sys.exit(0)
 before = kib("VmRSS")
 if mode == "save":
     _save_checkpoint(ckpt_dir, state, {"step": 1}, keep=1)
@@ -323,5 +327,7 @@ def test_saving_and_restoring_a_checkpoint_holds_one_table_not_a_copy_of_the_sta
                              timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         measured = json.loads(out.stdout.strip().splitlines()[-1])
+        if "skip" in measured:
+            pytest.skip(measured["skip"])
         # 4 tables x 400k x 16 floats, times 3 with Adam's two slots: ~307 MB of state, ~26 MB per table.
         assert measured["extra"] < 0.45 * measured["state"], (mode, measured)  # before: 0.97x and 1.18x
