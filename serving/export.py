@@ -22,6 +22,8 @@ from ctrkit.serving.signatures import METHOD_NAMES, ExportError, ServingModule
 log = logging.getLogger(__name__)
 
 EXPORT_INFO_FILE = "ctrkit_export.json"  # in assets.extra/: what was exported, for humans and the local server
+# Key of EXPORT_INFO_FILE: the TensorFlow version whose TF1 session ran the export's reload check (None: not run).
+SESSION_CHECKED_WITH = "tf_serving_session_checked_with_tensorflow"
 DEFAULT_WARMUP_ROWS = 64
 
 RawRows = Sequence[Mapping[str, Any] | bytes]
@@ -127,7 +129,7 @@ def export_model(
             # The reload check below scores the warmup rows in a TF1 session as TF Serving loads a version;
             # `ctrkit serve` then skips that second, in-process load (it held a second copy of the weights
             # for as long as the server ran) when it runs the same TensorFlow.
-            "tf_serving_session_checked_with_tensorflow": tf.__version__ if validate else None,
+            SESSION_CHECKED_WITH: tf.__version__ if validate else None,
         }
         info_path = os.path.join(staged, WARMUP_DIR, EXPORT_INFO_FILE)
 

@@ -104,6 +104,9 @@ def load_version(path: str, version: int) -> LoadedVersion:
     """Load one version and replay its warmup requests; raises if the directory is incomplete or broken."""
     import tensorflow as tf
 
+    from ctrkit.serving.export import EXPORT_INFO_FILE, SESSION_CHECKED_WITH
+    from ctrkit.serving.warmup import WARMUP_DIR
+
     if not versions.is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete SavedModel")
     model = tf.saved_model.load(path)
@@ -117,7 +120,7 @@ def load_version(path: str, version: int) -> LoadedVersion:
     ignored: set[str] = set()
     multivalued: dict[str, str | None] = {}
     info: dict[str, Any] = {}
-    info_path = os.path.join(path, "assets.extra", "ctrkit_export.json")
+    info_path = os.path.join(path, WARMUP_DIR, EXPORT_INFO_FILE)
     if os.path.exists(info_path):
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
@@ -125,7 +128,7 @@ def load_version(path: str, version: int) -> LoadedVersion:
         multivalued = dict(info.get("multivalued") or {})
     loaded = LoadedVersion(version, path, model, signatures, input_specs, _signature_defs_json(defs), raw_dtypes,
                            ignored, raw_sizes, multivalued)
-    _replay_warmup(loaded, session_checked=info.get("tf_serving_session_checked_with_tensorflow") == tf.__version__)
+    _replay_warmup(loaded, session_checked=info.get(SESSION_CHECKED_WITH) == tf.__version__)
     return loaded
 
 
