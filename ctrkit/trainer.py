@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -406,8 +407,6 @@ def _save_checkpoint(ckpt_dir: str, state: _State, meta: dict[str, Any], keep: i
 def _write_npz(f: Any, items: Iterable[tuple[str, np.ndarray]]) -> None:
     """``np.savez(f, **dict(items))`` (the same file, ``np.load`` reads it), writing each array as it comes
     instead of after all of them exist."""
-    import zipfile
-
     with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, value in items:
             with zf.open(key + ".npy", "w", force_zip64=True) as out:
@@ -439,6 +438,10 @@ def _latest_checkpoint(run_dir: str) -> str | None:
     return path
 
 
+# What reading a cut or corrupted checkpoint raises (JSONDecodeError is a ValueError; a bad CRC a BadZipFile).
+_DAMAGED_FILE_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+
+
 class _CheckpointArrays(Mapping[str, np.ndarray]):
     """A checkpoint's arrays, read from its file one at a time as they are asked for, so restoring one
     needs one table in memory rather than a second copy of the whole state. Close it after use."""
@@ -448,13 +451,9 @@ class _CheckpointArrays(Mapping[str, np.ndarray]):
         self._file = np.load(os.path.join(path, _STATE))
 
     def __getitem__(self, key: str) -> np.ndarray:
-        import zipfile
-
-        if key not in self._file.files:
-            raise KeyError(key)
         try:
-            return self._file[key]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a member cut short or corrupted
+            return self._file[key]  # a key not in the file: KeyError, as a Mapping must raise
+        except _DAMAGED_FILE_ERRORS as e:  # a member cut short or corrupted
             raise _damaged(self.path, e) from e
 
     def __iter__(self) -> Iterator[str]:
@@ -479,13 +478,11 @@ def _damaged(path: str, error: BaseException) -> InputError:
 def _load_checkpoint(path: str) -> Iterator[tuple[_CheckpointArrays, dict[str, Any]]]:
     """``(arrays, meta)`` of the checkpoint at ``path``; the arrays are read as they are used, inside the
     ``with`` block."""
-    import zipfile
-
     try:
         with open(os.path.join(path, _META), encoding="utf-8") as f:
             meta = json.load(f)
         arrays = _CheckpointArrays(path)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
+    except _DAMAGED_FILE_ERRORS as e:
         raise _damaged(path, e) from e
     try:
         yield arrays, meta
