@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from ctrkit.configio import ConfigError, from_dict, to_dict
@@ -576,15 +577,19 @@ def _read_jsonl_dir(path: str, fs: _FS) -> list[dict]:
 def _count_rejected(path: str, fs: _FS, first: int = 3) -> tuple[int, list[dict]]:
     """(rows in ``rejected/``, the ``first`` of them by file and line), read as a stream: parsing them all
     into dicts cost ~1 KiB per row (10M rejected rows would have needed ~10 GiB)."""
-    count, smallest = 0, []
-    for name in sorted(fs.listdir(path)):
-        with fs.open_lines(os.path.join(path, name)) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                count += 1
-                row = json.loads(line)
-                smallest = heapq.nsmallest(first, smallest + [(row["file"], row["line"], row["reason"])])
+    count = 0
+
+    def rows() -> Iterator[tuple[int, int, str]]:
+        nonlocal count
+        for name in sorted(fs.listdir(path)):
+            with fs.open_lines(os.path.join(path, name)) as f:
+                for line in f:
+                    if line.strip():
+                        count += 1
+                        row = json.loads(line)
+                        yield row["file"], row["line"], row["reason"]
+
+    smallest = heapq.nsmallest(first, rows())  # keeps `first` rows, whatever the stream's length
     return count, [{"file": f, "line": ln, "reason": why} for f, ln, why in smallest]
 
 
