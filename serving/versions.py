@@ -36,9 +36,13 @@ def model_dir(base_path: str, model_name: str) -> str:
 
 def list_versions(path: str) -> list[int]:
     """Integer versions under ``path`` (= BASE/NAME), ascending; other entries are ignored as TF Serving does."""
+    return sorted(int(d) for d in _digit_dirs(path))
+
+
+def _digit_dirs(path: str) -> list[str]:
     if not os.path.isdir(path):
         return []
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d)))
+    return [d for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
 
 
 def is_complete(version_dir: str) -> bool:
@@ -120,8 +124,11 @@ def prune(path: str, keep: int) -> list[int]:
     if keep < 1:
         raise ValueError(f"keep_versions must be >= 1, got {keep}")
     removed, failed = [], []
-    for v in list_versions(path)[:-keep]:
-        src = os.path.join(path, str(v))
+    # Only whole SavedModels count and go: an all-digit folder of something else (a base path shared with
+    # other files) is never deleted, and a version is removed under its own name ("0012" as well as "12").
+    saved_models = sorted((int(d), d) for d in _digit_dirs(path) if is_complete(os.path.join(path, d)))
+    for v, name in saved_models[:-keep]:
+        src = os.path.join(path, name)
         try:
             # Rename first so a server scanning the directory never sees a half-deleted version. The
             # target is a fresh directory: a fixed name would collide with one a killed rmtree left.

@@ -105,3 +105,19 @@ def test_publish_latest_repicks_a_version_taken_meanwhile(tmp_path, monkeypatch)
     # Unchanged when the chosen version is still free and above the rest.
     staged = _fake_savedmodel(versions.staging_dir(path))
     assert versions.publish_latest(staged, path, 1005) == os.path.join(path, "1005")
+
+
+def test_prune_removes_only_savedmodels_under_their_own_names(tmp_path):
+    """A base path shared with other files: all-digit folders that are not SavedModels stay (they were
+    deleted as old versions), and a zero-padded version goes under its real name (pruning "01" failed)."""
+    path = versions.model_dir(str(tmp_path), "m")
+    for name in ("1", "2"):  # someone's yearly reports, not models
+        os.makedirs(os.path.join(path, name))
+        with open(os.path.join(path, name, "summary.csv"), "w") as f:
+            f.write("a,b\n")
+    _fake_savedmodel(os.path.join(path, "03"))
+    for v in (4, 5):
+        versions.publish(_fake_savedmodel(versions.staging_dir(path)), path, v)
+    assert versions.prune(path, keep=2) == [3]
+    assert sorted(os.listdir(path)) == ["1", "2", "4", "5"]
+    assert os.path.isfile(os.path.join(path, "1", "summary.csv"))
