@@ -31,6 +31,7 @@ from typing import Any
 
 from ctrkit.configio import ConfigError, from_dict, to_dict
 from ctrkit.errors import InputError
+from ctrkit.fileutil import chmod_like_mkdir
 from ctrkit.manifest import Manifest, Window
 from ctrkit.schema import DataConfig, differing_columns, recorded_columns
 
@@ -200,21 +201,54 @@ def _refuse_output_holding_inputs(output_dir: str, files: list[str], transform_f
                          "which the new output replaces; write the output somewhere else")
 
 
+# Everything a preprocess job writes at the top of its output, finished or (remote, written in place)
+# interrupted. --overwrite replaces a directory only if it holds nothing else: a wrong --output (".", "~", an
+# unset $OUT) must fail, not delete a directory of other files.
+_OWN_ENTRIES = frozenset({"manifest.json", "data", "rejected", "transform_fn", "transformed_metadata",
+                          "raw_metadata", "metadata", "_shards", "_stats", "_tft_tmp"})
+
+
+def _refuse_foreign_output(output_dir: str, entries: list[str]) -> None:
+    foreign = sorted(e for e in entries if e not in _OWN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"--overwrite replaces only an earlier ctrkit preprocess output, and {output_dir} also "
+                         f"holds {shown}; remove them or choose another --output")
+
+
 def _prepare_output(output_dir: str, overwrite: bool) -> str:
     """Where the job writes: a fresh hidden temp dir beside a local ``output_dir`` (same filesystem, so
     the final rename is atomic), or the remote ``output_dir`` itself."""
+    if not output_dir.strip():
+        raise InputError("the output directory is an empty string (an unset variable?); name a directory")
     if _remote(output_dir):
         fs = _FS(True)
-        if fs.listdir(output_dir) and not overwrite:
-            raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
+        entries = fs.listdir(output_dir)
+        if entries:
+            if not overwrite:
+                raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to "
+                                 "replace it)")
+            _refuse_foreign_output(output_dir, entries)
         fs.rmtree(output_dir)
         return output_dir
+    if os.path.islink(output_dir):
+        # The finished output is renamed into place: that would replace the link, or fail on it, after the job.
+        raise InputError(f"output {output_dir} is a symbolic link (to {os.path.realpath(output_dir)}); name a "
+                         "real directory")
     output_dir = os.path.abspath(output_dir)
+    cwd = os.getcwd()
+    if (cwd + os.sep).startswith(output_dir.rstrip(os.sep) + os.sep):
+        raise InputError(f"output {output_dir} is the current directory or holds it; the finished output would "
+                         "replace it: name a directory beside or below it")
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
             raise InputError(f"output {output_dir} exists and is not a directory")
-        if os.listdir(output_dir) and not overwrite:
-            raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
+        entries = os.listdir(output_dir)
+        if entries:
+            if not overwrite:
+                raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to "
+                                 "replace it)")
+            _refuse_foreign_output(output_dir, entries)
     parent = os.path.dirname(output_dir)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -372,6 +406,7 @@ def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, tra
         _finish(config, files, work, result, transform_fn_dir, spec.pipeline_args, started, fs)
         final = work if _remote(work) else os.path.abspath(output_dir)
         if final != work:
+            chmod_like_mkdir(work)
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.rename(work, final)

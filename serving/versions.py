@@ -15,6 +15,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from ctrkit.fileutil import chmod_like_mkdir
+
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
@@ -80,7 +82,7 @@ def publish(staged: str, path: str, version: int) -> str:
     final = os.path.join(path, str(version))
     if os.path.exists(final):
         raise FileExistsError(f"version directory {final} already exists")
-    os.chmod(staged, 0o755)  # mkdtemp creates 0700; a serving container may run as another user
+    chmod_like_mkdir(staged)  # mkdtemp creates 0700; a serving container may run as another user
     try:
         os.rename(staged, final)
     except OSError as e:

@@ -11,6 +11,8 @@ import glob
 import gzip
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -516,7 +518,7 @@ def test_failure_inside_the_job_leaves_no_output(work):
 
 # -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
 @pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown", "value",
-                                  "runner", "inside", "truncated"])
+                                  "runner", "inside", "truncated", "foreign", "blank", "symlink", "cwd"])
 def test_cli_one_line_errors(raw, work, case):
     empty = work / "empty.tsv"
     empty.write_bytes(b"")
@@ -537,7 +539,17 @@ def test_cli_one_line_errors(raw, work, case):
     occupied = work / "occupied"
     occupied.mkdir(exist_ok=True)
     (occupied / "keep.txt").write_text("x")
+    link = work / "link_to_occupied"
+    if not link.is_symlink():
+        link.symlink_to(occupied)
     args, message = {
+        # --overwrite replaced any directory: an unset $OUT ("") or "." deleted the current directory.
+        "foreign": (["--input", raw["tsv"], "--output", str(occupied), "--overwrite"],
+                    f"--overwrite replaces only an earlier ctrkit preprocess output, and {occupied} also holds "
+                    "keep.txt"),
+        "blank": (["--input", raw["tsv"], "--output", "", "--overwrite"], "the output directory is an empty string"),
+        "symlink": (["--input", raw["tsv"], "--output", str(link), "--overwrite"], "is a symbolic link"),
+        "cwd": (["--input", raw["tsv"], "--output", os.getcwd()], "is the current directory or holds it"),
         "missing": (["--input", str(work / "nope*.tsv"), "--output", str(work / "o1")], "matches no files"),
         "empty": (["--input", str(empty), "--output", str(work / "o2")], "input is empty"),
         "unwritable": (["--input", raw["tsv"], "--output", str(blocker / "out")], "cannot write output directory"),
@@ -569,6 +581,25 @@ def test_cli_one_line_errors(raw, work, case):
     assert err[0].startswith("ctrkit preprocess: error:")
     assert (occupied / "keep.txt").exists() and (holder / "in.tsv").exists()
     assert not any((work / o).exists() for o in ("o4", "o5", "o6", "o7", "o8"))
+
+
+def test_overwrite_replaces_an_earlier_output_with_the_umask_mode(raw, work, tsv_out):
+    """--overwrite replaces an earlier output (its manifest says so); the output directory gets the mode
+    mkdir would give, not mkdtemp's 0700, which locked teammates out of a shared output."""
+    from ctrkit.pipelines import preprocess
+
+    out = work / "out_overwritten"
+    shutil.copytree(tsv_out, out)
+    small = work / "overwrite_in.tsv"
+    small.write_text("".join(open(raw["tsv"]).readlines()[:300]))
+    old_umask = os.umask(0o027)
+    try:
+        m = preprocess(_data_config(), [str(small)], str(out), overwrite=True)
+    finally:
+        os.umask(old_umask)
+    assert m.rows_read == 300 and Manifest.load(out).rows_read == 300
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o750
+    assert not [p for p in os.listdir(work) if p.startswith(".out_overwritten.tmp")]
 
 
 def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     p.add_argument("--transform-fn", metavar="DIR", default=None,
                    help="apply the transform_fn of this earlier output instead of analyzing the input")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier preprocess output in --output (refused if it holds other files)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.set_defaults(func=run, accepts_unknown_args=True)
 
