@@ -844,9 +844,22 @@ def train(
         raise InputError("--resume and --warm-start exclude each other (a resumed run already has its weights)")
     if resume and not os.path.isdir(run_dir):  # checked before the lock, which would create it
         raise InputError(f"--resume: {run_dir} holds no run to resume (no such directory)")
+    if not resume and os.path.isdir(run_dir) and _latest_checkpoint(run_dir) is None \
+            and not os.path.exists(os.path.join(run_dir, "run.json")):
+        _refuse_foreign_run_dir(run_dir)  # before the lock, which would leave its .lock file there
     with run_dir_lock(run_dir, "ctrkit train"):
         return _train(config, manifest, data_dir, run_dir, selected, resume=resume, warm_start=warm_start,
                       export_fn=export_fn, progress=progress, step_delay=step_delay, max_steps=max_steps)
+
+
+def _refuse_foreign_run_dir(run_dir: str) -> None:
+    """A new run writes config.yaml, its logs and checkpoints/ in ``run_dir`` and prunes old checkpoints: in
+    a directory of other files (".", a project folder) it overwrote and deleted them."""
+    foreign = sorted(e for e in os.listdir(run_dir) if e != ".lock")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"--run-dir {run_dir} is not empty and holds no ctrkit run ({shown}); a new run needs a "
+                         "new or empty directory")
 
 
 @contextlib.contextmanager
@@ -921,6 +934,8 @@ def _train(
     elif not resume and (latest is not None or started):
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it (one that stopped before its "
                          "first checkpoint starts over) or choose a new --run-dir")
+    elif not resume:
+        _refuse_foreign_run_dir(run_dir)  # again, under the lock
 
     # Distillation source: a teacher model scoring each batch, or the manifest's teacher-logit column.
     dc = config.distill

@@ -269,6 +269,15 @@ def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
         train(small_config(learning_rate=0.5), dataset.directory, full_run.run_dir, resume=True, progress=False)
     with pytest.raises(InputError, match="the run trained on"):
         train(small_config(), dataset.directory, full_run.run_dir, resume=True, windows=[0], progress=False)
+    # Another tool's directory: a new run overwrote its config.yaml and pruned its checkpoints/ckpt-N.
+    project = tmp_path / "project"
+    (project / "checkpoints" / "ckpt-3").mkdir(parents=True)
+    (project / "config.yaml").write_text("# the team's config\n")
+    with pytest.raises(InputError, match=r"is not empty and holds no ctrkit run \(checkpoints, config.yaml\)"):
+        train(small_config(), dataset.directory, str(project), progress=False)
+    assert (project / "config.yaml").read_text() == "# the team's config\n"
+    assert sorted(os.listdir(project)) == ["checkpoints", "config.yaml"]
+    assert os.listdir(project / "checkpoints") == ["ckpt-3"]
 
 
 def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
