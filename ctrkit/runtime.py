@@ -51,8 +51,13 @@ PARENT_PID_ENV = "CTRKIT_PARENT_PID"
 
 def worker_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a worker process that calls :func:`exit_with_parent`: ``env`` (default: this
-    process's) plus this process's pid."""
-    return {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+    process's) plus this process's pid, and ``PYTHONSAFEPATH=1``.
+
+    Workers start as ``python -m ctrkit...``, which puts the current directory first on ``sys.path``: a
+    ``yaml.py`` or ``numpy.py`` lying in the directory a user runs ctrkit from (a shared log directory) ran
+    inside the worker. ``PYTHONSAFEPATH`` (Python 3.11+) leaves it off, in the worker and in the processes it
+    starts (Beam's)."""
+    return {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid()), "PYTHONSAFEPATH": "1"}
 
 
 def exit_with_parent() -> None:

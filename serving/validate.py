@@ -76,7 +76,7 @@ def saved_model_cli_show(export_dir: str, timeout: float = 300) -> str:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONSAFEPATH="1"),  # no module from the cwd: worker_env
     )  # subprocess.run kills it if this process is interrupted meanwhile
     if proc.returncode != 0:
         raise ValidationError(f"saved_model_cli show --all failed on {export_dir}: {proc.stderr[-2000:]}")

@@ -50,3 +50,19 @@ def test_configure_process_sets_defaults_but_keeps_what_the_user_set() -> None:
 @pytest.mark.parametrize("user_setting, expected", [({}, "BFC True"), ({"TF_CPU_ALLOCATOR_USE_BFC": "false"}, "DEFAULT")])
 def test_cli_entry_point_configures_tensorflow_before_it_starts(user_setting, expected) -> None:
     assert _probe(user_setting) == expected
+
+
+def test_workers_do_not_import_modules_from_the_current_directory(tmp_path) -> None:
+    """Workers start as `python -m ...`, which puts the cwd first on sys.path (as `-c` does): a planted
+    yaml.py in the directory ctrkit was run from ran inside the preprocess and export-validation workers."""
+    from ctrkit.runtime import worker_env
+
+    (tmp_path / "yaml.py").write_text("open('HIJACKED', 'w').close()\n")
+    probe = [sys.executable, "-c", "import yaml"]
+    proc = subprocess.run(probe, cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "HIJACKED").exists()
+    # Without the worker environment the planted module runs: the probe can tell the difference.
+    unsafe = {k: v for k, v in worker_env().items() if k != "PYTHONSAFEPATH"}
+    subprocess.run(probe, cwd=tmp_path, env=unsafe, capture_output=True, timeout=60)
+    assert (tmp_path / "HIJACKED").exists()
