@@ -324,6 +324,48 @@ def test_oversized_batch_and_unknown_model_status(client, serving_spec):
     assert client.get("/v1/models/ctr/versions/12").status_code == 404
 
 
+def test_an_oversized_batch_is_refused_before_it_is_converted(client, serving_spec):
+    """The batch limit was checked after every row was converted: 3 million empty examples kept the
+    inference threads busy for over a minute before the answer said "exceeds". The first row here is bad,
+    so a limit checked after conversion would answer about that row instead."""
+    ex = _b64(_serialized([{"I1": 1.0}], serving_spec)[0])
+    r = client.post("/v1/models/ctr:predict", json={"instances": [{"b64": "%%%"}] + [ex] * 100})
+    assert r.status_code == 400 and "batch size 101 exceeds" in r.json()["error"], r.text
+    r = client.post("/v1/models/ctr:regress", json={"examples": [{"no_such_feature": 1}] + [{"I1": 1.0}] * 100})
+    assert r.status_code == 400 and "batch size 101 exceeds" in r.json()["error"], r.text
+
+
+def test_an_integer_too_long_to_parse_is_a_bad_request(client):
+    r = client.post("/v1/models/ctr:predict", content=b'{"instances": [' + b"1" * 5000 + b"]}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("JSON Parse error"), r.text
+
+
+def test_a_chunked_body_is_refused_at_the_limit_without_reading_the_rest(exported):
+    """A chunked body declares no length; it was read whole (1.5 GB: +2.4 GB of server memory) before its
+    size was checked. Driven through ASGI directly, to count the chunks the server asks for."""
+    import asyncio
+
+    from ctrkit.serving.server import ModelRegistry, create_app
+
+    app = create_app(ModelRegistry(exported["base"], exported["name"]), max_body_bytes=1000)
+    received, sent = [], []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 400, "more_body": len(received) < 1000}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/ctr:predict", "raw_path": b"/v1/models/ctr:predict",
+             "headers": [(b"transfer-encoding", b"chunked")], "query_string": b"", "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 8501), "client": ("127.0.0.1", 50000), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert len(received) == 3  # 1,200 bytes: past the limit, and no more read
+
+
 # -- versions appear while serving; half-written ones never load ------------------------------------------
 def _wait_for(predicate, timeout=60.0):
     deadline = time.time() + timeout
