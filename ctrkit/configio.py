@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import reprlib
 import re
 import types
 import typing
@@ -18,6 +19,19 @@ from typing import IO, Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+
+# A value quoted in an error message is shortened: a few YAML anchors and aliases make a value whose full repr
+# is billions of characters (a 415-byte config ran ctrkit to 1 GB and on for minutes building one message).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 100
+
+
+def _shown(value: Any) -> str:
+    text = _SHOWN.repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class ConfigError(ValueError):
@@ -131,7 +145,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             value = {}
         where = path or "top level"
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__} {_shown(value)}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         unknown = sorted(set(value) - set(fields))
@@ -167,43 +181,43 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_describe(tp)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {_shown(value)} matches none of {_describe(tp)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise ConfigError(f"{path}: {_shown(value)} is not one of {', '.join(map(repr, args))}")
         return value
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {_shown(value)}")
         item_tp = args[0] if args else Any
         items = [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {_shown(value)}")
         key_tp, val_tp = args if args else (Any, Any)
         return {_convert(key_tp, k, _key(path, "<key>")): _convert(val_tp, v, _key(path, str(k)))
                 for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {_shown(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond the float range
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{path}: expected a finite number, got {_shown(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {_shown(value)}")
         return value
     raise ConfigError(f"{path}: unsupported config type {_describe(tp)}")

@@ -56,6 +56,17 @@ def test_bad_values_name_the_key(data, message):
         from_dict(Outer, data)
 
 
+def test_an_aliased_value_is_quoted_short_in_the_error():
+    """YAML aliases make a value whose repr is exponential in the text: a 415-byte config ran to 1 GB building
+    the message. Here 6 levels of 10 (a 3 MB repr); the message stays short and still names the key."""
+    text = "x0: &x0 [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 10) + "]\n" for i in range(1, 6))
+    data = load_yaml(text)
+    with pytest.raises(ConfigError, match=r"Outer\.inner\.units\[0\]: expected an integer, got \[\[\[") as e:
+        from_dict(Outer, {"inner": {"units": data["x5"]}})
+    assert len(str(e.value)) < 500
+
+
 def test_default_config_is_criteo(tmp_path):
     from ctrkit.config import Config, load_config
 
