@@ -28,6 +28,7 @@ train ...`` opts out.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 __all__ = ["TF_PROCESS_ENV", "configure_process", "exit_with_parent", "worker_env"]
 
@@ -78,3 +79,30 @@ def exit_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() != int(parent):  # the parent died before the line above took effect
         os._exit(143)
+
+
+def import_tft() -> Any:
+    """``import tensorflow_transform``, leaving ``tf.keras`` and the environment as they were.
+
+    TFT sets ``TF_USE_LEGACY_KERAS=1`` when imported, and ``tf.keras``, resolved lazily on first use, then
+    became Keras 2 for the rest of the process and in every process it started: after an export in a
+    notebook, ``tf.keras.models.load_model`` could no longer read a Keras 3 model. With ``tf.keras`` resolved
+    first, TFT uses the separate ``tf_keras`` package for itself (its ``keras_lib`` does so), and the variable
+    is put back as it was. A process that imported TFT before keeps what that import did.
+    """
+    import sys
+
+    if "tensorflow_transform" not in sys.modules:
+        import tensorflow as tf
+
+        before = os.environ.get("TF_USE_LEGACY_KERAS")
+        getattr(tf.keras, "version", None)  # resolves the lazy tf.keras under the caller's own setting
+        try:
+            import tensorflow_transform  # noqa: F401
+        finally:
+            if before is None:
+                os.environ.pop("TF_USE_LEGACY_KERAS", None)
+            else:
+                os.environ["TF_USE_LEGACY_KERAS"] = before
+    return sys.modules["tensorflow_transform"]
+

@@ -284,7 +284,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
     ``analyze_window_ids`` the windows TFT analyzes when ``config.analyze_windows`` is set (row-count
     windows default to the first N; see ``runner.analysis_windows``).
     """
-    import tensorflow_transform as tft
+    from ctrkit.runtime import import_tft
+
+    tft = import_tft()
     import tensorflow_transform.beam as tft_beam
 
     from ctrkit.pipelines.analyzers import CountVocabularies

@@ -59,7 +59,9 @@ def raw_feature_spec(config: DataConfig) -> dict:
 
 def tensor_adapter_config(config: DataConfig, passthrough: bool = True):
     """TFT's description of the Arrow batches :func:`to_tft_batch` builds."""
-    import tensorflow_transform as tft
+    from ctrkit.runtime import import_tft
+
+    tft = import_tft()
     from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
     schema = tft.DatasetMetadata.from_feature_spec(raw_feature_spec(config)).schema

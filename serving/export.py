@@ -91,7 +91,9 @@ def export_model(
     """
     import numpy as np
     import tensorflow as tf
-    import tensorflow_transform as tft
+    from ctrkit.runtime import import_tft
+
+    tft = import_tft()
 
     from ctrkit.serving.warmup import WARMUP_DIR, serialize_rows, write_warmup
 

@@ -97,6 +97,9 @@ def read_raw_feature_spec(tft_output: Any) -> dict[str, Any]:
     """
     import os
 
+    from ctrkit.runtime import import_tft
+
+    import_tft()  # first: a plain TFT import turns tf.keras into Keras 2
     from tensorflow_transform.tf_metadata import metadata_io, schema_utils
 
     # TFTransformOutput has no public accessor for its directory; transform_fn/ sits inside it.

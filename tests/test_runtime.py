@@ -66,3 +66,22 @@ def test_workers_do_not_import_modules_from_the_current_directory(tmp_path) -> N
     unsafe = {k: v for k, v in worker_env().items() if k != "PYTHONSAFEPATH"}
     subprocess.run(probe, cwd=tmp_path, env=unsafe, capture_output=True, timeout=60)
     assert (tmp_path / "HIJACKED").exists()
+
+
+def test_ctrkit_imports_tft_without_turning_tf_keras_into_keras_2() -> None:
+    """TFT sets TF_USE_LEGACY_KERAS=1 when imported: after an export or an in-process pipeline, tf.keras was
+    Keras 2 for the rest of a notebook session (a Keras 3 model no longer loaded) and in its subprocesses."""
+    code = textwrap.dedent("""
+        import os
+        from ctrkit.pipelines.transform import tensor_adapter_config
+        from ctrkit.schema import DataConfig
+        tensor_adapter_config(DataConfig())  # imports tensorflow_transform
+        import sys, tensorflow as tf
+        assert "tensorflow_transform" in sys.modules
+        print(tf.keras.version(), os.environ.get("TF_USE_LEGACY_KERAS"))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    version, variable = proc.stdout.split()[-2:]
+    assert version.startswith("3.") and variable == "None", proc.stdout
