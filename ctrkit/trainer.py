@@ -597,6 +597,18 @@ def make_train_step(
 
 
 # -- the trainer -------------------------------------------------------------------------------------------
+def _configured_export(config: Config, run_dir: str) -> ExportFn:
+    """What the config's ``export`` section names: TF Serving versions under ``export.base_path`` (with the
+    downsampling correction of ``calibration.downsampling_rate``), else ``RUN/models/<step>.keras``."""
+    ec = config.export
+    if not ec.base_path:
+        return _default_export(run_dir)
+    from ctrkit.serving.export import make_export_fn
+
+    return make_export_fn(ec.base_path, ec.model_name, ec.keep_versions,
+                          downsampling_rate=config.calibration.downsampling_rate)
+
+
 def _default_export(run_dir: str) -> ExportFn:
     def export(model: Any, manifest: Manifest, step: int) -> str:
         out = os.path.join(run_dir, "models")
@@ -816,7 +828,8 @@ def train(
         warm_start: a previous run directory: start from its final weights and optimizer state (the
             model must have the same shapes: same config, same vocabulary sizes); metrics start fresh.
         export_fn: called as ``export_fn(model, manifest, step)`` every ``export.every_windows`` windows
-            and at the end; default: save ``run_dir/models/<step>.keras``.
+            and at the end; default: what the config's ``export`` section says, a TF Serving version under
+            ``export.base_path/export.model_name`` or, without a base path, ``run_dir/models/<step>.keras``.
         step_delay: sleep this long after every step (only for crash-recovery tests: gives a test a
             window to kill the process mid-run).
         max_steps: stop after this many steps in total (the run stays resumable); None: the whole data.
@@ -1044,7 +1057,7 @@ def _train(
 
     train_step = make_train_step(config, model, optimizer, teacher_fn, distill_scale)
 
-    export_to = export_fn or _default_export(run_dir)
+    export_to = export_fn or _configured_export(config, run_dir)
 
     def export(model: Any, manifest: Manifest, step: int) -> str:
         if step in published:

@@ -280,6 +280,30 @@ def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
     assert os.listdir(project / "checkpoints") == ["ckpt-3"]
 
 
+def test_export_base_path_in_the_config_publishes_without_an_export_fn(dataset, tmp_path, monkeypatch) -> None:
+    """train() from Python ignored export.base_path (only the CLI built the exporter): no TF Serving version
+    was written and nothing said so. The exporter itself is replaced here; its own tests cover it."""
+    from ctrkit.serving import export
+
+    made, published = [], []
+
+    def fake_make_export_fn(base_path, model_name, keep_versions=5, **kw):
+        made.append((base_path, model_name, keep_versions, kw))
+
+        def export_fn(model, manifest, step):
+            published.append(step)
+            return f"{base_path}/{model_name}/{step}"
+
+        return export_fn
+
+    monkeypatch.setattr(export, "make_export_fn", fake_make_export_fn)
+    cfg = Config.from_dict({**small_config().to_dict(), "calibration": {"downsampling_rate": 0.5},
+                            "export": {"base_path": str(tmp_path / "serving"), "model_name": "ctr", "keep_versions": 2}})
+    result = train(cfg, dataset.directory, str(tmp_path / "run"), windows=[0, 1], progress=False)
+    assert made == [(str(tmp_path / "serving"), "ctr", 2, {"downsampling_rate": 0.5})]
+    assert published and result.exports == [f"{tmp_path / 'serving'}/ctr/{s}" for s in published]
+
+
 def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
     cfg = small_config()
     day1 = train(cfg, dataset.directory, str(tmp_path / "day1"), windows=[0, 1, 2], progress=False)

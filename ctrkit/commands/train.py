@@ -45,14 +45,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     manifest = Manifest.load(args.data)
     windows = window_indices(manifest, args.windows) if args.windows else None
-    export_fn = None
-    if config.export.base_path:
-        # The CLI wires the rooms: with export.base_path set, every export interval writes a TF Serving
-        # version; without it the trainer saves RUN/models/<step>.keras.
-        from ctrkit.serving.export import make_export_fn
-
-        export_fn = make_export_fn(config.export.base_path, config.export.model_name, config.export.keep_versions,
-                                   downsampling_rate=config.calibration.downsampling_rate)
     try:
         result = train(
             config,
@@ -64,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             step_delay=args.sleep_per_step,
             max_steps=args.max_steps,
-            export_fn=export_fn,
         )
     except TrainingError as e:
         if args.debug:
