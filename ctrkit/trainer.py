@@ -34,12 +34,13 @@ import dataclasses
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -837,6 +838,12 @@ def train(
     import keras
     import tensorflow as tf
 
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a ctrkit.config.Config (ctrkit.config.load_config), got "
+                        f"{type(config).__name__}")
+    # A config changed after loading (cfg.train.epochs = 3 in a notebook) is checked again as load_config
+    # checked it: it trained silently and wrote a config.yaml that calibrate, export and --resume refused.
+    config = Config.from_dict(config.to_dict())
     policy = keras.config.dtype_policy().name
     if policy != "float32":
         # Under a mixed policy the sparse optimizer would get 16-bit gradients without loss scaling.
@@ -846,11 +853,7 @@ def train(
     manifest = Manifest.load(data_dir)
     _warn_if_other_columns(config, manifest, data_dir, run_dir)
     tc = config.train
-    if tc.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    selected = list(range(len(manifest.windows))) if windows is None else list(windows)
-    if not selected:
-        raise InputError(f"{data_dir}: no windows to train on")
+    selected = _selected_windows(windows, len(manifest.windows), data_dir)
 
     run_dir = os.path.abspath(run_dir)
     if resume and warm_start:
@@ -860,9 +863,59 @@ def train(
     if not resume and os.path.isdir(run_dir) and _latest_checkpoint(run_dir) is None \
             and not os.path.exists(os.path.join(run_dir, "run.json")):
         _refuse_foreign_run_dir(run_dir)  # before the lock, which would leave its .lock file there
-    with run_dir_lock(run_dir, "ctrkit train"):
+    with run_dir_lock(run_dir, "ctrkit train"), _callers_random_state(), _op_determinism(tc.deterministic):
         return _train(config, manifest, data_dir, run_dir, selected, resume=resume, warm_start=warm_start,
                       export_fn=export_fn, progress=progress, step_delay=step_delay, max_steps=max_steps)
+
+
+def _selected_windows(windows: Sequence[int] | None, n: int, data_dir: str) -> list[int]:
+    """``windows`` checked before anything is written: a bad list failed mid-run (numpy ints at the first
+    log line, an out-of-range index as a bare IndexError) and left a failed run that blocked the directory."""
+    if windows is None:
+        selected = list(range(n))
+    else:
+        try:
+            selected = [operator.index(w) for w in windows]
+        except TypeError:
+            raise InputError(f"windows must be whole numbers (indices into {data_dir}'s {n} windows), got "
+                             f"{list(windows)!r}"[:300]) from None
+        if selected != sorted(set(selected)) or (selected and not 0 <= selected[0] <= selected[-1] < n):
+            raise InputError(f"windows must be distinct indices into {data_dir}'s {n} windows (0 to {n - 1}), in "
+                             f"time order; got {selected}"[:300])
+    if not selected:
+        raise InputError(f"{data_dir}: no windows to train on")
+    return selected
+
+
+@contextlib.contextmanager
+def _callers_random_state() -> Any:
+    """Put Python's and NumPy's global random state back after training, which seeds them (train.seed): a
+    notebook's later np.random draws repeated the seed-0 sequence after every train()."""
+    import random
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _op_determinism(deterministic: bool) -> Any:
+    """TensorFlow's op determinism (train.deterministic) for this run only: it is process-wide, and left on it
+    slowed every later run and the caller's own TensorFlow code."""
+    # Only enable_ is exported under tf.config; is_/disable_ live beside it in TF's own module (TF 2.21 pinned).
+    from tensorflow.python.framework import config as tf_framework_config
+
+    turn_on = deterministic and not tf_framework_config.is_op_determinism_enabled()
+    if turn_on:
+        tf_framework_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if turn_on:
+            tf_framework_config.disable_op_determinism()
 
 
 def _refuse_foreign_run_dir(run_dir: str) -> None:

@@ -371,6 +371,9 @@ def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, tra
     Raises:
         InputError / ConfigError: missing or empty input, schema mismatch, unwritable output.
     """
+    if not isinstance(config, DataConfig):
+        raise TypeError(f"config must be the data section of a ctrkit config (load_config(...).data), got "
+                        f"{type(config).__name__}")
     config.check()  # again: a config may have been changed since it was loaded
     pipeline_args = list(pipeline_args or [])
     check_pipeline_args(pipeline_args)

@@ -304,6 +304,44 @@ def test_export_base_path_in_the_config_publishes_without_an_export_fn(dataset, 
     assert published and result.exports == [f"{tmp_path / 'serving'}/ctr/{s}" for s in published]
 
 
+@pytest.mark.parametrize("windows", [[1, 0], [WINDOWS], [-1], ["a"]])
+def test_bad_windows_are_refused_before_anything_is_written(dataset, tmp_path, windows) -> None:
+    """They failed mid-run (an IndexError, or [1, 0] after run.json was written) and left a failed run that
+    neither a corrected call nor --resume accepted."""
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="windows must be"):
+        train(small_config(), dataset.directory, str(run), windows=windows, progress=False)
+    assert not run.exists()
+
+
+def test_train_rechecks_a_changed_config_and_leaves_the_callers_global_state(dataset, tmp_path) -> None:
+    """From a notebook: a config edited after loading trained unchecked; train() left op determinism on for
+    the whole process and reseeded the caller's random generators (np.random repeated the seed-0 draws)."""
+    import random
+
+    from tensorflow.python.framework.config import is_op_determinism_enabled as determinism_enabled
+
+    from ctrkit.configio import ConfigError
+
+    cfg = small_config()
+    cfg.train.learning_rate = -0.01
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(cfg, dataset.directory, str(tmp_path / "mutated"), progress=False)
+    assert not (tmp_path / "mutated").exists()
+    with pytest.raises(TypeError, match="config must be a ctrkit.config.Config"):
+        train(cfg.data, dataset.directory, str(tmp_path / "data_section"), progress=False)
+
+    np.random.seed(123), random.seed(123)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(123), random.seed(123)
+    assert not determinism_enabled()
+    # numpy integers are whole numbers too (they failed at the first log line)
+    train(small_config(deterministic=True), dataset.directory, str(tmp_path / "ok"), windows=np.arange(2),
+          progress=False)
+    assert (np.random.rand(), random.random()) == expected
+    assert not determinism_enabled()
+
+
 def test_warm_start_continues_from_the_previous_run(dataset, tmp_path) -> None:
     cfg = small_config()
     day1 = train(cfg, dataset.directory, str(tmp_path / "day1"), windows=[0, 1, 2], progress=False)
