@@ -478,9 +478,13 @@ def _runner_key(runner: str) -> str:
 
 def _local_runner(pipeline_args: list[str]) -> bool:
     """Whether the job runs on this machine (no --runner: ctrkit pins the FnApiRunner)."""
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    import argparse
 
-    runner = PipelineOptions(pipeline_args).view_as(StandardOptions).runner
+    # Not Beam's PipelineOptions: building one calls logging.basicConfig(), which left a root handler in the
+    # caller's process, so a notebook's own logging.basicConfig(level=INFO) afterwards did nothing.
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--runner")
+    runner = parser.parse_known_args(pipeline_args)[0].runner
     return runner is None or _runner_key(runner) in _LOCAL_RUNNERS
 
 

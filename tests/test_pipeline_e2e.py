@@ -10,6 +10,7 @@ import collections
 import glob
 import gzip
 import json
+import logging
 import os
 import shutil
 import stat
@@ -593,10 +594,16 @@ def test_overwrite_replaces_an_earlier_output_with_the_umask_mode(raw, work, tsv
     small = work / "overwrite_in.tsv"
     small.write_text("".join(open(raw["tsv"]).readlines()[:300]))
     old_umask = os.umask(0o027)
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, []  # a fresh notebook's root logger (pytest's own set aside)
     try:
         m = preprocess(_data_config(), [str(small)], str(out), overwrite=True)
+        # Beam's PipelineOptions, built to find the runner, called logging.basicConfig(): a notebook's own
+        # basicConfig(level=INFO) afterwards did nothing.
+        assert root.handlers == []
     finally:
         os.umask(old_umask)
+        root.handlers = handlers
     assert m.rows_read == 300 and Manifest.load(out).rows_read == 300
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o750
     assert not [p for p in os.listdir(work) if p.startswith(".out_overwritten.tmp")]
