@@ -68,6 +68,7 @@ class LoadedVersion:
     ignored_features: set[str] = field(default_factory=set)
     raw_sizes: dict[str, int] = field(default_factory=dict)  # raw feature → values per example (predict_raw)
     multivalued: dict[str, str | None] = field(default_factory=dict)  # raw column → separator (export info)
+    files_stamp: tuple[int, int, int] | None = None  # _tree_stamp of the files it was loaded from
 
 
 def _read_signature_defs(path: str) -> dict[str, Any]:
@@ -183,13 +184,15 @@ def _tree_stamp(path: str) -> tuple[int, int, int]:
 class ModelRegistry:
     """Watches ``BASE/NAME`` and keeps the newest ``num_versions`` complete versions loaded."""
 
-    def __init__(self, base_path: str, model_name: str, num_versions: int = 1, poll_seconds: float = 1.0):
+    def __init__(self, base_path: str, model_name: str, num_versions: int = 1, poll_seconds: float = 1.0,
+                 settle_seconds: float = 0.5):
         if num_versions < 1:
             raise ValueError(f"num_versions must be >= 1, got {num_versions}")
         self.model_name = model_name
         self.path = versions.model_dir(base_path, model_name)
         self.num_versions = num_versions
         self.poll_seconds = poll_seconds
+        self.settle_seconds = settle_seconds
         self._loaded: dict[int, LoadedVersion] = {}
         self._failed: dict[int, tuple[tuple[int, int, int], str]] = {}  # version → (_tree_stamp tried, error)
         self._incomplete: set[int] = set()  # versions reported incomplete (logged once, re-checked every poll)
@@ -201,9 +204,18 @@ class ModelRegistry:
     def poll_once(self) -> None:
         wanted = versions.list_versions(self.path)[-self.num_versions :]
         for v in wanted:
-            if v in self._loaded:
-                continue
             vdir = os.path.join(self.path, str(v))
+            current = self._loaded.get(v)
+            if current is not None:
+                try:
+                    if _tree_stamp(vdir) == current.files_stamp:
+                        continue
+                except OSError:
+                    continue  # deleted meanwhile: handled below
+                # Its files changed after it was loaded: a copy that was still writing when it looked complete
+                # (vocabularies half there) was served, wrongly, until the server restarted. Load it again.
+                log.warning("the files of version %s of %s changed since it was loaded; loading it again", v,
+                            self.model_name)
             # Not cached: a non-atomic copy (cp -r, rsync) fills variables/ without touching the version
             # directory's mtime, and is_complete is two stat calls.
             if not versions.is_complete(vdir):
@@ -214,6 +226,12 @@ class ModelRegistry:
             self._incomplete.discard(v)
             try:
                 stamp = _tree_stamp(vdir)
+                # saved_model.pb and the variable index are there, but a non-atomic copy (cp -r, gsutil, a
+                # network file system) may still be writing assets/ or assets.extra/: load only files that
+                # stayed the same for a moment.
+                time.sleep(self.settle_seconds)
+                if _tree_stamp(vdir) != stamp:
+                    continue  # still being written: the next poll looks again
             except OSError:
                 continue  # deleted meanwhile
             with self._lock:
@@ -226,6 +244,7 @@ class ModelRegistry:
                     self._failed[v] = (stamp, f"{type(e).__name__}: {e}")
                 log.error("could not load version %s of %s: %s", v, self.model_name, e)
                 continue
+            loaded.files_stamp = stamp
             with self._lock:  # one step, so a status request sees the version in one of the two
                 self._failed.pop(v, None)
                 self._loaded[v] = loaded
