@@ -777,6 +777,25 @@ def _check_same_run(run_dir: str, config: Config, data_dir: str, windows: list[s
         )
 
 
+def _check_same_data(run_dir: str, data_dir: str, manifest: Manifest, fingerprint: str | None) -> None:
+    """A resume must read the very data the run started on, not only a directory of the same name. A retry
+    after ``preprocess --overwrite`` rebuilt the output (an orchestrator clearing a task and what follows it),
+    or after a ``latest`` symlink moved, trained the first windows on one data set and the rest on another,
+    and finished with exit 0; with top-k vocabularies of unchanged size the embedding rows silently changed
+    tokens."""
+    info = read_run_info(run_dir)
+    differs = []
+    if not trained_on_data(info, data_dir):
+        differs.append(f"it resolves to {os.path.realpath(data_dir)}, the run's data was {info.get('data_realpath')}")
+    if "vocabulary_fingerprint" in info and info["vocabulary_fingerprint"] != fingerprint:
+        differs.append("its vocabularies differ")
+    if info.get("data_created_at") not in (None, manifest.created_at):
+        differs.append(f"it was written {manifest.created_at}, the run's data {info['data_created_at']}")
+    if differs:
+        raise InputError(f"--resume: {data_dir} is not the data this run trained on ({'; '.join(differs)}); resume "
+                         "it on that data, or start a new run (a new --run-dir) on this one")
+
+
 def _finished_run(run_dir: str, meta: dict[str, Any]) -> TrainResult:
     """The result of a run whose final checkpoint exists. A process killed between that checkpoint and its
     last run.json write left run.json "running", with no model or metrics: complete it from what the run
@@ -1028,6 +1047,7 @@ def _train(
     exports: list[str] = []
     if resume:
         _check_same_run(run_dir, config, data_dir, [manifest.windows[i].name for i in selected])
+        _check_same_data(run_dir, data_dir, manifest, fingerprint)
         with _load_checkpoint(latest) as (arrays, meta):
             if meta.get("finished"):
                 return _finished_run(run_dir, meta)
@@ -1075,6 +1095,7 @@ def _train(
         "status": "running",
         "config": config.name,
         "vocabulary_fingerprint": fingerprint,
+        "data_created_at": manifest.created_at or None,  # which writing of data_dir: checked by --resume
     }
     _write_json_atomic(run_json, run_info)
 

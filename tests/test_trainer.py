@@ -304,6 +304,35 @@ def test_export_base_path_in_the_config_publishes_without_an_export_fn(dataset, 
     assert published and result.exports == [f"{tmp_path / 'serving'}/ctr/{s}" for s in published]
 
 
+def test_resume_refuses_data_rewritten_or_moved_under_the_same_path(tmp_path) -> None:
+    """A retry after `preprocess --overwrite` rebuilt the data (or after a `latest` symlink moved) resumed on
+    the new data, trained the rest of the run on it and exited 0."""
+    import shutil
+
+    data = tmp_path / "day1"
+    write_dataset(data, windows=2, rows_per_window=400, seed=3)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-01T00:00:00+00:00"}))
+    shutil.copytree(data, tmp_path / "day1_copy")
+    latest = tmp_path / "latest"
+    latest.symlink_to(data)
+    run = str(tmp_path / "run")
+    train(small_config(), str(latest), run, max_steps=6, progress=False)  # a checkpoint at step 5
+
+    latest.unlink()
+    latest.symlink_to(tmp_path / "day1_copy")  # the same files, another output
+    with pytest.raises(InputError, match=r"not the data this run trained on \(it resolves to .*day1_copy"):
+        train(small_config(), str(latest), run, resume=True, progress=False)
+    latest.unlink()
+    latest.symlink_to(data)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-02T00:00:00+00:00"}))
+    with pytest.raises(InputError, match=r"it was written 2026-01-02T00:00:00\+00:00, the run's data 2026-01-01"):
+        train(small_config(), str(latest), run, resume=True, progress=False)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-01T00:00:00+00:00"}))
+    result = train(small_config(), str(latest), run, resume=True, progress=False)  # the same data: resumes
+    assert result.examples == 800
+
+
 @pytest.mark.parametrize("windows", [[1, 0], [WINDOWS], [-1], ["a"]])
 def test_bad_windows_are_refused_before_anything_is_written(dataset, tmp_path, windows) -> None:
     """They failed mid-run (an IndexError, or [1, 0] after run.json was written) and left a failed run that
