@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import glob as _glob
 import heapq
 import json
@@ -257,6 +258,35 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
         raise InputError(f"cannot write output directory {output_dir}: {e.strerror or e}") from e
 
 
+def _publish(work: str, final: str, overwrite: bool) -> None:
+    """Rename the finished local output into place.
+
+    Without ``overwrite`` only onto a missing or empty directory: a second job on the same ``--output``
+    (a task scheduled twice, a retry while the first attempt still ran) found it empty at its start, and the
+    later one deleted the earlier one's output, both exiting 0. With ``overwrite`` the old output is renamed
+    aside first and deleted last, so ``final`` holds one whole output at every moment: a job killed while
+    deleting it left the old output half deleted, its manifest.json still saying it was complete.
+    """
+    try:
+        if not overwrite or not os.path.isdir(final):
+            os.rename(work, final)  # rename(2) fails on a non-empty target directory
+            return
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        os.rename(final, os.path.join(aside, "output"))
+        try:
+            os.rename(work, final)
+        except OSError:
+            os.rename(os.path.join(aside, "output"), final)
+            os.rmdir(aside)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise InputError(f"output directory {final} was filled by another job while this one ran (two "
+                             "preprocess jobs on one --output?); this job's output is discarded") from None
+        raise
+
+
 def analysis_windows(config: DataConfig, files: list[str]) -> list[int] | None:
     """Window ids TFT analyzes (``data.analyze_windows``); None = all.
 
@@ -410,9 +440,7 @@ def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, tra
         final = work if _remote(work) else os.path.abspath(output_dir)
         if final != work:
             chmod_like_mkdir(work)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.rename(work, final)
+            _publish(work, final, overwrite)
     except BaseException:
         fs.rmtree(work)
         raise

@@ -609,6 +609,27 @@ def test_overwrite_replaces_an_earlier_output_with_the_umask_mode(raw, work, tsv
     assert not [p for p in os.listdir(work) if p.startswith(".out_overwritten.tmp")]
 
 
+def test_a_job_does_not_replace_an_output_another_job_published_meanwhile(raw, work, tsv_out, monkeypatch):
+    """Two jobs on one --output both found it empty at their start; the later one deleted the earlier one's
+    output and both exited 0."""
+    from ctrkit.pipelines import preprocess, runner
+
+    out = work / "out_raced"
+    small = work / "raced_in.tsv"
+    small.write_text("".join(open(raw["tsv"]).readlines()[:200]))
+    finish = runner._finish
+
+    def other_job_publishes_first(*args, **kwargs):
+        finish(*args, **kwargs)
+        shutil.copytree(tsv_out, out)  # the other job renames its output into place just before this one
+
+    monkeypatch.setattr(runner, "_finish", other_job_publishes_first)
+    with pytest.raises(InputError, match="was filled by another job while this one ran"):
+        preprocess(_data_config(), [str(small)], str(out))
+    assert Manifest.load(out).rows_read == Manifest.load(tsv_out).rows_read  # the other job's output, whole
+    assert not [p for p in os.listdir(work) if p.startswith(".out_raced.")]
+
+
 def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
     """Zero rows written used to exit 0 and fail only later, at `ctrkit train` ("no windows")."""
     from ctrkit.pipelines import preprocess
