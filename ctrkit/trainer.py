@@ -598,15 +598,25 @@ def make_train_step(
 
 
 # -- the trainer -------------------------------------------------------------------------------------------
-def _configured_export(config: Config, run_dir: str) -> ExportFn:
+def _configured_export(config: Config, run_dir: str, manifest: Manifest) -> ExportFn:
     """What the config's ``export`` section names: TF Serving versions under ``export.base_path`` (with the
-    downsampling correction of ``calibration.downsampling_rate``), else ``RUN/models/<step>.keras``."""
+    downsampling correction of ``calibration.downsampling_rate``), else ``RUN/models/<step>.keras``.
+
+    The versions' warmup requests come from the raw rows the pipeline read (the manifest records its
+    inputs), read once here: when those logs are gone (cleaned up after preprocessing) the run fails at
+    its start, not after its first window."""
     ec = config.export
     if not ec.base_path:
         return _default_export(run_dir)
-    from ctrkit.serving.export import make_export_fn
+    from ctrkit.serving.export import ExportError, make_export_fn, raw_rows_from_manifest
 
-    return make_export_fn(ec.base_path, ec.model_name, ec.keep_versions,
+    try:
+        warmup = raw_rows_from_manifest(manifest)
+    except ExportError as e:
+        raise InputError(f"export.base_path is set, so each TF Serving version gets warmup requests built from the "
+                         f"raw logs the pipeline read, but {e}. Keep the logs until training ends, or train without "
+                         "export.base_path and export afterwards") from None
+    return make_export_fn(ec.base_path, ec.model_name, ec.keep_versions, warmup_examples=warmup,
                           downsampling_rate=config.calibration.downsampling_rate)
 
 
@@ -1022,6 +1032,10 @@ def _train(
     elif not resume:
         _refuse_foreign_run_dir(run_dir)  # again, under the lock
 
+    # Before anything is written: a configured export that cannot build its warmup requests failed only at the
+    # end of the first window.
+    export_to = export_fn or _configured_export(config, run_dir, manifest)
+
     # Distillation source: a teacher model scoring each batch, or the manifest's teacher-logit column.
     dc = config.distill
     teacher_fn = None
@@ -1131,7 +1145,6 @@ def _train(
 
     train_step = make_train_step(config, model, optimizer, teacher_fn, distill_scale)
 
-    export_to = export_fn or _configured_export(config, run_dir)
 
     def export(model: Any, manifest: Manifest, step: int) -> str:
         if step in published:

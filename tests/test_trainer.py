@@ -299,8 +299,15 @@ def test_export_base_path_in_the_config_publishes_without_an_export_fn(dataset, 
     monkeypatch.setattr(export, "make_export_fn", fake_make_export_fn)
     cfg = Config.from_dict({**small_config().to_dict(), "calibration": {"downsampling_rate": 0.5},
                             "export": {"base_path": str(tmp_path / "serving"), "model_name": "ctr", "keep_versions": 2}})
+    # The warmup requests come from the raw logs the manifest records; these generated data have none (as when
+    # the logs were cleaned up after preprocessing): refused before training, not after the first window.
+    with pytest.raises(InputError, match="export.base_path is set, so each TF Serving version gets warmup requests"):
+        train(cfg, dataset.directory, str(tmp_path / "no_logs"), windows=[0, 1], progress=False)
+    assert os.listdir(tmp_path / "no_logs") == [".lock"]
+    rows = [{"c0": "a"}]
+    monkeypatch.setattr(export, "raw_rows_from_manifest", lambda manifest: rows)
     result = train(cfg, dataset.directory, str(tmp_path / "run"), windows=[0, 1], progress=False)
-    assert made == [(str(tmp_path / "serving"), "ctr", 2, {"downsampling_rate": 0.5})]
+    assert made == [(str(tmp_path / "serving"), "ctr", 2, {"warmup_examples": rows, "downsampling_rate": 0.5})]
     assert published and result.exports == [f"{tmp_path / 'serving'}/ctr/{s}" for s in published]
 
 
