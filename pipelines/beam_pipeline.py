@@ -64,11 +64,22 @@ class _ReadFile(beam.DoFn):
         self._padded = beam.metrics.Metrics.counter(NAMESPACE, "rows_padded")
 
     def process(self, element):
+        index, path, line_offset = element
+        counts = {"rows_padded": 0}
+        # The reader's warnings (an unterminated quote swallowing lines) go to the worker's log, which the
+        # driver never shows (a child process, a remote worker): they travel with the file's stats.
+        warnings = _WarningsKept()
+        reading_log = logging.getLogger("ctrkit.pipelines.reading")
+        reading_log.addHandler(warnings)
+        try:
+            yield from self._read_file(index, path, line_offset, counts, warnings)
+        finally:
+            reading_log.removeHandler(warnings)
+
+    def _read_file(self, index, path, line_offset, counts, warnings):
         from ctrkit.pipelines.reading import read_file
 
-        index, path, line_offset = element
         n_valid = n_rejected = 0
-        counts = {"rows_padded": 0}
         for clean, rejected in read_file(path, index, self._config, counts):
             n_valid += clean.num_rows
             n_rejected += len(rejected)
@@ -90,7 +101,20 @@ class _ReadFile(beam.DoFn):
                  path, n_valid + n_rejected, n_valid, n_padded, n_rejected)
         yield beam.pvalue.TaggedOutput("stats", {"file": path, "rows_read": n_valid + n_rejected,
                                                  "rows_valid": n_valid, "rows_rejected": n_rejected,
-                                                 "rows_padded": n_padded, "pid": os.getpid()})
+                                                 "rows_padded": n_padded, "pid": os.getpid(),
+                                                 "warnings": warnings.messages})
+
+
+class _WarningsKept(logging.Handler):
+    """Keeps the messages of WARNING and above (the first 20 of them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < 20:
+            self.messages.append(record.getMessage())
 
 
 class ReadRawLogs(beam.PTransform):

@@ -688,6 +688,9 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
     rows_read = sum(s["rows_read"] for s in stats)
     rows_rejected = sum(s["rows_rejected"] for s in stats)
     rows_padded = sum(s["rows_padded"] for s in stats)
+    # Said here, by the driver: the workers that read the files log where the user does not look.
+    for message in dict.fromkeys(m for s in stats for m in s.get("warnings", ())):
+        log.warning("%s", message)
     rows_written = sum(s["rows"] for s in shards)
     if len(stats) != len(files):
         raise RuntimeError(f"pipeline reported on {len(stats)} of {len(files)} input files")

@@ -630,6 +630,25 @@ def test_a_job_does_not_replace_an_output_another_job_published_meanwhile(raw, w
     assert not [p for p in os.listdir(work) if p.startswith(".out_raced.")]
 
 
+def test_the_readers_warnings_reach_the_driver(work, caplog):
+    """The job runs in a child process (and its readers in Beam workers): a warning such as an unterminated
+    quote swallowing 29 lines into one rejected row went to a log nobody saw, and the CLI said only
+    "1 rejected"."""
+    from ctrkit.pipelines import preprocess
+    from ctrkit.schema import ColumnSpec
+
+    good = [f"{i % 2},{i},c{i}" for i in range(40)]
+    path = work / "unterminated.csv"
+    path.write_text("\n".join(["label,x,c"] + good[:12] + ['1,5,"unterminated'] + good[12:]) + "\n")
+    config = DataConfig(format="csv", window_rows=100,
+                        columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"), ColumnSpec("c")])
+    with caplog.at_level("WARNING", logger="ctrkit.pipelines"):
+        m = preprocess(config, [str(path)], str(work / "out_unterminated"))
+    assert m.rows_rejected == 1
+    warned = [r.getMessage() for r in caplog.records if r.name == "ctrkit.pipelines"]
+    assert any("line 14 runs over 29 lines" in w and "unterminated quote" in w for w in warned), warned
+
+
 def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
     """Zero rows written used to exit 0 and fail only later, at `ctrkit train` ("no windows")."""
     from ctrkit.pipelines import preprocess
