@@ -75,7 +75,7 @@ def score_stream(
     labels, probs, logits, segs = [], [], [], []
     selected = range(len(manifest.windows)) if windows is None else windows
     bar = tqdm(total=sum(manifest.windows[i].rows for i in selected), desc=progress, unit="ex",
-               disable=progress is None, dynamic_ncols=True, leave=False)
+               disable=True if progress is None else None, dynamic_ncols=True, leave=False)  # None: terminals only
     for batch in iterate_batches(manifest, batch_size, windows=windows):
         p, z = predict(batch.features)
         bar.update(batch.count)
@@ -319,6 +319,10 @@ def replace_run_model(model: Any, run_dir: str) -> str:
 
     keep = os.path.join(run_dir, UNCALIBRATED_MODEL)
     if not os.path.exists(keep):
-        shutil.copy2(os.path.join(run_dir, RUN_MODEL), keep)
+        # Copied under another name and renamed: an interrupted copy left a truncated file under the final
+        # name, which every later calibrate took for the kept model, so the model as trained was lost.
+        tmp = keep + ".tmp"
+        shutil.copy2(os.path.join(run_dir, RUN_MODEL), tmp)
+        os.replace(tmp, keep)
     return save_run_model(model, run_dir)
 

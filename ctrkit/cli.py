@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     configure_process()  # before any command imports TensorFlow: its allocator reads the environment once
+    for stream in (sys.stdout, sys.stderr):
+        # Under an ASCII locale (LC_ALL=C, PYTHONUTF8=0) the first "→" in a report line raised
+        # UnicodeEncodeError and failed the command; such characters are escaped instead.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -64,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        hint = "; continue it with the same command and --resume" if args.command == "train" else ""
+        # Only when there is a run to resume: one stopped before run.json was written starts again as it was.
+        hint = ("; continue it with the same command and --resume" if args.command == "train" and
+                os.path.exists(os.path.join(getattr(args, "run_dir", ""), "run.json")) else "")
         print(f"ctrkit {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as e:  # noqa: BLE001 - user-facing errors are one line; --debug shows the trace

@@ -202,21 +202,53 @@ def test_scoring_several_models_once_each_raises_no_retracing_warning(setup) -> 
     assert len(_SCORERS) <= 1  # a scored model that is gone takes its compiled function with it
 
 
-def test_calibrate_shows_progress_of_the_scoring_it_waits_on(setup, capsys) -> None:
-    """Scoring the held-out stream twice is calibrate's long part, and it used to show nothing."""
+def test_calibrate_shows_progress_of_the_scoring_it_waits_on(setup, capsys, monkeypatch) -> None:
+    """Scoring the held-out stream twice is calibrate's long part, and it used to show nothing; on a
+    terminal only (in an orchestrator's log file each redraw was another line)."""
     import shutil
+    import sys
 
     root, run, holdout, _ = setup
     run_dir = str(root / "cli_progress")
     shutil.copytree(run.run_dir, run_dir)
     total = sum(w.rows for w in holdout.manifest.windows)
-    assert main(["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP)]) == 0
+    argv = ["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP)]
+    assert main(argv) == 0
+    assert "scoring" not in capsys.readouterr().err  # stderr is not a terminal here
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
     err = capsys.readouterr().err
     for stage in ("scoring before calibration", "scoring after calibration"):
         assert stage in err and f"/{total}" in err.split(stage, 1)[1].split("\r", 1)[0]
-    assert main(["calibrate", run_dir, "--data", holdout.directory, "--downsampling-rate", str(KEEP),
-                 "--no-progress"]) == 0
+    assert main([*argv, "--no-progress"]) == 0
     assert "scoring" not in capsys.readouterr().err
+
+
+def test_an_interrupted_copy_of_the_model_as_trained_is_not_kept_as_it(setup, monkeypatch) -> None:
+    """An interrupted copy to model_uncalibrated.keras left a truncated file under that name, which every
+    later calibrate took for the kept model: the model as trained was lost."""
+    import shutil
+
+    from ctrkit import calibrate
+
+    root, run, _, _ = setup
+    run_dir = root / "copy_interrupted"
+    shutil.copytree(run.run_dir, run_dir)
+    copy2 = shutil.copy2
+
+    def interrupted(src, dst):
+        with open(src, "rb") as f, open(dst, "wb") as out:
+            out.write(f.read(100))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copy2", interrupted)
+    model = load_run_model(str(run_dir))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.replace_run_model(model, str(run_dir))
+    assert not (run_dir / "model_uncalibrated.keras").exists()
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    calibrate.replace_run_model(model, str(run_dir))
+    assert (run_dir / "model_uncalibrated.keras").read_bytes() == (root / run.run_dir / "model.keras").read_bytes()
 
 
 def test_closed_form_on_downsampled_held_out_windows_reports_the_reweighted_ratio(setup, capsys) -> None:

@@ -152,3 +152,24 @@ def test_a_full_disk_or_read_only_file_system_is_a_one_line_error(monkeypatch, c
         assert main(["train", "--config", "small", "--data", "D", "--run-dir", "R", "--no-progress"]) == 1
         err = capsys.readouterr().err
         assert err == f"ctrkit train: error: [Errno {code}] {text}: '/runs/r/batches.jsonl'\n"
+
+
+def test_output_under_an_ascii_locale_escapes_what_it_cannot_encode(tmp_path) -> None:
+    """`ctrkit run` failed with UnicodeEncodeError on its first line ("→") under LC_ALL=C, PYTHONUTF8=0."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys\n"
+        "from ctrkit import cli\n"
+        "p = argparse.ArgumentParser(); s = p.add_subparsers(dest='command').add_parser('x')\n"
+        "s.set_defaults(func=lambda args: print('raw logs \\u2192 data'))\n"  # ASCII source text
+        "cli.build_parser = lambda: p\n"
+        "sys.exit(cli.main(['x']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.strip() == rb"raw logs \u2192 data"

@@ -56,8 +56,11 @@ def test_smelu_reduces_prediction_difference_against_relu(pd_runs) -> None:
     assert smelu < 0.9 * relu
 
 
-def test_compare_command_reports_pd_as_json(pd_runs, capsys) -> None:
+def test_compare_command_reports_pd_as_json(pd_runs, capsys, monkeypatch) -> None:
+    import sys
+
     runs, test = pd_runs
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress bars show on a terminal only
     assert main(["compare", runs["relu", 0], runs["relu", 1], "--data", test.directory, "--json"]) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)  # the progress bars go to stderr, so stdout stays one JSON document

@@ -340,6 +340,13 @@ def test_resume_refuses_data_rewritten_or_moved_under_the_same_path(tmp_path) ->
     assert result.examples == 800
 
 
+def test_no_progress_bar_when_stderr_is_not_a_terminal(dataset, tmp_path, capsys) -> None:
+    """Under an orchestrator stderr is a log file: each bar redraw went into it."""
+    train(small_config(), dataset.directory, str(tmp_path / "run"), windows=[0], progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "ex/s" not in err, err[-500:]
+
+
 @pytest.mark.parametrize("windows", [[1, 0], [WINDOWS], [-1], ["a"]])
 def test_bad_windows_are_refused_before_anything_is_written(dataset, tmp_path, windows) -> None:
     """They failed mid-run (an IndexError, or [1, 0] after run.json was written) and left a failed run that
