@@ -609,7 +609,9 @@ def _configured_export(config: Config, run_dir: str, manifest: Manifest) -> Expo
     if not ec.base_path:
         return _default_export(run_dir)
     from ctrkit.serving.export import ExportError, make_export_fn, raw_rows_from_manifest
+    from ctrkit.serving.versions import model_dir
 
+    model_dir(ec.base_path, ec.model_name)  # a path TensorFlow cannot export to fails now, not after a window
     try:
         warmup = raw_rows_from_manifest(manifest)
     except ExportError as e:

@@ -222,6 +222,11 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
     the final rename is atomic), or the remote ``output_dir`` itself."""
     if not output_dir.strip():
         raise InputError("the output directory is an empty string (an unset variable?); name a directory")
+    if any(c in output_dir for c in "*?["):
+        # Beam's file writing matches its temporary files with a pattern built from this path: the job failed
+        # with a traceback after all its work.
+        raise InputError(f"output directory {output_dir} holds * ? or [, which Beam reads as a file pattern; "
+                         "choose a path without them")
     if _remote(output_dir):
         fs = _FS(True)
         entries = fs.listdir(output_dir)

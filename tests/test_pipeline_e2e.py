@@ -519,7 +519,7 @@ def test_failure_inside_the_job_leaves_no_output(work):
 
 # -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
 @pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown", "value",
-                                  "runner", "inside", "truncated", "foreign", "blank", "symlink", "cwd"])
+                                  "runner", "inside", "truncated", "foreign", "blank", "symlink", "cwd", "glob"])
 def test_cli_one_line_errors(raw, work, case):
     empty = work / "empty.tsv"
     empty.write_bytes(b"")
@@ -551,6 +551,7 @@ def test_cli_one_line_errors(raw, work, case):
         "blank": (["--input", raw["tsv"], "--output", "", "--overwrite"], "the output directory is an empty string"),
         "symlink": (["--input", raw["tsv"], "--output", str(link), "--overwrite"], "is a symbolic link"),
         "cwd": (["--input", raw["tsv"], "--output", os.getcwd()], "is the current directory or holds it"),
+        "glob": (["--input", raw["tsv"], "--output", str(work / "o9[1]")], "holds * ? or [, which Beam reads"),
         "missing": (["--input", str(work / "nope*.tsv"), "--output", str(work / "o1")], "matches no files"),
         "empty": (["--input", str(empty), "--output", str(work / "o2")], "input is empty"),
         "unwritable": (["--input", raw["tsv"], "--output", str(blocker / "out")], "cannot write output directory"),
@@ -581,7 +582,7 @@ def test_cli_one_line_errors(raw, work, case):
     assert len(err) == 1 and message in err[0], proc.stderr
     assert err[0].startswith("ctrkit preprocess: error:")
     assert (occupied / "keep.txt").exists() and (holder / "in.tsv").exists()
-    assert not any((work / o).exists() for o in ("o4", "o5", "o6", "o7", "o8"))
+    assert not any((work / o).exists() for o in ("o4", "o5", "o6", "o7", "o8", "o9[1]"))
 
 
 def test_overwrite_replaces_an_earlier_output_with_the_umask_mode(raw, work, tsv_out):

@@ -66,6 +66,8 @@ def test_non_integer_entries_are_not_versions(tmp_path):
     assert versions.list_versions(path) == [3, 10]
     with pytest.raises(ValueError):
         versions.model_dir(str(tmp_path), "../escape")
+    with pytest.raises(ValueError, match=r"holds \* \? or \[, which TensorFlow reads as a file pattern"):
+        versions.model_dir(str(tmp_path / "models[1]"), "m")  # the export's reload check failed on it
 
 
 def test_prune_survives_a_doomed_directory_a_killed_rmtree_left(tmp_path):
