@@ -382,29 +382,51 @@ def test_the_ptransforms_compose_as_their_docstring_shows(raw, tsv_out, work, tm
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL", "SIGTERM-multi-processing"])
 def test_killing_preprocess_stops_its_worker(raw, work, sig):
     """Killing `ctrkit preprocess` left its Beam worker running on to the end, writing a hidden output
     directory nobody collected. SIGTERM: the command stops the worker and cleans up; SIGKILL (no cleanup
-    possible): the worker gets SIGTERM from the kernel as its parent dies."""
+    possible): the worker gets SIGTERM from the kernel as its parent dies. With Beam's multi-processing
+    workers, SIGTERM left those running for minutes."""
     import signal
     import time
 
+    multi = sig.endswith("multi-processing")
     out = work / f"out_{sig}"
-    proc = subprocess.Popen([sys.executable, "-m", "ctrkit.cli", "preprocess", "--config", raw["config"], "--input",
-                             raw["tsv"], "--input", raw["later"], "--output", str(out)],
+    inputs = ["--input", raw["tsv"], "--input", raw["later"]]
+    beam_args = []
+    if multi:  # Beam starts its workers ~10 s in: a log long enough to be killed while they run
+        big = work / "kill_multi.tsv"
+        synthetic.write_tsv(synthetic.generate(30_000, timestamp=False), str(big))
+        inputs = ["--input", str(big)]
+        beam_args = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    proc = subprocess.Popen([sys.executable, "-m", "ctrkit.cli", "preprocess", "--config", raw["config"], *inputs,
+                             "--output", str(out), *beam_args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    children_file = f"/proc/{proc.pid}/task/{proc.pid}/children"
+
+    def children_of(pid) -> list[str]:  # of every thread: Beam starts its workers from another one
+        found = []
+        for path in glob.glob(f"/proc/{pid}/task/*/children"):
+            try:
+                found += open(path).read().split()
+            except FileNotFoundError:
+                pass
+        return found
+
     deadline, children = time.time() + 120, []
     while time.time() < deadline and proc.poll() is None and not children:
         time.sleep(0.1)
-        children = open(children_file).read().split() if os.path.exists(children_file) else []
+        children = children_of(proc.pid)
+        if multi and children:  # wait for Beam's workers: python under /bin/sh under the job's process
+            below = [g for c in children for g in children_of(c)]
+            below += [g for c in below for g in children_of(c)]
+            children = children + below if len(below) >= 4 else []
     assert children and proc.poll() is None, "the worker process never started"
     time.sleep(3)  # let the worker get into the job
-    proc.send_signal(getattr(signal, sig))
+    proc.send_signal(getattr(signal, sig.split("-")[0]))
     _, err = proc.communicate(timeout=120)
-    if sig == "SIGTERM":
+    if sig.startswith("SIGTERM"):
         assert proc.returncode == 143 and "ctrkit preprocess: terminated (SIGTERM)" in err, err[-2000:]
 
     def alive(pid: str) -> bool:
@@ -417,7 +439,7 @@ def test_killing_preprocess_stops_its_worker(raw, work, sig):
     while time.time() < deadline and any(alive(c) for c in children):
         time.sleep(0.2)
     assert not any(alive(c) for c in children)
-    if sig == "SIGTERM":
+    if sig.startswith("SIGTERM"):
         assert not [p for p in os.listdir(work) if p.startswith((out.name, f".{out.name}"))]
 
 
