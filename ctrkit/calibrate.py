@@ -75,7 +75,7 @@ def score_stream(
     labels, probs, logits, segs = [], [], [], []
     selected = range(len(manifest.windows)) if windows is None else windows
     bar = tqdm(total=sum(manifest.windows[i].rows for i in selected), desc=progress, unit="ex",
-               disable=True if progress is None else None, dynamic_ncols=True, leave=False)  # None: terminals only
+               disable=progress is None, dynamic_ncols=True, leave=False)
     for batch in iterate_batches(manifest, batch_size, windows=windows):
         p, z = predict(batch.features)
         bar.update(batch.count)

@@ -1161,9 +1161,7 @@ def _train(
     total_rows = sum(manifest.windows[i].rows for i in selected)
     from tqdm import tqdm
 
-    # disable=None: no bar when stderr is not a terminal, where each redraw became another line of an
-    # orchestrator's log file.
-    bar = tqdm(total=total_rows, initial=examples, unit="ex", disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(total=total_rows, initial=examples, unit="ex", disable=not progress, dynamic_ncols=True)
     log_b = open(batches_log, "a", encoding="utf-8")
     log_m = open(metrics_log, "a", encoding="utf-8")
     # Lines in the logs so far (after a resume: what the checkpoint kept); a checkpoint records them.

@@ -1,6 +1,8 @@
 """Count and size arguments are checked by argparse (one line naming the argument, exit 2) before any work."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -173,3 +175,43 @@ def test_output_under_an_ascii_locale_escapes_what_it_cannot_encode(tmp_path) ->
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout.strip() == rb"raw logs \u2192 data"
+
+
+def test_run_publishes_only_the_student_when_the_config_sets_a_base_path(tmp_path, monkeypatch) -> None:
+    """With export.base_path set, train() publishes TF Serving versions by itself: the baseline and the
+    second-seed student of `ctrkit run` then published under the student's model name and pruned its versions.
+    Training and preprocessing are replaced: only which run gets which export is checked."""
+    import types
+
+    import ctrkit.compare
+    import ctrkit.pipelines
+    import ctrkit.trainer
+    from ctrkit.manifest import Manifest
+    from ctrkit.testing import write_dataset
+
+    data = write_dataset(tmp_path / "data", windows=3, rows_per_window=50)
+    monkeypatch.setattr(ctrkit.pipelines, "preprocess", lambda *a, **k: Manifest.load(data.directory))
+    calls = []
+
+    def fake_train(config, data_dir, run_dir, export_fn=None, **kwargs):
+        calls.append((os.path.basename(run_dir), config.export.base_path, export_fn is not None))
+        return types.SimpleNamespace(steps=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(ctrkit.trainer, "train", fake_train)
+    monkeypatch.setattr(ctrkit.compare, "compare_runs", stop)
+    config = tmp_path / "c.yaml"
+    from ctrkit.config import load_config
+
+    quickstart = load_config("quickstart").to_dict()
+    config.write_text(yaml.safe_dump({**quickstart, "export": {**quickstart["export"],
+                                                               "base_path": str(tmp_path / "serving")}}))
+    with pytest.raises(Stop):
+        main(["run", "--config", str(config), "--rows", "300", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    assert calls == [("teacher", None, False), ("student", str(tmp_path / "serving"), True),
+                     ("student_no_distillation", None, False), ("student_seed2", None, False)]

@@ -340,11 +340,20 @@ def test_resume_refuses_data_rewritten_or_moved_under_the_same_path(tmp_path) ->
     assert result.examples == 800
 
 
-def test_no_progress_bar_when_stderr_is_not_a_terminal(dataset, tmp_path, capsys) -> None:
-    """Under an orchestrator stderr is a log file: each bar redraw went into it."""
-    train(small_config(), dataset.directory, str(tmp_path / "run"), windows=[0], progress=True)
+def test_the_command_draws_no_progress_bar_when_stderr_is_not_a_terminal(dataset, tmp_path, capsys) -> None:
+    """Under an orchestrator stderr is a log file: each bar redraw went into it. From Python (a notebook,
+    whose stderr is no terminal either) progress=True still draws it."""
+    import yaml
+
+    from ctrkit.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(small_config().to_dict()))
+    assert main(["train", "--config", str(config), "--data", dataset.directory, "--run-dir", str(tmp_path / "cli")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "ex/s" not in err, err[-500:]
+    train(small_config(), dataset.directory, str(tmp_path / "lib"), windows=[0], progress=True)
+    assert "ex/s" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("windows", [[1, 0], [WINDOWS], [-1], ["a"]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                           "where it reads better calibrated than on new data. Keep the last windows out of training "
                           f"(ctrkit train --windows=:-{cal.holdout_windows}) or calibrate on later data.", CtrkitWarning,
                           stacklevel=2)
-        report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress)
+        report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress and sys.stderr.isatty())
         report["windows"] = [manifest.windows[i].name for i in windows]
         final = replace_run_model(model, args.run_dir)
         with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:

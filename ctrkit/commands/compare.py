@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     windows = window_indices(Manifest.load(args.data), args.windows) if args.windows else None
     report = compare_runs(args.run_a, args.run_b, args.data, windows, uncalibrated=args.uncalibrated,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

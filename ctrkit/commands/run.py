@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         )
     os.makedirs(run_dir, exist_ok=True)
     stages = _Stages(9)
-    progress = not args.no_progress
+    progress = not args.no_progress and sys.stderr.isatty()  # no bar redraws in a log file
     print(f"ctrkit run → {run_dir}", flush=True)
 
     # 1. data
@@ -178,13 +179,17 @@ def run(args: argparse.Namespace) -> int:
     student = train(student_cfg, data_dir, student_dir, windows=train_windows, progress=progress, export_fn=export_fn)
 
     # 5. the same student without distillation
-    baseline_cfg = dataclasses.replace(config, distill=config.distill.disabled())
+    # Only the student publishes TF Serving versions (its export_fn): the baseline and the second seed, trained
+    # only to compare, would otherwise publish under the same model name and prune the student's versions.
+    unpublished = dataclasses.replace(config.export, base_path=None)
+    baseline_cfg = dataclasses.replace(config, distill=config.distill.disabled(), export=unpublished)
     baseline_dir = os.path.join(run_dir, "student_no_distillation")
     stages.start("baseline", "training the same student without distillation (for comparison)")
     baseline = train(baseline_cfg, data_dir, baseline_dir, windows=train_windows, progress=progress)
 
     # 6. another seed, for the prediction difference
-    seed_cfg = dataclasses.replace(student_cfg, train=dataclasses.replace(config.train, seed=config.train.seed + 1))
+    seed_cfg = dataclasses.replace(student_cfg, train=dataclasses.replace(config.train, seed=config.train.seed + 1),
+                                   export=unpublished)
     seed_dir = os.path.join(run_dir, "student_seed2")
     stages.start("seed", "training the distilled student with another seed (reproducibility: PD)")
     train(seed_cfg, data_dir, seed_dir, windows=train_windows, progress=progress)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             warm_start=args.warm_start,
             windows=windows,
-            progress=not args.no_progress,
+            progress=not args.no_progress and sys.stderr.isatty(),  # no bar redraws in a log file
             step_delay=args.sleep_per_step,
             max_steps=args.max_steps,
         )
