@@ -797,7 +797,9 @@ def _check_same_data(run_dir: str, data_dir: str, manifest: Manifest, fingerprin
     tokens."""
     info = read_run_info(run_dir)
     differs = []
-    if not trained_on_data(info, data_dir):
+    # Where the data is matters only for runs that did not record which writing of it they read: the same
+    # output moved to another disk and linked back is the same data.
+    if "data_created_at" not in info and not trained_on_data(info, data_dir):
         differs.append(f"it resolves to {os.path.realpath(data_dir)}, the run's data was {info.get('data_realpath')}")
     if "vocabulary_fingerprint" in info and info["vocabulary_fingerprint"] != fingerprint:
         differs.append("its vocabularies differ")
@@ -952,7 +954,9 @@ def _op_determinism(deterministic: bool) -> Any:
 def _refuse_foreign_run_dir(run_dir: str) -> None:
     """A new run writes config.yaml, its logs and checkpoints/ in ``run_dir`` and prunes old checkpoints: in
     a directory of other files (".", a project folder) it overwrote and deleted them."""
-    foreign = sorted(e for e in os.listdir(run_dir) if e != ".lock")
+    # Hidden entries (.gitkeep, .ipynb_checkpoints, .lock) and a mount point's lost+found are not files a run
+    # would overwrite.
+    foreign = sorted(e for e in os.listdir(run_dir) if not e.startswith(".") and e != "lost+found")
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise InputError(f"--run-dir {run_dir} is not empty and holds no ctrkit run ({shown}); a new run needs a "
@@ -1034,9 +1038,9 @@ def _train(
     elif not resume:
         _refuse_foreign_run_dir(run_dir)  # again, under the lock
 
-    # Before anything is written: a configured export that cannot build its warmup requests failed only at the
-    # end of the first window.
-    export_to = export_fn or _configured_export(config, run_dir, manifest)
+    # Before anything is written (a resumed run: once it is known not to be finished already): a configured
+    # export that cannot build its warmup requests failed only at the end of the first window.
+    export_to = None if resume else export_fn or _configured_export(config, run_dir, manifest)
 
     # Distillation source: a teacher model scoring each batch, or the manifest's teacher-logit column.
     dc = config.distill
@@ -1067,6 +1071,7 @@ def _train(
         with _load_checkpoint(latest) as (arrays, meta):
             if meta.get("finished"):
                 return _finished_run(run_dir, meta)
+            export_to = export_fn or _configured_export(config, run_dir, manifest)
             state.restore(arrays, meta["weight_names"], latest)
         step, examples, windows_done = meta["step"], meta["examples"], meta["windows_done"]
         position = Position.from_dict(meta["position"])

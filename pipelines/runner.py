@@ -223,7 +223,7 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
     the final rename is atomic), or the remote ``output_dir`` itself."""
     if not output_dir.strip():
         raise InputError("the output directory is an empty string (an unset variable?); name a directory")
-    if any(c in output_dir for c in "*?["):
+    if any(c in (output_dir if _remote(output_dir) else os.path.abspath(output_dir)) for c in "*?["):
         # Beam's file writing matches its temporary files with a pattern built from this path: the job failed
         # with a traceback after all its work.
         raise InputError(f"output directory {output_dir} holds * ? or [, which Beam reads as a file pattern; "
@@ -238,13 +238,13 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
             _refuse_foreign_output(output_dir, entries)
         fs.rmtree(output_dir)
         return output_dir
-    if os.path.islink(output_dir):
+    if os.path.islink(os.path.abspath(output_dir)):  # abspath: "link/" names the link's target
         # The finished output is renamed into place: that would replace the link, or fail on it, after the job.
         raise InputError(f"output {output_dir} is a symbolic link (to {os.path.realpath(output_dir)}); name a "
                          "real directory")
     output_dir = os.path.abspath(output_dir)
-    cwd = os.getcwd()
-    if (cwd + os.sep).startswith(output_dir.rstrip(os.sep) + os.sep):
+    cwd = os.getcwd()  # a real path: compared with the output's, through any symlinked parent
+    if (cwd + os.sep).startswith(os.path.realpath(output_dir).rstrip(os.sep) + os.sep):
         raise InputError(f"output {output_dir} is the current directory or holds it; the finished output would "
                          "replace it: name a directory beside or below it")
     if os.path.exists(output_dir):

@@ -208,10 +208,13 @@ class ModelRegistry:
             current = self._loaded.get(v)
             if current is not None:
                 try:
-                    if _tree_stamp(vdir) == current.files_stamp:
-                        continue
+                    now = _tree_stamp(vdir)
                 except OSError:
                     continue  # deleted meanwhile: handled below
+                with self._lock:
+                    tried = self._failed.get(v, (None,))[0]
+                if now in (current.files_stamp, tried):
+                    continue  # unchanged, or changed into files that already failed to load (said once)
                 # Its files changed after it was loaded: a copy that was still writing when it looked complete
                 # (vocabularies half there) was served, wrongly, until the server restarted. Load it again.
                 log.warning("the files of version %s of %s changed since it was loaded; loading it again", v,
@@ -226,6 +229,9 @@ class ModelRegistry:
             self._incomplete.discard(v)
             try:
                 stamp = _tree_stamp(vdir)
+                with self._lock:
+                    if v in self._failed and self._failed[v][0] == stamp:
+                        continue  # broken and no file changed since we tried
                 # saved_model.pb and the variable index are there, but a non-atomic copy (cp -r, gsutil, a
                 # network file system) may still be writing assets/ or assets.extra/: load only files that
                 # stayed the same for a moment.
@@ -234,9 +240,6 @@ class ModelRegistry:
                     continue  # still being written: the next poll looks again
             except OSError:
                 continue  # deleted meanwhile
-            with self._lock:
-                if v in self._failed and self._failed[v][0] == stamp:
-                    continue  # broken and no file changed since we tried
             try:
                 loaded = load_version(vdir, v)
             except Exception as e:  # noqa: BLE001 - a broken version must not stop the server

@@ -541,7 +541,7 @@ def test_failure_inside_the_job_leaves_no_output(work):
 
 # -- one-line errors from the CLI (fail before any Beam work) ---------------------------------------------
 @pytest.mark.parametrize("case", ["missing", "empty", "unwritable", "header", "not_empty", "typo", "unknown", "value",
-                                  "runner", "inside", "truncated", "foreign", "blank", "symlink", "cwd", "glob"])
+                                  "runner", "inside", "truncated", "foreign", "blank", "symlink", "symlink_slash", "cwd", "glob"])
 def test_cli_one_line_errors(raw, work, case):
     empty = work / "empty.tsv"
     empty.write_bytes(b"")
@@ -572,6 +572,7 @@ def test_cli_one_line_errors(raw, work, case):
                     "keep.txt"),
         "blank": (["--input", raw["tsv"], "--output", "", "--overwrite"], "the output directory is an empty string"),
         "symlink": (["--input", raw["tsv"], "--output", str(link), "--overwrite"], "is a symbolic link"),
+        "symlink_slash": (["--input", raw["tsv"], "--output", f"{link}/", "--overwrite"], "is a symbolic link"),
         "cwd": (["--input", raw["tsv"], "--output", os.getcwd()], "is the current directory or holds it"),
         "glob": (["--input", raw["tsv"], "--output", str(work / "o9[1]")], "holds * ? or [, which Beam reads"),
         "missing": (["--input", str(work / "nope*.tsv"), "--output", str(work / "o1")], "matches no files"),

@@ -442,7 +442,7 @@ def test_version_completed_after_an_incomplete_poll_is_loaded(exported, tmp_path
 
 
 def test_a_version_still_being_copied_is_not_loaded_and_one_changed_after_loading_is_loaded_again(
-        exported, loaded, serving_spec, tmp_path, monkeypatch):
+        exported, loaded, serving_spec, tmp_path, monkeypatch, caplog):
     """A non-atomic copy (cp -r, gsutil) looked complete once saved_model.pb and the variable index were there,
     while assets/ was still being written: the version loaded with half a vocabulary and served wrong scores
     (0.7503 where the whole version gives 0.3912) until the server restarted."""
@@ -481,6 +481,14 @@ def test_a_version_still_being_copied_is_not_loaded_and_one_changed_after_loadin
     second = registry._loaded[1]
     registry.poll_once()
     assert registry._loaded[1] is second  # files unchanged: not loaded again
+    (v / "saved_model.pb").write_bytes(b"broken")  # changed into files that do not load
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ctrkit.serving.server"):
+        for _ in range(3):
+            registry.poll_once()
+    assert registry._loaded[1] is second  # still served as it was
+    changed = [r for r in caplog.records if "changed since it was loaded" in r.getMessage()]
+    assert len(changed) == 1 and len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
 
 
 def test_a_version_tf_serving_could_not_run_is_refused(exported, tmp_path):

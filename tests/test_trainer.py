@@ -278,6 +278,10 @@ def test_run_dir_misuse_is_refused(full_run, dataset, tmp_path) -> None:
     assert (project / "config.yaml").read_text() == "# the team's config\n"
     assert sorted(os.listdir(project)) == ["checkpoints", "config.yaml"]
     assert os.listdir(project / "checkpoints") == ["ckpt-3"]
+    volume = tmp_path / "volume"  # a fresh volume mounted as the run directory, kept in git: a new run
+    (volume / "lost+found").mkdir(parents=True)
+    (volume / ".gitkeep").write_text("")
+    assert train(small_config(), dataset.directory, str(volume), max_steps=2, progress=False).steps == 2
 
 
 def test_export_base_path_in_the_config_publishes_without_an_export_fn(dataset, tmp_path, monkeypatch) -> None:
@@ -310,6 +314,13 @@ def test_export_base_path_in_the_config_publishes_without_an_export_fn(dataset, 
     assert made == [(str(tmp_path / "serving"), "ctr", 2, {"warmup_examples": rows, "downsampling_rate": 0.5})]
     assert published and result.exports == [f"{tmp_path / 'serving'}/ctr/{s}" for s in published]
 
+    def logs_gone(manifest):
+        raise export.ExportError("raw input day1.tsv recorded in the manifest is not there")
+
+    monkeypatch.setattr(export, "raw_rows_from_manifest", logs_gone)  # an orchestrator's retry of a finished run
+    assert train(cfg, dataset.directory, str(tmp_path / "run"), windows=[0, 1], resume=True,
+                 progress=False).already_finished
+
 
 def test_resume_refuses_data_rewritten_or_moved_under_the_same_path(tmp_path) -> None:
     """A retry after `preprocess --overwrite` rebuilt the data (or after a `latest` symlink moved) resumed on
@@ -326,17 +337,23 @@ def test_resume_refuses_data_rewritten_or_moved_under_the_same_path(tmp_path) ->
     run = str(tmp_path / "run")
     train(small_config(), str(latest), run, max_steps=6, progress=False)  # a checkpoint at step 5
 
+    copy = tmp_path / "day1_copy"  # another day's output: same shapes, written at another time
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-02T00:00:00+00:00"}))
     latest.unlink()
-    latest.symlink_to(tmp_path / "day1_copy")  # the same files, another output
-    with pytest.raises(InputError, match=r"not the data this run trained on \(it resolves to .*day1_copy"):
+    latest.symlink_to(copy)
+    with pytest.raises(InputError, match=r"not the data this run trained on \(it was written 2026-01-02T00:00:00"
+                                         r"\+00:00, the run's data 2026-01-01"):
         train(small_config(), str(latest), run, resume=True, progress=False)
     latest.unlink()
     latest.symlink_to(data)
-    (data / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-02T00:00:00+00:00"}))
-    with pytest.raises(InputError, match=r"it was written 2026-01-02T00:00:00\+00:00, the run's data 2026-01-01"):
+    (data / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-03T00:00:00+00:00"}))
+    with pytest.raises(InputError, match=r"it was written 2026-01-03T00:00:00\+00:00"):  # rebuilt in place
         train(small_config(), str(latest), run, resume=True, progress=False)
     (data / "manifest.json").write_text(json.dumps({**manifest, "created_at": "2026-01-01T00:00:00+00:00"}))
-    result = train(small_config(), str(latest), run, resume=True, progress=False)  # the same data: resumes
+    shutil.move(data, tmp_path / "other_disk")  # the same output moved and linked back: the same data
+    latest.unlink()
+    latest.symlink_to(tmp_path / "other_disk")
+    result = train(small_config(), str(latest), run, resume=True, progress=False)
     assert result.examples == 800
 
 
