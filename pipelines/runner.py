@@ -210,7 +210,13 @@ _OWN_ENTRIES = frozenset({"manifest.json", "data", "rejected", "transform_fn", "
                           "raw_metadata", "metadata", "_shards", "_stats", "_tft_tmp"})
 
 
-def _refuse_foreign_output(output_dir: str, entries: list[str]) -> None:
+def _check_replaceable(output_dir: str, entries: list[str], overwrite: bool) -> None:
+    """An output directory holding ``entries`` may be written: it is empty, or ``overwrite`` replaces an
+    earlier preprocess output."""
+    if not entries:
+        return
+    if not overwrite:
+        raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
     foreign = sorted(e for e in entries if e not in _OWN_ENTRIES)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -230,12 +236,7 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
                          "choose a path without them")
     if _remote(output_dir):
         fs = _FS(True)
-        entries = fs.listdir(output_dir)
-        if entries:
-            if not overwrite:
-                raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to "
-                                 "replace it)")
-            _refuse_foreign_output(output_dir, entries)
+        _check_replaceable(output_dir, fs.listdir(output_dir), overwrite)
         fs.rmtree(output_dir)
         return output_dir
     if os.path.islink(os.path.abspath(output_dir)):  # abspath: "link/" names the link's target
@@ -250,12 +251,7 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
             raise InputError(f"output {output_dir} exists and is not a directory")
-        entries = os.listdir(output_dir)
-        if entries:
-            if not overwrite:
-                raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to "
-                                 "replace it)")
-            _refuse_foreign_output(output_dir, entries)
+        _check_replaceable(output_dir, os.listdir(output_dir), overwrite)
     parent = os.path.dirname(output_dir)
     try:
         os.makedirs(parent, exist_ok=True)
