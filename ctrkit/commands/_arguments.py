@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -42,3 +43,9 @@ def model_name(text: str) -> str:
 def port(text: str) -> int:
     """A TCP port, 1..65535."""
     return _checked(text, int, lambda v: 1 <= v <= 65535, "a port number (1-65535)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--no-progress``, and only on a terminal: in a log file (an orchestrator's) every
+    redraw became another line."""
+    return not args.no_progress and sys.stderr.isatty()

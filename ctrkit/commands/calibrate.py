@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from ctrkit.calibrate import fit_calibration, replace_run_model, windows_trained_on
+    from ctrkit.commands._arguments import show_progress
     from ctrkit.commands._output import metric
     from ctrkit.data import window_indices
     from ctrkit.errors import CtrkitWarning
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                           "where it reads better calibrated than on new data. Keep the last windows out of training "
                           f"(ctrkit train --windows=:-{cal.holdout_windows}) or calibrate on later data.", CtrkitWarning,
                           stacklevel=2)
-        report = fit_calibration(model, manifest, cal, windows, progress=not args.no_progress and sys.stderr.isatty())
+        report = fit_calibration(model, manifest, cal, windows, progress=show_progress(args))
         report["windows"] = [manifest.windows[i].name for i in windows]
         final = replace_run_model(model, args.run_dir)
         with open(os.path.join(args.run_dir, "calibration.json"), "w", encoding="utf-8") as f:

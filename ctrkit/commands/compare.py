@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctrkit.commands._arguments import show_progress
     from ctrkit.commands._output import metric
     from ctrkit.compare import compare_runs
     from ctrkit.data import window_indices
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     windows = window_indices(Manifest.load(args.data), args.windows) if args.windows else None
     report = compare_runs(args.run_a, args.run_b, args.data, windows, uncalibrated=args.uncalibrated,
-                          progress=not args.no_progress and sys.stderr.isatty())
+                          progress=show_progress(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -12,13 +12,12 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from ctrkit.commands._arguments import positive_int
+from ctrkit.commands._arguments import positive_int, show_progress
 
 DEFAULT_CONFIG = "quickstart"
 
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         )
     os.makedirs(run_dir, exist_ok=True)
     stages = _Stages(9)
-    progress = not args.no_progress and sys.stderr.isatty()  # no bar redraws in a log file
+    progress = show_progress(args)
     print(f"ctrkit run → {run_dir}", flush=True)
 
     # 1. data

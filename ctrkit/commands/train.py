@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctrkit.commands._arguments import positive_int
+from ctrkit.commands._arguments import positive_int, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             warm_start=args.warm_start,
             windows=windows,
-            progress=not args.no_progress and sys.stderr.isatty(),  # no bar redraws in a log file
+            progress=show_progress(args),
             step_delay=args.sleep_per_step,
             max_steps=args.max_steps,
         )
