@@ -5,6 +5,12 @@ from ctrkit.configio import ConfigError
 from ctrkit.manifest import ManifestError
 
 
+def listed(names: list[str], limit: int = 5) -> str:
+    """``a, b, c`` for a message, the first ``limit`` names and how many more."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 class InputError(ValueError):
     """Input data is missing, empty or does not match the configured schema."""
 

@@ -5,6 +5,8 @@ import os
 import stat
 import uuid
 
+from ctrkit.errors import InputError
+
 
 def chmod_like_mkdir(path: str) -> None:
     """Give the directory ``path`` the mode ``os.mkdir`` gives (0777 less the process umask).
@@ -21,3 +23,11 @@ def chmod_like_mkdir(path: str) -> None:
     finally:
         os.rmdir(probe)
     os.chmod(path, mode)
+
+
+def refuse_pattern_characters(path: str, what: str, reader: str) -> None:
+    """Refuse a ``path`` holding ``* ? [`` up front: ``reader`` (Beam, TensorFlow) matches files with patterns
+    built from it, and failed with a traceback after all the work."""
+    if any(c in path for c in "*?["):
+        raise InputError(f"{what} {path} holds * ? or [, which {reader} reads as a file pattern; choose a path "
+                         "without them")

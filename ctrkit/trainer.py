@@ -49,7 +49,7 @@ import yaml
 from ctrkit.config import Config, load_config
 from ctrkit.configio import ConfigError, reading_recorded_config
 from ctrkit.data import Position, iterate_batches
-from ctrkit.errors import CtrkitWarning, InputError
+from ctrkit.errors import CtrkitWarning, InputError, listed
 from ctrkit.manifest import Manifest
 
 __all__ = ["TrainResult", "TrainingError", "train", "load_run_model", "make_optimizer", "make_train_step", "RUN_MODEL"]
@@ -958,9 +958,8 @@ def _refuse_foreign_run_dir(run_dir: str) -> None:
     # would overwrite.
     foreign = sorted(e for e in os.listdir(run_dir) if not e.startswith(".") and e != "lost+found")
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(f"--run-dir {run_dir} is not empty and holds no ctrkit run ({shown}); a new run needs a "
-                         "new or empty directory")
+        raise InputError(f"--run-dir {run_dir} is not empty and holds no ctrkit run ({listed(foreign)}); a new run "
+                         "needs a new or empty directory")
 
 
 @contextlib.contextmanager
@@ -1151,7 +1150,6 @@ def _train(
         distill_scale.assign(1.0)
 
     train_step = make_train_step(config, model, optimizer, teacher_fn, distill_scale)
-
 
     def export(model: Any, manifest: Manifest, step: int) -> str:
         if step in published:

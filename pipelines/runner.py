@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ctrkit.configio import ConfigError, from_dict, to_dict
-from ctrkit.errors import InputError
-from ctrkit.fileutil import chmod_like_mkdir
+from ctrkit.errors import InputError, listed
+from ctrkit.fileutil import chmod_like_mkdir, refuse_pattern_characters
 from ctrkit.manifest import Manifest, Window
 from ctrkit.schema import DataConfig, differing_columns, recorded_columns
 
@@ -219,9 +219,8 @@ def _check_replaceable(output_dir: str, entries: list[str], overwrite: bool) -> 
         raise InputError(f"output directory {output_dir} exists and is not empty (pass --overwrite to replace it)")
     foreign = sorted(e for e in entries if e not in _OWN_ENTRIES)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise InputError(f"--overwrite replaces only an earlier ctrkit preprocess output, and {output_dir} also "
-                         f"holds {shown}; remove them or choose another --output")
+                         f"holds {listed(foreign)}; remove them or choose another --output")
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> str:
@@ -229,11 +228,9 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
     the final rename is atomic), or the remote ``output_dir`` itself."""
     if not output_dir.strip():
         raise InputError("the output directory is an empty string (an unset variable?); name a directory")
-    if any(c in (output_dir if _remote(output_dir) else os.path.abspath(output_dir)) for c in "*?["):
-        # Beam's file writing matches its temporary files with a pattern built from this path: the job failed
-        # with a traceback after all its work.
-        raise InputError(f"output directory {output_dir} holds * ? or [, which Beam reads as a file pattern; "
-                         "choose a path without them")
+    # Beam's file writing matches its temporary files with a pattern built from this path.
+    refuse_pattern_characters(output_dir if _remote(output_dir) else os.path.abspath(output_dir), "output directory",
+                              "Beam")
     if _remote(output_dir):
         fs = _FS(True)
         _check_replaceable(output_dir, fs.listdir(output_dir), overwrite)

@@ -15,8 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from ctrkit.errors import InputError
-from ctrkit.fileutil import chmod_like_mkdir
+from ctrkit.fileutil import chmod_like_mkdir, refuse_pattern_characters
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +34,9 @@ def model_dir(base_path: str, model_name: str) -> str:
     if not model_name or os.sep in model_name or model_name.startswith("."):
         raise ValueError(f"model name {model_name!r} must be a plain, non-hidden directory name")
     path = os.path.join(base_path, model_name)
-    if any(c in path for c in "*?["):
-        # TensorFlow reads a SavedModel's variables through a file pattern: the export's own reload check
-        # failed with "Failed to find any matching files" after the whole export was written.
-        raise InputError(f"model directory {path} holds * ? or [, which TensorFlow reads as a file pattern; "
-                         "choose a path without them")
+    # TensorFlow reads a SavedModel's variables through a file pattern: the export's own reload check failed
+    # with "Failed to find any matching files" after the whole export was written.
+    refuse_pattern_characters(path, "model directory", "TensorFlow")
     return path
 
 
