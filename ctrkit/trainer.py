@@ -799,7 +799,7 @@ def _check_same_data(run_dir: str, data_dir: str, manifest: Manifest, fingerprin
     differs = []
     # Where the data is matters only for runs that did not record which writing of it they read: the same
     # output moved to another disk and linked back is the same data.
-    if "data_created_at" not in info and not trained_on_data(info, data_dir):
+    if info.get("data_created_at") is None and not trained_on_data(info, data_dir):
         differs.append(f"it resolves to {os.path.realpath(data_dir)}, the run's data was {info.get('data_realpath')}")
     if "vocabulary_fingerprint" in info and info["vocabulary_fingerprint"] != fingerprint:
         differs.append("its vocabularies differ")

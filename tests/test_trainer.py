@@ -373,6 +373,23 @@ def test_the_command_draws_no_progress_bar_when_stderr_is_not_a_terminal(dataset
     assert "ex/s" in capsys.readouterr().err
 
 
+def test_resume_without_a_recorded_writing_time_still_checks_where_the_data_is(tmp_path) -> None:
+    """A manifest without created_at is recorded as None: that is no record, and the real path decides."""
+    import shutil
+
+    data = tmp_path / "day1"
+    write_dataset(data, windows=2, rows_per_window=400, seed=3)  # no created_at in its manifest
+    shutil.copytree(data, tmp_path / "day2")
+    latest = tmp_path / "latest"
+    latest.symlink_to(data)
+    run = str(tmp_path / "run")
+    train(small_config(), str(latest), run, max_steps=6, progress=False)
+    latest.unlink()
+    latest.symlink_to(tmp_path / "day2")
+    with pytest.raises(InputError, match=r"not the data this run trained on \(it resolves to .*day2"):
+        train(small_config(), str(latest), run, resume=True, progress=False)
+
+
 @pytest.mark.parametrize("windows", [[1, 0], [WINDOWS], [-1], ["a"]])
 def test_bad_windows_are_refused_before_anything_is_written(dataset, tmp_path, windows) -> None:
     """They failed mid-run (an IndexError, or [1, 0] after run.json was written) and left a failed run that
