@@ -117,11 +117,40 @@ class _WarningsKept(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+def checked_file_list(files: list) -> list[tuple[int, str, int]]:
+    """The input tuples of :class:`ReadRawLogs`, checked: each a ``(file_index, path, line_offset)`` and
+    each file index used once, in index order.
+
+    Shards are named by file index and first line, so two files under one index would write over each
+    other's shards while the row counters still counted every row.
+    """
+    checked: dict[int, tuple[int, str, int]] = {}
+    for element in files:
+        if not (isinstance(element, (tuple, list)) and len(element) == 3 and isinstance(element[1], str)
+                and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in element[::2])):
+            raise ValueError(f"ReadRawLogs takes (file_index, path, line_offset) tuples, one per input file; got "
+                             f"{element!r}. Build them with ctrkit.pipelines.file_tuples(config, paths)")
+        index, path, line_offset = int(element[0]), element[1], int(element[2])
+        if index in checked:
+            both = sorted([checked[index][1], path])  # the list arrives in no fixed order
+            raise ValueError(f"ReadRawLogs: file index {index} is given to both {both[0]!r} and {both[1]!r}; "
+                             "each input file needs an index of its own, because shards are named by it (two files "
+                             "under one index overwrite each other's shards). Build the tuples with "
+                             "ctrkit.pipelines.file_tuples(config, paths)")
+        checked[index] = (index, path, line_offset)
+    return [checked[i] for i in sorted(checked)]
+
+
 class ReadRawLogs(beam.PTransform):
     """``(file_index, path, line_offset)`` tuples → tagged outputs ``clean``, ``rejected``, ``stats``.
 
-    ``clean`` elements are ``(record_batch, line_offset)``; a file is read by one worker, files in parallel.
-    ``count=False`` leaves the Beam row counters alone, for a second read of the same files.
+    Build the tuples with :func:`~ctrkit.pipelines.runner.file_tuples`; each file needs its own index, which
+    the transform checks before it reads anything (see :func:`checked_file_list`). ``clean`` elements are
+    ``(record_batch, line_offset)``; a file is read by one worker, files in parallel. ``rejected`` holds one
+    JSON-able dict per rejected row (file, line, the raw row, and a reason that names the field) and
+    ``stats`` one per file: write both somewhere a user finds them, as :func:`build_pipeline` does under
+    ``rejected/`` and ``_stats/``. ``count=False`` leaves the Beam row counters alone, for a second read of
+    the same files.
     ``progress_dir`` (local runs only): where each file's rows read so far are recorded for a progress bar.
     """
 
@@ -134,6 +163,10 @@ class ReadRawLogs(beam.PTransform):
     def expand(self, files):
         return (
             files
+            # One global list first, so a clash fails the job before any file is read (no side input: the
+            # FnApiRunner fails to schedule those next to TFT's).
+            | "CheckFiles" >> beam.combiners.ToList()
+            | "OneFileEach" >> beam.FlatMap(checked_file_list)
             | "SpreadFiles" >> beam.Reshuffle()
             | "ReadAndValidate" >> beam.ParDo(_ReadFile(self._config, self._count, self._progress_dir))
             .with_output_types(tuple[pa.RecordBatch, int])
@@ -172,6 +205,36 @@ class ToWindowedTFTBatches(beam.PTransform):
         return pcoll | "SplitByWindow" >> beam.FlatMap(split).with_output_types(pa.RecordBatch)
 
 
+class KeepAnalysisWindows(beam.PTransform):
+    """TFT-layout batches (from :class:`ToWindowedTFTBatches`) → only those of the windows TFT analyzes.
+
+    ``data.analyze_windows = N`` fits vocabularies and statistics on the first N windows only, so later
+    windows are transformed with what was known before them. The preprocessing function cannot see windows,
+    so a pipeline of your own applies this to what it analyzes (not to what it transforms); with
+    ``analyze_windows`` unset every batch passes.
+
+    Args:
+        config: the ``data:`` section.
+        window_ids: the windows to keep. Row-count windows default to the first N; timestamp windows need
+            them from :func:`~ctrkit.pipelines.runner.analysis_windows` (read on the driver).
+    """
+
+    def __init__(self, config: DataConfig, window_ids: list[int] | None = None):
+        super().__init__()
+        if config.analyze_windows is not None and window_ids is None:
+            if config.timestamp is not None:
+                raise ValueError("analyze_windows with a timestamp column needs window_ids: pass "
+                                 "ctrkit.pipelines.analysis_windows(config, paths)")
+            window_ids = list(range(config.analyze_windows))
+        self._keep = None if config.analyze_windows is None else frozenset(int(w) for w in window_ids)
+
+    def expand(self, pcoll):
+        if self._keep is None:
+            return pcoll
+        keep = self._keep
+        return pcoll | "InAnalysisSpan" >> beam.Filter(lambda b: set(_batch_windows(b)) <= keep)
+
+
 def _batch_windows(batch: pa.RecordBatch) -> list[int]:
     return np.unique(batch.column("__window").flatten().to_numpy()).tolist()
 
@@ -182,6 +245,10 @@ def _encode_and_write(encoder, batch: pa.RecordBatch, path: str) -> int:
     records = encoder.encode(batch)
     write_gzip_tfrecords(path, records)
     return len(records)
+
+
+_HOW_TO_RUN_TFT = ("Run TFT inside tft_beam.Context(passthrough_keys=set(ctrkit.pipelines.PASSTHROUGH)) and feed it "
+                   "(batches, ctrkit.pipelines.tensor_adapter_config(config)) with output_record_batches=True")
 
 
 class _WriteShards(beam.DoFn):
@@ -220,14 +287,16 @@ class _WriteShards(beam.DoFn):
 
         from ctrkit.pipelines.transform import PASSTHROUGH
 
+        if not (isinstance(element, tuple) and len(element) == 2 and isinstance(element[0], pa.RecordBatch)):
+            # TFT's default output is one dict of arrays per row.
+            raise ValueError(f"WriteWindowShards takes TFT's (record_batch, passthrough) pairs, got a "
+                             f"{type(element).__name__}. {_HOW_TO_RUN_TFT}")
         batch, _unary = element
         missing = [name for name in PASSTHROUGH if name not in batch.schema.names]
         if missing:
             raise ValueError(
                 f"WriteWindowShards: the transformed batches lack the columns {missing}, which say where each row "
-                "goes. Run TFT inside tft_beam.Context(passthrough_keys=set(ctrkit.pipelines.PASSTHROUGH)) and feed "
-                "it (batches, ctrkit.pipelines.tensor_adapter_config(config)) with output_record_batches=True"
-            )
+                f"goes. {_HOW_TO_RUN_TFT}")
         windows = batch.column("__window").flatten().to_numpy()
         files = batch.column("__file").flatten().to_numpy()
         lines = batch.column("__line").flatten().to_numpy()
@@ -271,23 +340,40 @@ class WriteWindowShards(beam.PTransform):
     job, from these shard lines and the row counts, so a pipeline of your own that should feed the trainer
     runs through ``preprocess``. Example (a complete analyze-and-transform job)::
 
+        import json
+        import os
         import tempfile
 
         import apache_beam as beam
         import tensorflow_transform.beam as tft_beam
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
         from ctrkit.config import load_config
-        from ctrkit.pipelines import (PASSTHROUGH, ReadRawLogs, ToWindowedTFTBatches, WriteWindowShards,
-                                      make_preprocessing_fn, tensor_adapter_config)
+        from ctrkit.pipelines import (PASSTHROUGH, KeepAnalysisWindows, ReadRawLogs, ToWindowedTFTBatches,
+                                      WriteWindowShards, file_tuples, make_preprocessing_fn, tensor_adapter_config)
 
         data = load_config("small").data
         tmp, out_dir = tempfile.mkdtemp(), "/abs/prep"  # TFT's scratch space; the output root (shards: data/<window>/)
-        with beam.Pipeline() as p, tft_beam.Context(temp_dir=tmp, passthrough_keys=set(PASSTHROUGH)):
-            read = p | beam.Create([(0, "/abs/clicks.tsv", 0)]) | ReadRawLogs(data)  # (file index, path, line offset)
-            batches = read.clean | ToWindowedTFTBatches(data)
-            (transformed, _), transform_fn = ((batches, tensor_adapter_config(data))
-                                              | tft_beam.AnalyzeAndTransformDataset(make_preprocessing_fn(data),
-                                                                                   output_record_batches=True))
+        files = file_tuples(data, ["/abs/day1.tsv", "/abs/day2.tsv"])  # (file index, path, line offset), time order
+        # FnApiRunner: Beam's default DirectRunner first tries to download the Prism runner.
+        with beam.Pipeline(runner=FnApiRunner()) as p, \
+                tft_beam.Context(temp_dir=tmp, passthrough_keys=set(PASSTHROUGH), force_tf_compat_v1=True):
+            file_list = p | beam.Create(files)
+            read = file_list | "Read" >> ReadRawLogs(data)
+            batches = read.clean | "Window" >> ToWindowedTFTBatches(data)
+            # Analyze a second read, narrowed to data.analyze_windows (if set); sharing `batches` works too.
+            to_analyze = (file_list | "ReadForAnalysis" >> ReadRawLogs(data, count=False)).clean \
+                | "WindowForAnalysis" >> ToWindowedTFTBatches(data) | KeepAnalysisWindows(data)
+            adapter = tensor_adapter_config(data)
+            transform_fn = (to_analyze, adapter) | tft_beam.AnalyzeDataset(make_preprocessing_fn(data))
+            transformed, _ = ((batches, adapter), transform_fn) | tft_beam.TransformDataset(output_record_batches=True)
             shard_lines = transformed | WriteWindowShards(out_dir)
+            _ = transform_fn | tft_beam.WriteTransformFn(out_dir)
+            _ = (read.rejected | "RejectedJson" >> beam.Map(json.dumps)  # every rejected row, with its reason
+                 | beam.io.WriteToText(os.path.join(out_dir, "rejected", "part"), file_name_suffix=".jsonl"))
+
+    ``force_tf_compat_v1=True`` traces as ``ctrkit preprocess`` does, so ``ctrkit preprocess --transform-fn``
+    can re-apply the saved ``transform_fn``; to re-apply a saved one in your own ``TransformDataset``, run it
+    in ``tft_beam.Context(force_tf_compat_v1=ctrkit.pipelines.saved_with_tf1_tags(that_output_dir))``.
     """
 
     def __init__(self, output_dir: str):
@@ -304,7 +390,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
                    analyze_window_ids: list[int] | None = None, progress_dir: str | None = None) -> None:
     """Add the whole preprocessing job to ``pipeline``; outputs land under ``output_dir``.
 
-    ``files`` holds ``(file_index, path, line_offset)`` tuples (see ``runner.line_offsets``);
+    ``files`` holds ``(file_index, path, line_offset)`` tuples (see :func:`~ctrkit.pipelines.runner.file_tuples`);
     ``analyze_window_ids`` the windows TFT analyzes when ``config.analyze_windows`` is set (row-count
     windows default to the first N; see ``runner.analysis_windows``).
     """
@@ -341,15 +427,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files: list[tupl
                                                                      progress_dir=progress_dir)).clean \
                 | "WindowForAnalysis" >> ToWindowedTFTBatches(config)
             if config.analyze_windows is not None:
-                if analyze_window_ids is None:
-                    if config.timestamp is not None:
-                        raise ValueError("analyze_windows with a timestamp column needs analyze_window_ids "
-                                         "(see ctrkit.pipelines.runner.analysis_windows)")
-                    analyze_window_ids = list(range(config.analyze_windows))
-                keep = frozenset(analyze_window_ids)
                 # Filter the analysis read, not `batches`: a second consumer of the transform's read makes the
                 # local runner hold every parsed batch (2.5 GiB per 1M Criteo rows, measured).
-                to_analyze = to_analyze | "AnalysisSpan" >> beam.Filter(lambda b: set(_batch_windows(b)) <= keep)
+                to_analyze = to_analyze | "AnalysisSpan" >> KeepAnalysisWindows(config, analyze_window_ids)
             counts = None
             if vocabulary == "arrow" and vocabulary_count_columns(config):
                 counts = to_analyze | "CountVocabularies" >> CountVocabularies(vocabulary_count_columns(config))

@@ -169,6 +169,38 @@ def line_offsets(config: DataConfig, files: list[str]) -> list[int]:
     return offsets
 
 
+def file_tuples(config: DataConfig, paths: list[str]) -> list[tuple[int, str, int]]:
+    """The ``(file_index, path, line_offset)`` tuples that :class:`~ctrkit.pipelines.ReadRawLogs` reads, one per
+    file of ``paths`` (given in time order).
+
+    The index names each file's shards (so it must differ between files) and orders them; the line offset
+    is the position of the file's first row in the whole input, which places its rows in row-count windows
+    (timestamp windows ignore it). Counting the offsets reads every text file once on the driver.
+    """
+    paths = [os.fspath(p) for p in paths]
+    return [(i, p, o) for i, (p, o) in enumerate(zip(paths, line_offsets(config, paths)))]
+
+
+def saved_with_tf1_tags(output_dir: str) -> bool:
+    """Whether the ``transform_fn`` under ``output_dir`` was saved by TFT's TF1-compat tracing.
+
+    ``ctrkit preprocess`` saves it that way (tag ``transform``); a pipeline of your own run in a default
+    ``tft_beam.Context`` saves TF2 SavedModels (tag ``serve``). Re-applying one with ``TransformDataset`` needs
+    ``tft_beam.Context(force_tf_compat_v1=saved_with_tf1_tags(output_dir))``.
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = f"{output_dir.rstrip('/')}/transform_fn/saved_model.pb"
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            saved = saved_model_pb2.SavedModel.FromString(f.read())
+    except (OSError, tf.errors.OpError) as e:
+        raise InputError(f"--transform-fn {output_dir}: cannot read {path}: {e}") from e
+    tags = {t for meta in saved.meta_graphs for t in meta.meta_info_def.tags}
+    return "transform" in tags and "serve" not in tags
+
+
 def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
     remote = _remote(path)  # gs://, hdfs://: a previous job's output where the workers reach it
     path = path.rstrip("/") if remote else os.path.abspath(path)
@@ -372,8 +404,9 @@ def check_pipeline_args(pipeline_args: list[str], own_options: list[str] = ()) -
                      f"pipeline option{' (' + '; '.join(hints) + ')' if hints else ''}")
 
 
-def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, transform_fn_dir: str | None = None,
-               pipeline_args: list[str] | None = None, *, isolate: bool = True, overwrite: bool = False,
+def preprocess(config: DataConfig, inputs: list[str | os.PathLike] | str | os.PathLike, output_dir: str | os.PathLike,
+               transform_fn_dir: str | os.PathLike | None = None, pipeline_args: list[str] | None = None, *,
+               isolate: bool = True, overwrite: bool = False,
                vocabulary: str = "arrow", progress: bool = True) -> Manifest:
     """Read raw logs, analyze (or apply a saved ``transform_fn``), write windows of TFRecords + manifest.
 
@@ -404,6 +437,9 @@ def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, tra
         raise TypeError(f"config must be the data section of a ctrkit config (load_config(...).data), got "
                         f"{type(config).__name__}")
     config.check()  # again: a config may have been changed since it was loaded
+    inputs = os.fspath(inputs) if isinstance(inputs, (str, os.PathLike)) else [os.fspath(i) for i in inputs]
+    output_dir = os.fspath(output_dir)
+    transform_fn_dir = None if transform_fn_dir is None else os.fspath(transform_fn_dir)
     pipeline_args = list(pipeline_args or [])
     check_pipeline_args(pipeline_args)
     files = expand_inputs(inputs)
@@ -417,7 +453,7 @@ def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, tra
     if transform_fn_dir is not None:
         transform_fn_dir = _check_transform_fn_dir(transform_fn_dir, config)
     _refuse_output_holding_inputs(output_dir, files, transform_fn_dir)
-    offsets = line_offsets(config, files)
+    tuples = file_tuples(config, files)
     work = _prepare_output(output_dir, overwrite)
     fs = _FS(_remote(work))
     control = tempfile.mkdtemp(prefix="ctrkit-preprocess-")
@@ -428,7 +464,7 @@ def preprocess(config: DataConfig, inputs: list[str] | str, output_dir: str, tra
         if progress and isolate and _local_runner(pipeline_args):
             progress_dir = os.path.join(control, "progress")
             os.makedirs(progress_dir)
-        spec = _Spec(to_dict(config), [(i, f, o) for i, (f, o) in enumerate(zip(files, offsets))], work, control,
+        spec = _Spec(to_dict(config), tuples, work, control,
                      analyzed, transform_fn_dir, pipeline_args, vocabulary, progress_dir)
         result = _run_isolated(spec) if isolate else run_job(spec)
         c = result.get("counters", {})
@@ -456,6 +492,23 @@ def _load_manifest(directory: str, fs: _FS) -> Manifest:
 
 
 # -- the job ----------------------------------------------------------------------------------------
+def pinned_runner(options):
+    """The runner a local job runs on: Beam's FnApiRunner when ``options`` name none or the DirectRunner, else
+    None (Beam resolves the named one).
+
+    Beam 2.77's DirectRunner first tries to download and start the Prism runner, and falls back to the
+    FnApiRunner for a batch job like this one only after that fails (logged at INFO).
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    named = options.view_as(StandardOptions).runner
+    if named is None or (isinstance(named, str) and _runner_key(named) in ("directrunner", "switchingdirectrunner")):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return FnApiRunner()
+    return None
+
+
 def run_job(spec: _Spec) -> dict[str, Any]:
     """Build and run the Beam pipeline (in this process); returns counters and the options used."""
     import apache_beam as beam
@@ -466,16 +519,15 @@ def run_job(spec: _Spec) -> dict[str, Any]:
 
     config = from_dict(DataConfig, spec.config, "data")
     options = PipelineOptions(spec.pipeline_args)
-    runner = None
-    if options.view_as(StandardOptions).runner is None:
-        # Beam 2.77's DirectRunner tries to download the Prism runner first; pin the FnApiRunner.
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        runner = FnApiRunner()
     tmp = os.path.join(spec.work_dir, "_tft_tmp")
+    runner = pinned_runner(options)
     pipeline = beam.Pipeline(runner=runner, options=options)
+    # A transform_fn is applied with the tracing it was saved with: TFT picks its loader from the Context, not
+    # from the saved model, and a mismatch fails inside the job ("MetaGraphDef ... tags transform").
+    tf_compat_v1 = True if spec.transform_fn_dir is None else saved_with_tf1_tags(spec.transform_fn_dir)
     build_pipeline(pipeline, config, [tuple(f) for f in spec.files], spec.work_dir, tmp, spec.transform_fn_dir,
-                   spec.vocabulary, analyze_window_ids=spec.analyze_window_ids, progress_dir=spec.progress_dir)
+                   spec.vocabulary, tf_compat_v1=tf_compat_v1, analyze_window_ids=spec.analyze_window_ids,
+                   progress_dir=spec.progress_dir)
     result = pipeline.run()
     result.wait_until_finish()
     counters = {}

@@ -347,38 +347,84 @@ def test_a_remote_transform_fn_dir_is_checked_where_it_is(tsv_out):
         _check_transform_fn_dir(remote, DataConfig(columns=_columns()[:-1], window_rows=WINDOW_ROWS))
 
 
-def test_the_ptransforms_compose_as_their_docstring_shows(raw, tsv_out, work, tmp_path):
-    """Composed from the README and docstrings, the job died at WriteWindowShards with KeyError '__window'
-    after a minute of work: nothing said TFT must pass the window columns through."""
-    import json
-
-    import apache_beam as beam
+def _shard_records(out: str) -> dict[str, list[dict]]:
+    """Every shard's tf.Examples as {feature: values}, by shard name (a feature map's byte order varies)."""
     import tensorflow as tf
-    import tensorflow_transform.beam as tft_beam
 
-    from ctrkit.pipelines import (PASSTHROUGH, ReadRawLogs, ToWindowedTFTBatches, WriteWindowShards,
-                                  make_preprocessing_fn, tensor_adapter_config)
+    records = {}
+    for path in sorted(glob.glob(os.path.join(out, "data", "*", "*.tfrecord.gz"))):
+        examples = [tf.train.Example.FromString(r.numpy())
+                    for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
+        records[os.path.relpath(path, out)] = [
+            {k: list(getattr(f, f.WhichOneof("kind")).value) for k, f in e.features.feature.items()} for e in examples]
+    return records
+
+
+def test_the_docstring_job_writes_what_preprocess_writes(bad_run, second_log, tmp_path):
+    """The complete job in WriteWindowShards' docstring, run as written on two files with bad rows and
+    analyze_windows: 1, writes the shards, vocabularies and rejected rows `preprocess` writes. Before, it
+    analyzed every window (analyze_windows had no effect outside build_pipeline), dropped the rejected rows,
+    and its beam.Pipeline() first tried to download the Prism runner."""
+    import textwrap
+
+    from ctrkit.pipelines import WriteWindowShards
+
+    out, bad_path, config = bad_run
+    example = WriteWindowShards.__doc__.split("Example (a complete analyze-and-transform job)::")[1]
+    example = textwrap.dedent(example.split("\n\n    ``")[0])
+    composed = str(tmp_path / "composed")
+    code = (example.replace('load_config("small").data', "config").replace('"/abs/prep"', repr(composed))
+            .replace('["/abs/day1.tsv", "/abs/day2.tsv"]', repr([bad_path, second_log[0]])))
+    assert "/abs/" not in code and "FnApiRunner()" in code
+    exec(compile(code, "WriteWindowShards.__doc__", "exec"), {"config": config})
+
+    assert _shard_records(composed) == _shard_records(out) and _shard_records(out)
+    assets = sorted(os.listdir(os.path.join(out, "transform_fn", "assets")))
+    assert assets == sorted(os.listdir(os.path.join(composed, "transform_fn", "assets")))
+    for name in assets:  # analyze_windows: 1 narrowed the vocabularies to the first window in both
+        assert _vocab(out, name[len("vocab_"):]) == _vocab(composed, name[len("vocab_"):]), name
+
+    def rejected(where):
+        return sorted(json.loads(line)["line"] for f in glob.glob(os.path.join(where, "rejected", "*.jsonl"))
+                      for line in open(f, encoding="utf-8"))
+
+    assert rejected(composed) == rejected(out) and len(rejected(out)) == Manifest.load(out).rows_rejected > 0
+
+
+def test_read_raw_logs_refuses_a_file_index_given_twice(tmp_path):
+    """Two sources flattened into ReadRawLogs, each with file index 0: their shards shared names and
+    overwrote each other (600 of 1,000 rows lost) while the counters said every row was written."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from ctrkit.pipelines import ReadRawLogs
+    from ctrkit.pipelines.beam_pipeline import checked_file_list
+
+    a = synthetic.write_tsv(synthetic.generate(20, seed=1, timestamp=False), str(tmp_path / "a.tsv"))
+    b = synthetic.write_tsv(synthetic.generate(20, seed=2, timestamp=False), str(tmp_path / "b.tsv"))
+    read = []
+    with pytest.raises(Exception, match=r"file index 0 is given to both .*a\.tsv.* and .*b\.tsv"):
+        with beam.Pipeline(runner=FnApiRunner()) as p:
+            files = (p | "A" >> beam.Create([(0, a, 0)]), p | "B" >> beam.Create([(0, b, 0)])) | beam.Flatten()
+            _ = (files | ReadRawLogs(DataConfig(window_rows=10))).clean | beam.Map(read.append)
+    assert read == []  # the check runs before any file is read
+
+    assert checked_file_list([(1, b, 20), (0, a, 0)]) == [(0, a, 0), (1, b, 20)]
+    for bad in ["a.tsv", (0, a), (0.0, a, 0), (True, a, 0), (0, 5, 0)]:
+        with pytest.raises(ValueError, match=r"\(file_index, path, line_offset\) tuples.*file_tuples"):
+            checked_file_list([bad])
+
+
+def test_write_window_shards_explains_tfts_default_output(tmp_path):
     from ctrkit.pipelines.beam_pipeline import _WriteShards
-
-    data, out = _data_config(), str(tmp_path / "composed")
-    with beam.Pipeline() as p, tft_beam.Context(temp_dir=str(tmp_path / "tmp"), passthrough_keys=set(PASSTHROUGH)):
-        read = p | beam.Create([(0, raw["tsv"], 0)]) | ReadRawLogs(data)
-        batches = read.clean | ToWindowedTFTBatches(data)
-        (transformed, _), _ = ((batches, tensor_adapter_config(data))
-                               | tft_beam.AnalyzeAndTransformDataset(make_preprocessing_fn(data),
-                                                                    output_record_batches=True))
-        _ = (transformed | WriteWindowShards(out)
-             | beam.io.WriteToText(str(tmp_path / "lines" / "part"), file_name_suffix=".jsonl"))
-    lines = [json.loads(ln) for f in glob.glob(str(tmp_path / "lines" / "*.jsonl")) for ln in open(f)]
-    rows = collections.Counter()
-    for line in lines:
-        rows[line["window"]] += sum(1 for _ in tf.data.TFRecordDataset(os.path.join(out, line["shard"]),
-                                                                        compression_type="GZIP"))
-    assert [rows[i] for i in range(len(rows))] == [w.rows for w in Manifest.load(tsv_out).windows]
 
     without = pa.RecordBatch.from_arrays([pa.array([[1]], pa.large_list(pa.int64()))], names=["C1"])
     with pytest.raises(ValueError, match=r"lack the columns \['__window', '__file', '__line'\].*passthrough_keys"):
         next(_WriteShards(str(tmp_path / "x")).process((without, None)))
+    # TFT without output_record_batches=True emits a dict per row (this was "too many values to unpack").
+    with pytest.raises(ValueError, match=r"takes TFT's \(record_batch, passthrough\) pairs, got a dict.*"
+                                         r"output_record_batches=True"):
+        next(_WriteShards(str(tmp_path / "x")).process({"C1": np.array([1]), "C2": np.array([2]), "C3": 1}))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
@@ -687,3 +733,33 @@ def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
 
 def test_config_yaml_round_trip(raw):
     assert load_config(raw["config"]).data == _data_config()
+
+
+def test_a_saved_transform_fn_is_reapplied_with_the_tracing_it_was_saved_with(tsv_out, tmp_path):
+    """TFT loads a transform_fn with the Context's tracing, not the saved model's: a TF2 transform_fn (your
+    own pipeline in a default Context) died inside `--transform-fn`'s job with "MetaGraphDef associated with
+    tags transform could not be found"; the job now picks the tracing from the saved model's tags."""
+    import tensorflow as tf
+
+    from ctrkit.pipelines import saved_with_tf1_tags
+
+    assert saved_with_tf1_tags(tsv_out)  # what ctrkit preprocess saves
+    tf2 = tmp_path / "tf2"
+    module = tf.Module()
+    module.f = tf.function(lambda x: {"y": x + 1}, input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tf2 / "transform_fn"))
+    assert not saved_with_tf1_tags(str(tf2))
+    with pytest.raises(InputError, match=r"--transform-fn .*nothing.*cannot read .*transform_fn/saved_model\.pb"):
+        saved_with_tf1_tags(str(tmp_path / "nothing"))
+
+
+def test_the_direct_runner_is_pinned_to_the_fnapi_runner_not_prism():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from ctrkit.pipelines.runner import pinned_runner
+
+    for args in ([], ["--runner=DirectRunner"], ["--runner", "direct"], ["--runner=SwitchingDirectRunner"]):
+        assert isinstance(pinned_runner(PipelineOptions(args)), FnApiRunner), args
+    for args in (["--runner=DataflowRunner"], ["--runner=PrismRunner"], ["--runner=BundleBasedDirectRunner"]):
+        assert pinned_runner(PipelineOptions(args)) is None, args
