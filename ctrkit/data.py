@@ -78,20 +78,12 @@ def window_indices(manifest: Manifest, spec: str | None) -> list[int]:
 def _parser(manifest: Manifest):
     import tensorflow as tf
 
-    spec = manifest.transformed_feature_spec(include_label=True)
-    multivalent = {f.name for f in manifest.features if f.multivalent}
     label = manifest.label
     teacher = manifest.teacher_logit_feature
 
     def parse(serialized: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, spec)
-        feats = {}
-        for f in manifest.features:
-            value = parsed[f.name]
-            if f.name in multivalent:
-                # Pad with -1: FeatureEmbedding mean-pools over the valid ids only.
-                value = tf.sparse.to_dense(value, default_value=-1)
-            feats[f.name] = value
+        parsed = manifest.parse_examples(serialized, include_label=True)
+        feats = {f.name: parsed[f.name] for f in manifest.features}
         t = parsed[teacher] if teacher else tf.zeros_like(parsed[label])
         return feats, parsed[label], t
 

@@ -15,7 +15,8 @@ On-disk layout of a pipeline output directory::
 
 Transformed tf.Example encoding (what :meth:`Manifest.transformed_feature_spec` parses):
   * categorical, univalent:  int64, one value per example, id in ``[0, vocab_size)``
-  * categorical, multivalent: int64, variable length (0..n ids), read as VarLen
+  * categorical, multivalent: int64, variable length (0..n ids), read as VarLen (the model takes them
+    dense, padded with -1: :meth:`Manifest.parse_examples`)
   * numeric:                 float32, one value per example
   * label:                   float32 0.0/1.0
   * optional teacher logit:  float32 (``teacher_logit_feature``)
@@ -134,7 +135,12 @@ class Manifest:
         return self.root
 
     def transformed_feature_spec(self, include_label: bool = True) -> dict[str, Any]:
-        """``tf.io.parse_example`` spec of the transformed TFRecords."""
+        """``tf.io.parse_example`` spec of the transformed TFRecords.
+
+        Multi-valued features parse as ``tf.SparseTensor``. The model takes them dense, padded with ``-1``;
+        a Keras model fed the ``SparseTensor`` would fill its gaps with ``0``, a real id, and train and
+        predict on it without an error. :meth:`parse_examples` parses into what the model takes.
+        """
         import tensorflow as tf  # local: keep this module importable without TensorFlow
 
         spec: dict[str, Any] = {}
@@ -150,6 +156,26 @@ class Manifest:
         if self.teacher_logit_feature:
             spec[self.teacher_logit_feature] = tf.io.FixedLenFeature([], tf.float32)
         return spec
+
+    def parse_examples(self, serialized: Any, include_label: bool = True) -> dict[str, Any]:
+        """Serialized transformed ``tf.Example`` s (a batch, as a ``tf.data`` pipeline reads the shards) → the
+        features as the model built from this manifest takes them, plus the label and teacher logit columns
+        when present and ``include_label``. Multi-valued features are dense ``(B, L)``, padded with ``-1``.
+
+        Example::
+
+            ds = (tf.data.TFRecordDataset(manifest.shard_paths(manifest.windows[0]), compression_type="GZIP")
+                  .batch(512).map(manifest.parse_examples)
+                  .map(lambda p: ({f.name: p[f.name] for f in manifest.features}, p[manifest.label])))
+            model.fit(ds)
+        """
+        import tensorflow as tf  # local: keep this module importable without TensorFlow
+
+        parsed = tf.io.parse_example(serialized, self.transformed_feature_spec(include_label))
+        for f in self.features:
+            if f.multivalent:
+                parsed[f.name] = tf.sparse.to_dense(parsed[f.name], default_value=-1)
+        return parsed
 
     def _abs(self, path: str) -> str:
         if os.path.isabs(path) or "://" in path or self.root is None:

@@ -30,6 +30,20 @@ class MissingFeaturesError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def _dense_ids(ids: Any) -> Any:
+    """A ``tf.SparseTensor`` / ``tf.RaggedTensor`` of multi-valued ids (``parse_example``'s VarLen, a ragged
+    batch) as the dense ``(B, L)`` ids the layer takes, padded with ``PAD_ID``; anything else unchanged."""
+    if keras.backend.backend() != "tensorflow":
+        return ids
+    import tensorflow as tf
+
+    if isinstance(ids, tf.SparseTensor):
+        return tf.sparse.to_dense(ids, default_value=tf.cast(PAD_ID, ids.dtype))
+    if isinstance(ids, tf.RaggedTensor):
+        return ids.to_tensor(default_value=tf.cast(PAD_ID, ids.dtype))
+    return ids
+
+
 def _concrete(t: Any) -> np.ndarray | None:
     """The value of ``t`` as NumPy when it has one (eager), else ``None`` (symbolic or traced)."""
     if keras.backend.is_keras_tensor(t) or _is_tf_graph(t):
@@ -72,7 +86,10 @@ class FeatureEmbedding(keras.layers.Layer):
     embeds to zeros. Any other feature is read from its shape: ``(B,)`` and ``(B, 1)`` are univalent
     (``-1`` is then an error), ``(B, L > 1)`` multi-valued. Declare every multi-valued feature: a padded
     batch in which no row has more than one id is ``(B, 1)``, and undeclared it would be read as
-    univalent and its ``-1`` padding rejected.
+    univalent and its ``-1`` padding rejected. On TensorFlow, multi-valued ids may also come as a
+    ``tf.SparseTensor`` (``tf.io.parse_example``'s ``VarLenFeature``) or a ``tf.RaggedTensor``: the layer pads
+    them with ``-1``. A Keras model's dense ``Input`` does not: it fills a ``SparseTensor``'s gaps with ``0``,
+    a real id, before any layer sees them, so pad before the model (``Manifest.parse_examples`` does).
 
     Ids must lie in ``[0, vocab_size)`` (``-1`` is padding for multi-valued columns only): an
     out-of-range id raises ``ValueError`` naming the feature and row when called eagerly, and fails a
@@ -313,7 +330,7 @@ class FeatureEmbedding(keras.layers.Layer):
         ids_by_name: dict[str, Any] = {}
         declared = set(self.multivalued_features)
         for name in self.categorical_features:
-            ids = inputs[name]
+            ids = _dense_ids(inputs[name])
             rank = len(ids.shape)
             if name in declared:
                 # Declared multi-valued: keep (B, L) even when L == 1, so -1 stays padding.
@@ -327,6 +344,8 @@ class FeatureEmbedding(keras.layers.Layer):
                 raise ValueError(f"FeatureEmbedding: feature {name!r} must be (batch,) or (batch, L) ids, got shape {ids.shape}")
             if "int" not in str(ids.dtype):
                 raise ValueError(f"FeatureEmbedding: feature {name!r} must hold integer ids, got dtype {ids.dtype}")
+            if str(ids.dtype) not in ("int32", "int64"):  # pandas category codes are int8/int16
+                ids = ops.cast(ids, "int64")
             ids_by_name[name] = ids
         ids_by_name = self._check_all_ids(ids_by_name)
         parts = []
