@@ -7,7 +7,7 @@ import keras
 
 from ctrkit.layers import _validation as check
 from ctrkit.layers import activations
-from ctrkit.layers.cross import Cross
+from ctrkit.layers.cross import Cross, clone_initializer
 from ctrkit.layers.cross_mixture import GATINGS, CrossMixture
 
 KINDS = ("full", "low_rank", "mixture")
@@ -115,20 +115,21 @@ class CrossNetwork(keras.layers.Layer):
         self.pre_activation = pre_activation
         self.expert_activation = expert_activation
         self.gating = gating
-        self.kernel_initializer = keras.initializers.serialize(keras.initializers.get(kernel_initializer))
-        self.bias_initializer = keras.initializers.serialize(keras.initializers.get(bias_initializer))
-        self.kernel_regularizer = keras.regularizers.serialize(keras.regularizers.get(kernel_regularizer))
-        self.bias_regularizer = keras.regularizers.serialize(keras.regularizers.get(bias_regularizer))
+        # Objects here, serialized in get_config only: Keras' serializer imports TensorFlow on any backend.
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.cross_layers: list[keras.layers.Layer] = []
 
     def _make_layer(self, i: int, d: int) -> keras.layers.Layer:
         common = dict(
             use_bias=self.use_bias,
             diag_scale=self.diag_scale,
-            kernel_initializer=keras.initializers.get(self.kernel_initializer),
-            bias_initializer=keras.initializers.get(self.bias_initializer),
-            kernel_regularizer=keras.regularizers.get(self.kernel_regularizer),
-            bias_regularizer=keras.regularizers.get(self.bias_regularizer),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
             dtype=self.dtype_policy,
             name=f"cross_{i}",
         )
@@ -173,8 +174,8 @@ class CrossNetwork(keras.layers.Layer):
             "pre_activation": activations.serialize_identifier(self.pre_activation),
             "expert_activation": activations.serialize_identifier(self.expert_activation),
             "gating": self.gating,
-            "kernel_initializer": self.kernel_initializer,
-            "bias_initializer": self.bias_initializer,
-            "kernel_regularizer": self.kernel_regularizer,
-            "bias_regularizer": self.bias_regularizer,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
         }

@@ -8,6 +8,7 @@ from keras import ops
 
 from ctrkit.layers import _validation as check
 from ctrkit.layers import activations
+from ctrkit.layers.cross import clone_initializer
 
 
 def _bce_with_logits(labels: Any, logits: Any) -> Any:
@@ -187,13 +188,14 @@ class DistillationHead(keras.layers.Layer):
         self.hidden_units = check.positive_int_sequence("DistillationHead", "hidden_units", hidden_units)
         act = activations.get(activation)
         self.activation = activations.serialize_identifier(activation)
-        self.kernel_initializer = keras.initializers.serialize(keras.initializers.get(kernel_initializer))
+        # An object here, serialized in get_config only: Keras' serializer imports TensorFlow on any backend.
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.hidden = [
-            keras.layers.Dense(u, activation=act, kernel_initializer=keras.initializers.get(self.kernel_initializer),
+            keras.layers.Dense(u, activation=act, kernel_initializer=clone_initializer(self.kernel_initializer),
                                dtype=self.dtype_policy, name=f"hidden_{i}")
             for i, u in enumerate(self.hidden_units)
         ]
-        self.out = keras.layers.Dense(1, kernel_initializer=keras.initializers.get(self.kernel_initializer),
+        self.out = keras.layers.Dense(1, kernel_initializer=clone_initializer(self.kernel_initializer),
                                       dtype=self.dtype_policy, name="logit")
 
     def build(self, input_shape: Any) -> None:
@@ -217,5 +219,5 @@ class DistillationHead(keras.layers.Layer):
             **super().get_config(),
             "hidden_units": list(self.hidden_units),
             "activation": self.activation,
-            "kernel_initializer": self.kernel_initializer,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         }
