@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from ctrkit.layers import _validation as check
-from ctrkit.layers.embedding import _concrete, _is_tf_graph
+from ctrkit.layers.embedding import _concrete, _is_jax_tracer, _is_tf_graph, check_in_jax_trace, integer_ids
 
 
 # Machine epsilon per dtype (1 − ε is exactly representable and below 1, so a clip to [ε, 1 − ε] stays
@@ -284,9 +284,10 @@ class BiasCalibration(keras.layers.Layer):
 
     Fixes systematic over- or under-prediction within segments (e.g. per country or ad format) that a
     global calibrator cannot. An out-of-range segment id raises ``ValueError`` when called eagerly and
-    fails a ``tf.debugging`` assertion in a ``tf.function``; give unseen segments an OOV id upstream. Under
-    XLA (``jit_compile=True``, also Keras' ``"auto"`` on a GPU) the assertion is dropped and the gather
-    clamps: an out-of-range id gets the first or last segment's correction, unreported.
+    under ``jax.jit`` (from a host callback), and fails a ``tf.debugging`` assertion in a ``tf.function``;
+    give unseen segments an OOV id upstream. Under XLA on TensorFlow (``jit_compile=True``, also Keras'
+    ``"auto"`` on a GPU) the assertion is dropped and the gather clamps: an out-of-range id gets the first or
+    last segment's correction, unreported.
 
     Args:
         num_segments: number of segment ids.
@@ -324,18 +325,14 @@ class BiasCalibration(keras.layers.Layer):
             ids = ops.squeeze(ids, -1)
         if len(ids.shape) != 1:
             raise ValueError(f"BiasCalibration: segment_ids must be (batch,) or (batch, 1), got {segment_ids.shape}")
-        if "int" not in str(ids.dtype):
-            raise ValueError(f"BiasCalibration: segment_ids must be integers, got dtype {ids.dtype}")
+        ids = integer_ids("BiasCalibration", "segment_ids", ids)
         if None not in (z.shape[0], ids.shape[0]) and z.shape[0] != ids.shape[0]:
             raise ValueError(f"BiasCalibration: {z.shape[0]} logits but {ids.shape[0]} segment ids")
         value = _concrete(ids)
         if value is not None:
-            bad = (value < 0) | (value >= self.num_segments)
-            if bad.any():
-                row = int(np.argwhere(bad)[0][0])
-                raise ValueError(
-                    f"BiasCalibration: segment id {int(value[row])} in row {row} is outside [0, {self.num_segments})"
-                )
+            self._raise_if_out_of_range(value)
+        elif _is_jax_tracer(ids):
+            check_in_jax_trace(self._raise_if_out_of_range, ids)
         elif _is_tf_graph(ids):
             import tensorflow as tf
 
@@ -345,6 +342,14 @@ class BiasCalibration(keras.layers.Layer):
             ]):
                 ids = tf.identity(ids)
         return z + ops.expand_dims(ops.take(self.segment_bias, ids, axis=0), -1)
+
+    def _raise_if_out_of_range(self, value: np.ndarray) -> None:
+        bad = (value < 0) | (value >= self.num_segments)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ValueError(
+                f"BiasCalibration: segment id {int(value[row])} in row {row} is outside [0, {self.num_segments})"
+            )
 
     def compute_output_shape(self, logit_shape: Any, segment_ids_shape: Any = None) -> Any:
         return (logit_shape[0], 1)

@@ -44,16 +44,59 @@ def _dense_ids(ids: Any) -> Any:
     return ids
 
 
+def _is_jax_tracer(t: Any) -> bool:
+    """True inside a JAX trace (``jax.jit``: Keras' default on JAX), where values reach Python only
+    through a host callback."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return isinstance(t, jax.core.Tracer)
+
+
+def _in_symbolic_call() -> bool:
+    """True while Keras infers output shapes. On PyTorch it does so by calling the layer on real tensors of
+    ones (``compute_output_spec``), whose values are placeholders, not data."""
+    try:
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+    except ImportError:  # pragma: no cover - a Keras without it calls layers symbolically on KerasTensors only
+        return False
+    return in_symbolic_scope()
+
+
 def _concrete(t: Any) -> np.ndarray | None:
     """The value of ``t`` as NumPy when it has one (eager), else ``None`` (symbolic or traced)."""
-    if keras.backend.is_keras_tensor(t) or _is_tf_graph(t):
+    if keras.backend.is_keras_tensor(t) or _is_tf_graph(t) or _is_jax_tracer(t) or _in_symbolic_call():
         return None
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if isinstance(t, jax.core.Tracer):
-            return None  # inside jax.jit there is no value to check (and no in-graph assertion)
     return np.asarray(ops.convert_to_numpy(t))
+
+
+def check_in_jax_trace(check: Any, *values: Any) -> None:
+    """Run ``check(*numpy_values)`` on the host when the traced step runs (``jax.debug.callback``), so a bad
+    id raises its message under ``jax.jit`` too (surfacing as a ``JaxRuntimeError`` that contains it),
+    instead of ``jnp.take`` returning NaN rows past the table or wrapping negative ids around."""
+    import jax
+
+    jax.debug.callback(lambda *arrays: check(*(np.asarray(a) for a in arrays)), *values)
+
+
+def integer_ids(layer: str, what: str, ids: Any) -> Any:
+    """``ids`` as int32/int64, refusing floats that hold values.
+
+    Small integer types (pandas category codes are int8/int16) are widened. A float tensor inside a trace
+    or symbolic call is cast, as ``keras.layers.Embedding`` does: Keras rebuilds a subclassed model on
+    float32 placeholders when it loads one, and refusing them there left the layers after this one
+    unbuilt and their saved weights unrestored.
+    """
+    dtype = keras.backend.standardize_dtype(ids.dtype)
+    if dtype in ("int32", "int64"):
+        return ids
+    wide = "int32" if keras.backend.backend() == "jax" else "int64"  # JAX has no int64 unless x64 is enabled
+    if "int" in dtype:
+        return ops.cast(ids, wide)
+    if _concrete(ids) is None and ("float" in dtype or dtype == "bfloat16"):
+        return ops.cast(ids, wide)
+    raise ValueError(f"{layer}: {what} must hold integer ids, got dtype {dtype}")
 
 
 def _lookup(table: Any, ids: Any) -> Any:
@@ -91,11 +134,13 @@ class FeatureEmbedding(keras.layers.Layer):
     them with ``-1``. A Keras model's dense ``Input`` does not: it fills a ``SparseTensor``'s gaps with ``0``,
     a real id, before any layer sees them, so pad before the model (``Manifest.parse_examples`` does).
 
-    Ids must lie in ``[0, vocab_size)`` (``-1`` is padding for multi-valued columns only): an
-    out-of-range id raises ``ValueError`` naming the feature and row when called eagerly, and fails a
-    ``tf.debugging`` assertion inside a ``tf.function`` (TF backend), instead of silently wrapping around
-    or reading row 0. (Under ``jax.jit`` ids cannot be checked and a bad id is not reported: ``jnp.take``,
-    in its default ``"fill"`` mode, returns a NaN row for an id past the table. Under XLA on TensorFlow,
+    Ids are integers (int8/int16 are widened; float ids are refused when called eagerly, and cast inside a
+    trace, as ``keras.layers.Embedding`` casts them). They must lie in ``[0, vocab_size)`` (``-1`` is
+    padding for multi-valued columns only): an out-of-range id raises ``ValueError`` naming the feature and
+    row when called eagerly, fails a ``tf.debugging`` assertion inside a ``tf.function`` (TF backend), and
+    raises that ``ValueError`` from a host callback under ``jax.jit`` (Keras' default on JAX; it surfaces as
+    a ``JaxRuntimeError`` containing the message), instead of silently wrapping around, reading row 0 or
+    returning a NaN row that poisons every weight at the next update. (Under XLA on TensorFlow,
     ``jit_compile=True``, which Keras' ``jit_compile="auto"`` picks when a GPU is present, the assertion
     is dropped and the gather clamps: a bad id reads the table's first or last row, unreported. Check ids
     upstream or run one eager or non-XLA pass over new data.)
@@ -232,19 +277,23 @@ class FeatureEmbedding(keras.layers.Layer):
                 autocast=False,
             )
 
+    def _raise_if_out_of_range(self, name: str, value: np.ndarray, multivalued: bool) -> None:
+        vocab = self.vocab_sizes[name]
+        bad = (value < (PAD_ID if multivalued else 0)) | (value >= vocab)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ValueError(
+                f"FeatureEmbedding: feature {name!r} has id {int(value[bad][0])} in row {row}, outside "
+                f"[0, {vocab}){' (-1 pads multi-valued rows)' if multivalued else ''}; the ids must come "
+                "from the same transform (vocabulary) the layer was sized for"
+            )
+
     def _check_ids(self, name: str, ids: Any, multivalued: bool) -> Any:
         vocab = self.vocab_sizes[name]
         low = PAD_ID if multivalued else 0
         value = _concrete(ids)
         if value is not None:
-            bad = (value < low) | (value >= vocab)
-            if bad.any():
-                row = int(np.argwhere(bad)[0][0])
-                raise ValueError(
-                    f"FeatureEmbedding: feature {name!r} has id {int(value[bad][0])} in row {row}, outside "
-                    f"[0, {vocab}){' (-1 pads multi-valued rows)' if multivalued else ''}; the ids must come "
-                    "from the same transform (vocabulary) the layer was sized for"
-                )
+            self._raise_if_out_of_range(name, value, multivalued)
             return ids
         if _is_tf_graph(ids):
             import tensorflow as tf
@@ -267,6 +316,15 @@ class FeatureEmbedding(keras.layers.Layer):
         embedding layer's serving cost, so univalent ids are stacked and checked together (~10 ops), and
         the assertion names the offending features.
         """
+        if any(_is_jax_tracer(ids) for ids in ids_by_name.values()):
+            names = list(ids_by_name)
+
+            def check(*values: np.ndarray) -> None:
+                for name, value in zip(names, values):
+                    self._raise_if_out_of_range(name, value, multivalued=value.ndim == 2)
+
+            check_in_jax_trace(check, *ids_by_name.values())  # one host callback per step for all features
+            return ids_by_name
         univalent = [n for n, ids in ids_by_name.items() if len(ids.shape) == 1]
         if not univalent or not _is_tf_graph(ids_by_name[univalent[0]]):
             return {n: self._check_ids(n, ids, multivalued=len(ids.shape) == 2) for n, ids in ids_by_name.items()}
@@ -342,11 +400,7 @@ class FeatureEmbedding(keras.layers.Layer):
                 rank = 1
             if rank not in (1, 2):
                 raise ValueError(f"FeatureEmbedding: feature {name!r} must be (batch,) or (batch, L) ids, got shape {ids.shape}")
-            if "int" not in str(ids.dtype):
-                raise ValueError(f"FeatureEmbedding: feature {name!r} must hold integer ids, got dtype {ids.dtype}")
-            if str(ids.dtype) not in ("int32", "int64"):  # pandas category codes are int8/int16
-                ids = ops.cast(ids, "int64")
-            ids_by_name[name] = ids
+            ids_by_name[name] = integer_ids("FeatureEmbedding", f"feature {name!r}", ids)
         ids_by_name = self._check_all_ids(ids_by_name)
         parts = []
         for name in self.categorical_features:
