@@ -80,8 +80,6 @@ EXTRAS["test"] = sorted(
             "pytest>=8,<10",
             "httpx>=0.27,<1",
             "keras-rs==0.4.0",
-            "jax==0.10.2",  # the layers on Keras' JAX backend (tests/test_layers_backends.py)
-            "jaxlib==0.10.2",
             "tensorflow-recommenders==0.7.7",
             "tf-keras==2.21.0",
             "build>=1.0,<2",
