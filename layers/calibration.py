@@ -284,13 +284,16 @@ class BiasCalibration(keras.layers.Layer):
 
     Fixes systematic over- or under-prediction within segments (e.g. per country or ad format) that a
     global calibrator cannot. An out-of-range segment id raises ``ValueError`` when called eagerly and
-    under ``jax.jit`` (from a host callback), and fails a ``tf.debugging`` assertion in a ``tf.function``;
-    give unseen segments an OOV id upstream. Under XLA on TensorFlow (``jit_compile=True``, also Keras'
-    ``"auto"`` on a GPU) the assertion is dropped and the gather clamps: an out-of-range id gets the first or
-    last segment's correction, unreported.
+    fails a ``tf.debugging`` assertion in a ``tf.function``; give unseen segments an OOV id upstream. Under
+    XLA on TensorFlow (``jit_compile=True``, also Keras' ``"auto"`` on a GPU) the assertion is dropped, and
+    under ``jax.jit`` ids are checked only with ``check_ids_in_jit=True``: otherwise an out-of-range id gets
+    the first or last segment's correction, unreported.
 
     Args:
         num_segments: number of segment ids.
+        check_ids_in_jit: JAX only: also check segment ids under ``jax.jit`` with a host callback, as
+            ``FeatureEmbedding``'s argument of that name (and at its cost). Off: an out-of-range id gets
+            the first or last segment's correction, unreported.
         **kwargs: base layer arguments. ``dtype`` defaults to ``"float32"`` whatever the global policy.
 
     Call arguments:
@@ -311,9 +314,10 @@ class BiasCalibration(keras.layers.Layer):
       from the trenches (Section 7, calibration corrections per slice).
     """
 
-    def __init__(self, num_segments: int, **kwargs: Any) -> None:
+    def __init__(self, num_segments: int, check_ids_in_jit: bool = False, **kwargs: Any) -> None:
         super().__init__(**_float32_by_default(kwargs))
         self.num_segments = check.positive_int("BiasCalibration", "num_segments", num_segments)
+        self.check_ids_in_jit = bool(check_ids_in_jit)
 
     def build(self, logit_shape: Any, segment_ids_shape: Any = None) -> None:
         self.segment_bias = self.add_weight(name="segment_bias", shape=(self.num_segments,), initializer="zeros")
@@ -331,7 +335,7 @@ class BiasCalibration(keras.layers.Layer):
         value = _concrete(ids)
         if value is not None:
             self._raise_if_out_of_range(value)
-        elif _is_jax_tracer(ids):
+        elif _is_jax_tracer(ids) and self.check_ids_in_jit:
             check_in_jax_trace(self._raise_if_out_of_range, ids)
         elif _is_tf_graph(ids):
             import tensorflow as tf
@@ -341,6 +345,8 @@ class BiasCalibration(keras.layers.Layer):
                 tf.debugging.assert_non_negative(ids, message="BiasCalibration: negative segment id"),
             ]):
                 ids = tf.identity(ids)
+        if keras.backend.backend() != "tensorflow":  # unchecked under jax.jit: clamp, as TF's XLA gather does
+            ids = ops.clip(ids, 0, self.num_segments - 1)
         return z + ops.expand_dims(ops.take(self.segment_bias, ids, axis=0), -1)
 
     def _raise_if_out_of_range(self, value: np.ndarray) -> None:
@@ -355,4 +361,4 @@ class BiasCalibration(keras.layers.Layer):
         return (logit_shape[0], 1)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "num_segments": self.num_segments}
+        return {**super().get_config(), "num_segments": self.num_segments, "check_ids_in_jit": self.check_ids_in_jit}

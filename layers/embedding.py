@@ -73,8 +73,11 @@ def _concrete(t: Any) -> np.ndarray | None:
 
 def check_in_jax_trace(check: Any, *values: Any) -> None:
     """Run ``check(*numpy_values)`` on the host when the traced step runs (``jax.debug.callback``), so a bad
-    id raises its message under ``jax.jit`` too (surfacing as a ``JaxRuntimeError`` that contains it),
-    instead of ``jnp.take`` returning NaN rows past the table or wrapping negative ids around."""
+    id raises its message under ``jax.jit`` too (surfacing as a ``JaxRuntimeError`` that contains it).
+
+    Opt-in (``check_ids_in_jit=True``): the callback copies the ids to the host and synchronises every step
+    (a small model's step took 2-5x as long), and jax2tf cannot export a program holding one.
+    """
     import jax
 
     jax.debug.callback(lambda *arrays: check(*(np.asarray(a) for a in arrays)), *values)
@@ -83,10 +86,11 @@ def check_in_jax_trace(check: Any, *values: Any) -> None:
 def integer_ids(layer: str, what: str, ids: Any) -> Any:
     """``ids`` as int32/int64, refusing floats that hold values.
 
-    Small integer types (pandas category codes are int8/int16) are widened. A float tensor inside a trace
-    or symbolic call is cast, as ``keras.layers.Embedding`` does: Keras rebuilds a subclassed model on
-    float32 placeholders when it loads one, and refusing them there left the layers after this one
-    unbuilt and their saved weights unrestored.
+    Small integer types (pandas category codes are int8/int16) are widened. Float placeholders in Keras'
+    symbolic calls are cast: Keras rebuilds a subclassed model on float32 placeholders when it loads one,
+    and refusing them there left the layers after this one unbuilt and their saved weights unrestored.
+    Float ids with values (eager, ``fit``, ``predict``) are refused: a cast would truncate 3.7 to 3 and
+    merge ids above 2^24 in float32.
     """
     dtype = keras.backend.standardize_dtype(ids.dtype)
     if dtype in ("int32", "int64"):
@@ -94,7 +98,7 @@ def integer_ids(layer: str, what: str, ids: Any) -> Any:
     wide = "int32" if keras.backend.backend() == "jax" else "int64"  # JAX has no int64 unless x64 is enabled
     if "int" in dtype:
         return ops.cast(ids, wide)
-    if _concrete(ids) is None and ("float" in dtype or dtype == "bfloat16"):
+    if (keras.backend.is_keras_tensor(ids) or _in_symbolic_call()) and ("float" in dtype or dtype == "bfloat16"):
         return ops.cast(ids, wide)
     raise ValueError(f"{layer}: {what} must hold integer ids, got dtype {dtype}")
 
@@ -111,7 +115,10 @@ def _lookup(table: Any, ids: Any) -> Any:
         import tensorflow as tf
 
         return tf.gather(table.value, ids)
-    return ops.take(table, ids, axis=0)
+    # Ids are checked before this except under jax.jit (unless check_ids_in_jit): clamp there, as TF's XLA
+    # gather does, instead of jnp.take's NaN row past the table (which turns every weight into NaN at the
+    # next update) and its wrap-around of negative ids.
+    return ops.take(table, ops.clip(ids, 0, table.shape[0] - 1), axis=0)
 
 
 @keras.saving.register_keras_serializable(package="ctrkit")
@@ -134,16 +141,17 @@ class FeatureEmbedding(keras.layers.Layer):
     them with ``-1``. A Keras model's dense ``Input`` does not: it fills a ``SparseTensor``'s gaps with ``0``,
     a real id, before any layer sees them, so pad before the model (``Manifest.parse_examples`` does).
 
-    Ids are integers (int8/int16 are widened; float ids are refused when called eagerly, and cast inside a
-    trace, as ``keras.layers.Embedding`` casts them). They must lie in ``[0, vocab_size)`` (``-1`` is
-    padding for multi-valued columns only): an out-of-range id raises ``ValueError`` naming the feature and
-    row when called eagerly, fails a ``tf.debugging`` assertion inside a ``tf.function`` (TF backend), and
-    raises that ``ValueError`` from a host callback under ``jax.jit`` (Keras' default on JAX; it surfaces as
-    a ``JaxRuntimeError`` containing the message), instead of silently wrapping around, reading row 0 or
-    returning a NaN row that poisons every weight at the next update. (Under XLA on TensorFlow,
-    ``jit_compile=True``, which Keras' ``jit_compile="auto"`` picks when a GPU is present, the assertion
-    is dropped and the gather clamps: a bad id reads the table's first or last row, unreported. Check ids
-    upstream or run one eager or non-XLA pass over new data.)
+    Ids are integers (int8/int16 are widened; float ids are refused, except Keras' float placeholders when it
+    rebuilds a loaded model). They must lie in ``[0, vocab_size)`` (``-1`` is padding for multi-valued
+    columns only): an out-of-range id raises ``ValueError`` naming the feature and row when called eagerly
+    and fails a ``tf.debugging`` assertion inside a ``tf.function`` (TF backend), instead of silently
+    wrapping around or reading row 0. Compiled code does not check by default: under
+    XLA on TensorFlow (``jit_compile=True``, which Keras' ``jit_compile="auto"`` picks when a GPU is
+    present) the assertion is dropped, and under ``jax.jit`` (Keras' default on JAX) ids are checked only
+    with ``check_ids_in_jit=True`` (a host callback raising the same ``ValueError`` inside a
+    ``JaxRuntimeError``; see its cost below). Otherwise a bad id is clamped to the table's first or last
+    row, unreported (not the NaN row ``jnp.take`` would read, which turns every weight into NaN at the next
+    update). Check ids upstream or run one eager or non-XLA pass over new data.
 
     The lookup is ``keras.ops.take`` (``tf.gather`` on the variable on TensorFlow), so the gradient of
     each table is a ``tf.IndexedSlices`` touching only the looked-up rows: optimizers that support it
@@ -163,6 +171,10 @@ class FeatureEmbedding(keras.layers.Layer):
         embeddings_initializer: initializer of the tables. Defaults to ``"uniform"`` (±0.05, as
             ``keras.layers.Embedding``).
         embeddings_regularizer: regularizer of the tables.
+        check_ids_in_jit: JAX only: also check ids under ``jax.jit`` (Keras' default on JAX), with a host
+            callback that raises the layer's error. It costs a device-to-host copy and a sync per step
+            (a small model's step took 2-5x as long) and stops ``model.export`` (jax2tf). Defaults to
+            ``False``: an out-of-range id is then clamped to the table's first or last row, unreported.
         **kwargs: base layer arguments.
 
     Call arguments:
@@ -193,9 +205,11 @@ class FeatureEmbedding(keras.layers.Layer):
         embeddings_initializer: Any = "uniform",
         embeddings_regularizer: Any = None,
         multivalued_features: Sequence[str] = (),
+        check_ids_in_jit: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.check_ids_in_jit = bool(check_ids_in_jit)
         if not isinstance(vocab_sizes, Mapping):
             raise ValueError(f"FeatureEmbedding: `vocab_sizes` must be a dict name -> size, got {type(vocab_sizes).__name__}")
         self.vocab_sizes = {
@@ -317,6 +331,8 @@ class FeatureEmbedding(keras.layers.Layer):
         the assertion names the offending features.
         """
         if any(_is_jax_tracer(ids) for ids in ids_by_name.values()):
+            if not self.check_ids_in_jit:
+                return ids_by_name  # unchecked: the lookup clamps (see _lookup)
             names = list(ids_by_name)
 
             def check(*values: np.ndarray) -> None:
@@ -435,4 +451,5 @@ class FeatureEmbedding(keras.layers.Layer):
             "multivalued_features": list(self.multivalued_features),
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+            "check_ids_in_jit": self.check_ids_in_jit,
         }

@@ -162,6 +162,24 @@ def test_subclassed_model_trains_and_restores_weights(tmp_path):
         loaded({**batch, "C1": batch["C1"].astype("float64")})  # eager floats are still refused
 
 
+def test_float_ids_are_refused_in_fit_and_predict_not_truncated():
+    """Keras builds with float placeholders (cast there, see above), but float ids with values would be
+    truncated (3.7 -> 3) and, in float32, merged above 2^24: a float Input (dtype forgotten) is refused
+    when data arrives, in predict and fit alike."""
+    ids = keras.Input((), name="C1")  # float32: the dtype was forgotten
+    model = keras.Model(ids, keras.layers.Dense(1)(FeatureEmbedding({"C1": 11}, 2)({"C1": ids})))
+    model.compile(optimizer="adam", loss="mse")
+    x = np.array([1.0, 3.7, 2.0], "float32")
+    with pytest.raises(ValueError, match="feature 'C1' must hold integer ids, got dtype float32"):
+        model.predict(x, verbose=0)
+    with pytest.raises(ValueError, match="feature 'C1' must hold integer ids, got dtype float32"):
+        model.fit(x, np.zeros((3, 1)), verbose=0)
+    logit, seg = keras.Input((1,), name="z"), keras.Input((), name="s")
+    calibrated = keras.Model([logit, seg], BiasCalibration(3)(logit, seg))
+    with pytest.raises(ValueError, match="segment_ids must hold integer ids, got dtype float32"):
+        calibrated.predict([np.zeros((2, 1), "float32"), np.array([0.0, 2.5], "float32")], verbose=0)
+
+
 def test_configs_with_callable_activations_are_json_serializable(tmp_path):
     """Activations given as callables (not strings) must still save: get_config serializes them."""
     x = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
