@@ -169,14 +169,17 @@ def line_offsets(config: DataConfig, files: list[str]) -> list[int]:
     return offsets
 
 
-def file_tuples(config: DataConfig, paths: list[str]) -> list[tuple[int, str, int]]:
+def file_tuples(config: DataConfig, paths: list[str | os.PathLike] | str | os.PathLike) -> list[tuple[int, str, int]]:
     """The ``(file_index, path, line_offset)`` tuples that :class:`~ctrkit.pipelines.ReadRawLogs` reads, one per
     file of ``paths`` (given in time order).
 
     The index names each file's shards (so it must differ between files) and orders them; the line offset
     is the position of the file's first row in the whole input, which places its rows in row-count windows
-    (timestamp windows ignore it). Counting the offsets reads every text file once on the driver.
+    (timestamp windows ignore it). Counting the offsets reads every text file once on the driver. Paths are
+    files, not globs (:func:`expand_inputs` expands globs in time order).
     """
+    if isinstance(paths, (str, os.PathLike)):  # one file, not a sequence of one-character paths
+        paths = [paths]
     paths = [os.fspath(p) for p in paths]
     return [(i, p, o) for i, (p, o) in enumerate(zip(paths, line_offsets(config, paths)))]
 

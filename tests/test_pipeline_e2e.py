@@ -410,6 +410,10 @@ def test_read_raw_logs_refuses_a_file_index_given_twice(tmp_path):
     assert read == []  # the check runs before any file is read
 
     assert checked_file_list([(1, b, 20), (0, a, 0)]) == [(0, a, 0), (1, b, 20)]
+    from ctrkit.pipelines import file_tuples
+
+    assert file_tuples(DataConfig(window_rows=10), [a, tmp_path / "b.tsv"]) == [(0, a, 0), (1, b, 20)]
+    assert file_tuples(DataConfig(window_rows=10), a) == [(0, a, 0)]  # one path, not its characters
     for bad in ["a.tsv", (0, a), (0.0, a, 0), (True, a, 0), (0, 5, 0)]:
         with pytest.raises(ValueError, match=r"\(file_index, path, line_offset\) tuples.*file_tuples"):
             checked_file_list([bad])
@@ -751,6 +755,29 @@ def test_a_saved_transform_fn_is_reapplied_with_the_tracing_it_was_saved_with(ts
     assert not saved_with_tf1_tags(str(tf2))
     with pytest.raises(InputError, match=r"--transform-fn .*nothing.*cannot read .*transform_fn/saved_model\.pb"):
         saved_with_tf1_tags(str(tmp_path / "nothing"))
+
+    # The job builds its pipeline with the tracing the saved transform_fn has.
+    import ctrkit.pipelines.beam_pipeline as beam_pipeline
+    from ctrkit.configio import to_dict
+    from ctrkit.pipelines.runner import _Spec, run_job
+
+    class Built(Exception):
+        pass
+
+    def record(*args, tf_compat_v1, **kwargs):
+        raise Built(tf_compat_v1)
+
+    real = beam_pipeline.build_pipeline
+    beam_pipeline.build_pipeline = record
+    try:
+        for transform_fn, tf1 in ((tsv_out, True), (str(tf2), False), (None, True)):
+            spec = _Spec(to_dict(_data_config()), [], str(tmp_path / "work"), str(tmp_path / "control"), None,
+                         transform_fn, [], "arrow", None)
+            with pytest.raises(Built) as built:
+                run_job(spec)
+            assert built.value.args == (tf1,), transform_fn
+    finally:
+        beam_pipeline.build_pipeline = real
 
 
 def test_the_direct_runner_is_pinned_to_the_fnapi_runner_not_prism():
