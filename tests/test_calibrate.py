@@ -342,3 +342,25 @@ def test_bias_fit_reaches_the_documented_optimum_for_every_segment_size() -> Non
     g, delta = theta[0], theta[1:]
     np.testing.assert_allclose(layer.segment_bias.numpy(), g + delta, atol=0.02)
     assert g < -1.5  # the case is the hard one: a large shared correction
+
+
+def test_calibrate_and_export_refuse_data_with_other_vocabularies(setup, tmp_path, capsys) -> None:
+    """train --warm-start and compare refused data re-analyzed without --transform-fn; calibrate fitted on it
+    (reporting "held out") and export published day-2 vocabularies over day-1 embedding rows, exit 0."""
+    import shutil
+
+    root, run, holdout, _ = setup
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(run.run_dir, run_dir)
+    other = str(tmp_path / "reanalyzed")
+    shutil.copytree(holdout.directory, other)
+    os.makedirs(os.path.join(other, "transform_fn", "assets"))
+    with open(os.path.join(other, "transform_fn", "assets", "vocab_c0"), "w") as f:
+        f.write("b\na\n")  # same sizes, other ids: what a re-analysis of day 2 gives
+    before = open(os.path.join(run_dir, "model.keras"), "rb").read()
+    assert main(["calibrate", run_dir, "--data", other]) != 0
+    assert "different vocabularies" in capsys.readouterr().err
+    assert open(os.path.join(run_dir, "model.keras"), "rb").read() == before  # not replaced
+    base = str(tmp_path / "models")
+    assert main(["export", run_dir, "--data", other, "--base-path", base, "--model-name", "ctr"]) != 0
+    assert "different vocabularies" in capsys.readouterr().err and not os.path.exists(base)

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from ctrkit.data import window_indices
     from ctrkit.errors import CtrkitWarning
     from ctrkit.manifest import Manifest
-    from ctrkit.trainer import load_run_model, read_run_config, read_run_info, run_dir_lock
+    from ctrkit.trainer import (check_model_fits_data, load_run_model, read_run_config, read_run_info, run_dir_lock,
+                                vocabulary_fingerprint)
 
     read_run_info(args.run_dir)  # "not a ctrkit run directory", before its config.yaml is missed
     config = read_run_config(args.run_dir)
@@ -57,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     windows = window_indices(manifest, args.windows or f"{max(0, n - cal.holdout_windows)}:")
     with run_dir_lock(os.path.abspath(args.run_dir), "ctrkit calibrate"):  # not while it trains
         model = load_run_model(args.run_dir)
+        # As train --warm-start and compare refuse: with other vocabularies the fit would run on ids that
+        # read other tokens' embedding rows, and the model would be replaced by its calibrated copy.
+        check_model_fits_data("ctrkit calibrate:", args.run_dir, model, manifest, vocabulary_fingerprint(manifest),
+                              "Calibrate on data preprocessed with that run's transform (ctrkit preprocess ... "
+                              "--transform-fn).")
         seen = windows_trained_on(args.run_dir, args.data, manifest, windows)
         if seen:
             warnings.warn(f"{args.run_dir} trained on window(s) {', '.join(seen)} of {args.data}: they are not held "

@@ -101,6 +101,16 @@ def run(args: argparse.Namespace) -> int:
         from ctrkit.trainer import load_run_model
 
         model = load_run_model(args.run_dir)
+    from ctrkit.manifest import Manifest
+    from ctrkit.trainer import check_model_fits_data, vocabulary_fingerprint
+
+    # The export pairs the data's transform (vocabularies) with the model's embedding rows: they must be the
+    # ones it was trained with (a run directory records them; a bare model file is checked by sizes).
+    manifest = Manifest.load(data_dir)
+    check_model_fits_data("ctrkit export:", args.model or args.run_dir, model, manifest,
+                          vocabulary_fingerprint(manifest),
+                          "Export with the data the model was trained on (--data), or data preprocessed with "
+                          "its transform (ctrkit preprocess ... --transform-fn).")
     warmup, warmup_lines = None, []
     if args.warmup_rows:
         warmup, warmup_lines = _read_warmup_rows(args.warmup_rows)
