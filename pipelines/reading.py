@@ -766,7 +766,7 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
     Missing is what the writers use for it: null, an empty string (as an empty field is in text), and NaN
     in a float column (pandas without nullable dtypes). Dictionary (pandas ``category``) columns are
     decoded, an all-null column is all missing, dates and timestamps become Unix seconds (floored to whole
-    seconds), decimals their exact text. Large and view string/binary columns (polars, pyarrow's
+    seconds), decimals their exact text (whole ones without their zero fraction). Large and view string/binary columns (polars, pyarrow's
     ``string_view``) read as the plain ones.
     """
     if pa.types.is_dictionary(col.type):
@@ -778,7 +778,9 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
     elif pa.types.is_date(col.type):
         col = col.cast(pa.timestamp("s")).cast(pa.int64())
     elif pa.types.is_decimal(col.type):
-        col = col.cast(pa.string())  # exact: a float would merge long decimal ids of a categorical column
+        # Exact text (a float would merge long decimal ids of a categorical column), a whole value without its
+        # zero fraction: a warehouse NUMERIC(14,2) id column reads "123", as the int64 column it replaced did.
+        col = pc.replace_substring_regex(col.cast(pa.string()), r"^(-?\d+)\.0+$", r"\1")
     elif pa.types.is_boolean(col.type):
         col = col.cast(pa.int8())
     if pa.types.is_floating(col.type):

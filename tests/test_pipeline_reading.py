@@ -501,6 +501,30 @@ def test_parquet_types_pandas_writes_read_like_the_same_csv(tmp_path):
     assert from_parquet["sv"].to_pylist() == [b"u", None, None]
 
 
+def test_whole_decimal_ids_read_as_the_int_ids_they_replace(tmp_path):
+    """A warehouse export turned an int64 id column into NUMERIC(14,2): its ids read "123.00", so with
+    yesterday's transform every one went to OOV, silently. Whole decimals read as integers now; other
+    decimals keep their exact text."""
+    import decimal
+
+    import pyarrow.parquet as pq
+
+    columns = [ColumnSpec("label", kind="label"), ColumnSpec("c")]
+    ids = [123, -7, 0, 12345678901234]
+    pq.write_table(pa.table({"label": [1.0, 0.0, 1.0, 0.0], "c": pa.array(ids, pa.int64())}), tmp_path / "int.parquet")
+    pq.write_table(pa.table({"label": [1.0, 0.0, 1.0, 0.0],
+                             "c": pa.array([decimal.Decimal(f"{i}.00") for i in ids], pa.decimal128(16, 2))}),
+                   tmp_path / "dec.parquet")
+    config = DataConfig(format="parquet", columns=columns)
+    as_int, _ = _read_all(str(tmp_path / "int.parquet"), config)
+    as_decimal, rejected = _read_all(str(tmp_path / "dec.parquet"), config)
+    assert rejected == [] and as_decimal["c"].to_pylist() == as_int["c"].to_pylist() == [b"123", b"-7", b"0",
+                                                                                          b"12345678901234"]
+    pq.write_table(pa.table({"label": [1.0], "c": pa.array([decimal.Decimal("1.50")], pa.decimal128(6, 2))}),
+                   tmp_path / "frac.parquet")
+    assert _read_all(str(tmp_path / "frac.parquet"), config)[0]["c"].to_pylist() == [b"1.50"]
+
+
 def test_quoted_line_breaks_in_real_text_are_kept(tmp_path):
     """Free text with line breaks is data: a short row with one is padded, not rejected, and a line that
     happens to hold a row's worth of commas is not taken for swallowed rows."""
