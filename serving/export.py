@@ -204,6 +204,7 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
             "dicts or serialized tf.Examples])")
     if not inputs or data is None:
         raise ExportError(f"the manifest in {manifest.root} records no raw inputs to build warmup requests from: {hint}")
+    from ctrkit.errors import InputError
     from ctrkit.pipelines import read_file
 
     with reading_recorded_config():  # written by the pipeline, possibly an older ctrkit's
@@ -214,10 +215,14 @@ def raw_rows_from_manifest(manifest: Manifest, n: int = DEFAULT_WARMUP_ROWS) -> 
             where = (" (a path relative to where an older ctrkit ran preprocess: run the export from there)"
                      if not os.path.isabs(path) else "")
             raise ExportError(f"raw input {path} recorded in the manifest is not there{where}; {hint}")
-        for batch, _rejected in read_file(path, i, config):
-            rows.extend(batch.slice(0, n - len(rows)).to_pylist())
-            if len(rows) >= n:
-                return rows
+        try:
+            for batch, _rejected in read_file(path, i, config):
+                rows.extend(batch.slice(0, n - len(rows)).to_pylist())
+                if len(rows) >= n:
+                    return rows
+        except InputError as e:  # the reader's advice is for preprocess, which this is not
+            raise ExportError(f"raw input {path} recorded in the manifest, read for warmup requests, no longer "
+                              f"reads as it did when it was preprocessed (rotated or rewritten since?): {e}; {hint}") from e
     if not rows:
         raise ExportError(f"the raw inputs {inputs} hold no clean rows: {hint}")
     return rows

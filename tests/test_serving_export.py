@@ -512,3 +512,24 @@ def test_fixed_len_raw_columns_parse_when_missing():
     assert parsed["city"].numpy().tolist() == [b""]
     assert parsed["pair"].numpy().tolist() == [[0.0, 0.0]]
     assert parsed["tags"].values.shape == (0,)
+
+
+def test_warmup_rows_from_a_rotated_raw_log_name_the_warmup_read(tmp_path):
+    """The raw log recorded in the manifest was replaced by a newer schema: export said "header does not
+    match data.columns ... (declare them with kind: ignore)", preprocess advice, naming neither the warmup
+    read nor --warmup-rows."""
+    import types
+
+    from ctrkit.configio import to_dict
+    from ctrkit.schema import ColumnSpec, DataConfig
+    from ctrkit.serving.export import raw_rows_from_manifest
+    from ctrkit.serving.signatures import ExportError
+
+    columns = [ColumnSpec("label", kind="label"), ColumnSpec("c")]
+    log = tmp_path / "day1.csv"
+    log.write_text("label,c,c4\n1,a,x\n")  # rotated: a column more than when it was preprocessed
+    manifest = types.SimpleNamespace(root=str(tmp_path), config={
+        "inputs": [str(log)], "data": to_dict(DataConfig(format="csv", header=True, columns=columns))})
+    with pytest.raises(ExportError, match=r"raw input .*day1\.csv recorded in the manifest, read for warmup requests, "
+                                          r"no longer reads as it did.*unexpected columns \['c4'\].*--warmup-rows"):
+        raw_rows_from_manifest(manifest)
