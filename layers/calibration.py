@@ -18,7 +18,8 @@ import numpy as np
 from keras import ops
 
 from ctrkit.layers import _validation as check
-from ctrkit.layers.embedding import _concrete, _is_jax_tracer, _is_tf_graph, check_in_jax_trace, integer_ids
+from ctrkit.layers.embedding import (_concrete, _is_jax_tracer, _is_tf_graph, _lookup, check_in_jax_trace,
+                                     integer_ids)
 
 
 # Machine epsilon per dtype (1 − ε is exactly representable and below 1, so a clip to [ε, 1 − ε] stays
@@ -345,9 +346,7 @@ class BiasCalibration(keras.layers.Layer):
                 tf.debugging.assert_non_negative(ids, message="BiasCalibration: negative segment id"),
             ]):
                 ids = tf.identity(ids)
-        if keras.backend.backend() != "tensorflow":  # unchecked under jax.jit: clamp, as TF's XLA gather does
-            ids = ops.clip(ids, 0, self.num_segments - 1)
-        return z + ops.expand_dims(ops.take(self.segment_bias, ids, axis=0), -1)
+        return z + ops.expand_dims(_lookup(self.segment_bias, ids), -1)  # clamps where ids went unchecked
 
     def _raise_if_out_of_range(self, value: np.ndarray) -> None:
         bad = (value < 0) | (value >= self.num_segments)

@@ -766,8 +766,8 @@ def _parquet_as_text(col: pa.Array, name: str, path: str) -> pa.Array:
     Missing is what the writers use for it: null, an empty string (as an empty field is in text), and NaN
     in a float column (pandas without nullable dtypes). Dictionary (pandas ``category``) columns are
     decoded, an all-null column is all missing, dates and timestamps become Unix seconds (floored to whole
-    seconds), decimals their exact text (whole ones without their zero fraction). Large and view string/binary columns (polars, pyarrow's
-    ``string_view``) read as the plain ones.
+    seconds), decimals their exact text (whole ones without their zero fraction). Large and view
+    string/binary columns (polars, pyarrow's ``string_view``) read as the plain ones.
     """
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         with downsampling_corrected(model, rate):
             path = export_model(
                 model,
-                data_dir,
+                manifest,
                 args.base_path,
                 args.model_name,
                 version=args.version,
