@@ -122,11 +122,25 @@ def recorded_columns(recorded_data: dict | None, where: str) -> list[ColumnSpec]
 
 
 def differing_columns(ours: list[ColumnSpec], theirs: list[ColumnSpec]) -> list[str]:
-    """Columns whose ids or values would differ: name, kind or a setting the column uses (a setting it
-    ignores does not count); ``["the column count"]`` when the lists differ in length."""
-    if len(ours) != len(theirs):
-        return ["the column count"]
-    return [c.name for c, t in zip(ours, theirs) if c.effective() != t.effective()]
+    """The columns whose transformed ids or values would differ between two ``data.columns`` lists, by name:
+    one the other lacks, or one whose kind or a setting it uses differs (a setting it ignores does not count).
+
+    Column order and ``ignore`` columns do not count: the transform reads the columns it uses by name and never
+    sees an ignored one, so a log that gains an unused column, or a CSV whose header was reordered, keeps its
+    transform. ``ours`` is the config in hand, ``theirs`` a recorded one: each entry is a column name, with
+    " (only here)" or " (only there)" where one of them lacks it.
+    """
+    mine = {c.name: c.effective() for c in ours if c.kind != "ignore"}
+    other = {c.name: c.effective() for c in theirs if c.kind != "ignore"}
+    differ = []
+    for name in sorted(set(mine) | set(other), key=lambda n: (n not in mine, n)):
+        if name not in other:
+            differ.append(f"{name} (only here)")
+        elif name not in mine:
+            differ.append(f"{name} (only there)")
+        elif mine[name] != other[name]:
+            differ.append(name)
+    return differ
 
 
 def criteo_columns(log1p: bool = True) -> list[ColumnSpec]:

@@ -721,6 +721,21 @@ def check_same_vocabulary(run_dir: str, manifest: Manifest, fingerprint: str | N
         )
 
 
+def _check_same_numeric_order(run_dir: str, manifest: Manifest) -> None:
+    """Numeric features enter x0 in manifest order and weights load by name and shape, so a warm start on data
+    whose config lists them in another order would feed each one to another feature's weights without a word.
+    (--transform-fn keeps the order; re-analyzing data with a reordered config does not.)"""
+    before = read_run_info(run_dir).get("numeric_features")  # None: a run from before ctrkit recorded it
+    now = [f.name for f in manifest.numeric_features]
+    if before is not None and before != now:
+        raise InputError(
+            f"--warm-start {run_dir}: that run's model read the numeric features in the order {before}, but "
+            f"{manifest.transform_output_dir} lists them as {now}, so each would meet another feature's weights. "
+            "Preprocess the new data with the previous transform (ctrkit preprocess ... --transform-fn "
+            "PREVIOUS_DATA_DIR), which keeps the order, or list the numeric columns in the previous order"
+        )
+
+
 def check_model_fits_data(who: str, source: str, model: Any, manifest: Manifest, fingerprint: str | None,
                           advice: str) -> None:
     """``model``, loaded from ``source`` (a run directory or a model file), must read the data's ids as it was
@@ -1091,6 +1106,7 @@ def _train(
                 check_same_vocabulary(warm_start, manifest, fingerprint, "--warm-start",
                                       "Preprocess the new data with the previous transform "
                                       "(ctrkit preprocess ... --transform-fn PREVIOUS_DATA_DIR) and warm-start on that.")
+                _check_same_numeric_order(warm_start, manifest)
                 state.restore(arrays, meta["weight_names"], prev, metrics=False)
             _warn_if_other_model(config, warm_start)
         with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -1115,6 +1131,8 @@ def _train(
         "status": "running",
         "config": config.name,
         "vocabulary_fingerprint": fingerprint,
+        # x0 takes the numeric features in this order (categorical ones sorted by name): --warm-start checks it.
+        "numeric_features": [f.name for f in manifest.numeric_features],
         "data_created_at": manifest.created_at or None,  # which writing of data_dir: checked by --resume
     }
     _write_json_atomic(run_json, run_info)

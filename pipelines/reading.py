@@ -72,6 +72,12 @@ def used_columns(config: DataConfig):
     return [c for c in config.columns if c.kind != "ignore"]
 
 
+def parquet_missing(config: DataConfig, file_names: list[str]) -> list[str]:
+    """The columns ``data.columns`` reads that a Parquet file lacks. Parquet names its columns, so a ``kind: ignore``
+    column, which is never read, may be absent: files written before a column was added and after both read."""
+    return [c.name for c in used_columns(config) if c.name not in file_names]
+
+
 def clean_schema(config: DataConfig) -> pa.Schema:
     """Arrow schema of the clean batches :func:`read_file` yields."""
     types = {"label": pa.float32(), "numeric": pa.float32(), "categorical": pa.binary(),
@@ -439,7 +445,7 @@ def check_schema(path: str, config: DataConfig) -> None:
         if duplicated:  # pyarrow cannot select such a column by name: the job failed with a KeyError
             raise InputError(f"{path}: Parquet columns {duplicated} appear more than once; write the file with "
                              "unique column names")
-        missing = [n for n in names if n not in file_names]
+        missing = parquet_missing(config, file_names)
         extra = [n for n in file_names if n not in names]
         if missing or extra:
             raise InputError(f"{path}: Parquet columns do not match data.columns: "
@@ -742,7 +748,7 @@ def _read_parquet(path: str, file_index: int, config: DataConfig):
         raise InputError(f"{path}: not a readable Parquet file ({e})") from e
     names = raw_columns(config)
     file_names = f.schema_arrow.names
-    missing = [n for n in names if n not in file_names]
+    missing = parquet_missing(config, file_names)
     if missing:
         raise InputError(f"{path}: Parquet file lacks columns {missing} named in data.columns")
     extra = [n for n in file_names if n not in names]

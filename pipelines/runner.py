@@ -218,8 +218,11 @@ def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
         theirs = recorded_columns(_load_manifest(path, fs).config.get("data"), manifest)
         diff = differing_columns(config.columns, theirs) if theirs is not None else []
         if diff:
-            raise ConfigError(f"--transform-fn {path} was analyzed with different data.columns "
-                              f"(differs at {diff}); ids would not match")
+            raise ConfigError(f"--transform-fn {path} was analyzed with other data.columns (different: "
+                              f"{', '.join(diff)}; 'only here' is only in this config, 'only there' only in that "
+                              "output's). The "
+                              "transform reads those columns, so ids would not match. Reordering columns and adding "
+                              "or dropping kind: ignore columns keep the transform")
     return path
 
 
@@ -792,8 +795,14 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
             end = datetime.datetime.fromtimestamp((w + 1) * config.window_seconds, tz).isoformat()
         windows.append(Window(window_name(w), tuple(s["shard"] for s in ss), sum(s["rows"] for s in ss), start, end))
 
+    features = transformed_features(config, _vocab_sizes(config, work, fs))
+    if transform_fn_dir is not None and fs.exists(f"{transform_fn_dir}/manifest.json"):
+        # Numeric features enter the model's x0 in manifest order: a config whose columns were reordered must
+        # not reorder them against the model trained on the data the transform came from (--warm-start).
+        before = [f.name for f in _load_manifest(transform_fn_dir, fs).features]
+        features.sort(key=lambda f: before.index(f.name) if f.name in before else len(before))
     manifest = Manifest(
-        features=tuple(transformed_features(config, _vocab_sizes(config, work, fs))),
+        features=tuple(features),
         label=config.label,
         windows=tuple(windows),
         rows_read=rows_read,

@@ -67,6 +67,9 @@ def raw(work):
         "csv": synthetic.write_csv(table.drop_columns(["timestamp"]), str(work / "span1.csv")),
         "parquet": synthetic.write_parquet(table, str(work / "span1.parquet")),
         "later": synthetic.write_tsv(later, str(work / "span2.tsv.gz"), gzip=True),
+        # The same span as the next day's log might come: CSV, columns in another order, one more unused column.
+        "later_csv": synthetic.write_csv(later.append_column("note", pa.array(["x"] * later.num_rows)),
+                                         str(work / "span2.csv.gz"), gzip=True, columns=_LATER_ORDER),
     }
     config = {"data": {"window_rows": WINDOW_ROWS,
                        "columns": [{k: v for k, v in vars(c).items()} for c in _columns()]}}
@@ -117,9 +120,17 @@ def parquet_out(raw, work):
     return _run(work, "out_parquet", [raw["parquet"]], config)
 
 
+_LATER_ORDER = ["note", *synthetic.CATEGORICAL[::-1], "label", *synthetic.NUMERIC]
+
+
 @pytest.fixture(scope="session")
 def apply_out(raw, work, tsv_out):
-    return _run(work, "out_apply", [raw["later"]], _data_config(), transform_fn_dir=tsv_out)
+    """The later span through the first span's transform_fn, from a CSV whose columns are reordered and which
+    has an unused one: the transform reads its columns by name, so it still applies."""
+    columns = {c.name: c for c in _columns()}
+    columns["note"] = ColumnSpec("note", kind="ignore")
+    config = DataConfig(format="csv", columns=[columns[n] for n in _LATER_ORDER], window_rows=WINDOW_ROWS)
+    return _run(work, "out_apply", [raw["later_csv"]], config, transform_fn_dir=tsv_out)
 
 
 def decode(out: str) -> tuple[Manifest, dict[str, list]]:
@@ -306,6 +317,8 @@ def test_csv_with_header_reads_like_tsv(raw):
 def test_apply_mode_keeps_ids_and_maps_unseen_to_oov(raw, tsv_out, apply_out):
     m1, m2 = Manifest.load(tsv_out), Manifest.load(apply_out)
     assert m2.vocab_sizes() == m1.vocab_sizes()
+    # Numeric features enter the model's x0 in manifest order: the reordered config must not reorder them.
+    assert [f.name for f in m2.features] == [f.name for f in m1.features]
     later = _raw_table(raw["later"])
     _, rows = decode(apply_out)
     for col in ("C3", "C4", "C12"):
@@ -343,7 +356,7 @@ def test_a_remote_transform_fn_dir_is_checked_where_it_is(tsv_out):
     assert _check_transform_fn_dir(remote + "/transform_fn/", _data_config()) == remote
     with pytest.raises(InputError, match=r"^--transform-fn ram://ctrkit-test-bucket/nothing: no transform_fn/ there"):
         _check_transform_fn_dir("ram://ctrkit-test-bucket/nothing", _data_config())
-    with pytest.raises(Exception, match="different data.columns"):
+    with pytest.raises(Exception, match="other data.columns"):
         _check_transform_fn_dir(remote, DataConfig(columns=_columns()[:-1], window_rows=WINDOW_ROWS))
 
 

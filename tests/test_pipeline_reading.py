@@ -246,6 +246,15 @@ def test_parquet_ignored_columns_are_neither_read_nor_type_checked(tmp_path):
     assert got.column_names == ["label", "x", "c", "__file", "__line"]
     assert got.to_pylist() == [{"label": 1.0, "x": 1.5, "c": b"a", "__file": 0, "__line": 1},
                                {"label": 0.0, "x": None, "c": None, "__file": 0, "__line": 2}]
+    # A file written before the ignored columns existed reads too (a backfill across the schema change) ...
+    older = str(tmp_path / "older.parquet")
+    pq.write_table(table.drop_columns(["meta", "nested"]), older)
+    check_schema(older, config)
+    assert _read_all(older, config)[0].equals(got)
+    # ... but not one that lacks a column the pipeline reads.
+    pq.write_table(table.drop_columns(["x"]), older)
+    with pytest.raises(InputError, match=r"missing \['x'\], unexpected \[\]"):
+        check_schema(older, config)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's own, logged
@@ -348,8 +357,27 @@ def test_transform_fn_reuse_compares_the_settings_that_decide_ids(tmp_path):
     ours = DataConfig(format="csv", columns=[ColumnSpec("y", kind="label"), ColumnSpec("a", encoding="hash", hash_buckets=9)])
     assert _check_transform_fn_dir(prep, ours) == prep
     other = DataConfig(format="csv", columns=[ColumnSpec("y", kind="label"), ColumnSpec("a", encoding="hash", hash_buckets=8)])
-    with pytest.raises(ConfigError, match=r"was analyzed with different data\.columns \(differs at \['a'\]\)"):
+    with pytest.raises(ConfigError, match=r"was analyzed with other data\.columns \(different: a; "):
         _check_transform_fn_dir(prep, other)
+
+
+def test_transform_fn_reuse_compares_columns_by_name_and_skips_ignored_ones(tmp_path):
+    """Columns were compared by position, `ignore` columns included: a log that gained an unused column, or a
+    CSV whose header was reordered, could not keep yesterday's transform, and re-analyzing it then made
+    --warm-start refuse the new vocabularies. The transform reads the columns it uses by name."""
+    from ctrkit.configio import ConfigError
+    from ctrkit.pipelines.runner import _check_transform_fn_dir
+
+    prep = _recorded_prep_dir(tmp_path, [{"name": "y", "kind": "label"}, {"name": "a"}, {"name": "n", "kind": "numeric"},
+                                         {"name": "note", "kind": "ignore"}])
+    y, a, n = ColumnSpec("y", kind="label"), ColumnSpec("a"), ColumnSpec("n", kind="numeric")
+    for columns in ([n, ColumnSpec("new", kind="ignore"), y, a],  # reordered, an ignored column swapped
+                    [y, a, n]):  # the ignored column dropped
+        assert _check_transform_fn_dir(prep, DataConfig(format="csv", columns=columns)) == prep
+    with pytest.raises(ConfigError, match=r"other data\.columns \(different: b \(only here\), n \(only there\);"):
+        _check_transform_fn_dir(prep, DataConfig(format="csv", columns=[y, a, ColumnSpec("b", kind="numeric")]))
+    with pytest.raises(ConfigError, match=r"\(different: a \(only there\);"):  # no longer read
+        _check_transform_fn_dir(prep, DataConfig(format="csv", columns=[y, ColumnSpec("a", kind="ignore"), n]))
 
 
 def test_padded_rows_that_validation_rejects_are_not_counted_as_padded(tmp_path):
