@@ -78,6 +78,7 @@ EXTRAS["test"] = sorted(
         EXTRAS["serve"]
         + [
             "pytest>=8,<10",
+            "pytest-xdist==3.8.0",  # the default run uses two workers (pytest.ini)
             "httpx>=0.27,<1",
             "keras-rs==0.4.0",
             "tensorflow-recommenders==0.7.7",

@@ -1,6 +1,6 @@
 """Throughput of ctrkit ``Cross`` vs keras-rs ``FeatureCross``: forward + backward.
 
-Run: ``python3 -m pytest -m benchmark benchmarks/bench_layers.py -s``. Writes ``benchmarks/out/layers.json``.
+Run: ``python3 -m pytest -n 0 -m benchmark benchmarks/bench_layers.py -s``. Writes ``benchmarks/out/layers.json``.
 
 Both layers get identical weights and inputs and run the same compiled ``tf.function``: the forward pass
 ``y = layer(x0)`` and the backward pass from a fixed upstream gradient ``dL/dy`` to the gradients of the

@@ -3,7 +3,7 @@
 Reference measured in the same run: the time ``pyarrow.csv`` needs just to read the same file (the floor).
 Reports rows/s per size, the ratio to the pyarrow read, and linearity (time(1M) / time(100k), target ≤ 12).
 
-Run:  python3 -m pytest -m benchmark benchmarks/bench_pipeline.py -s
+Run:  python3 -m pytest -n 0 -m benchmark benchmarks/bench_pipeline.py -s
 Env:  CTRKIT_BENCH_SIZES=100000,1000000   sizes to run (default both)
       CTRKIT_BENCH_REPEATS=3               pipeline runs per size (median reported)
       CTRKIT_BENCH_BEAM_ARGS="--direct_num_workers=2 --direct_running_mode=multi_processing"

@@ -1,6 +1,6 @@
 """Serving latency and throughput: ctrkit's export (TFT graph inside) vs a bare reference, REST overhead, load.
 
-Run: ``python3 -m pytest -m benchmark benchmarks/bench_serving.py -s``. Writes ``benchmarks/out/serving.json``.
+Run: ``python3 -m pytest -n 0 -m benchmark benchmarks/bench_serving.py -s``. Writes ``benchmarks/out/serving.json``.
 ``CTRKIT_BENCH_LOAD_SECONDS`` sets each load phase's length (default 60).
 
 Models (issue 5): the BARS-style DCN-V2 (``configs/bars_criteo.yaml``: embedding 10 per field, 3 full-rank

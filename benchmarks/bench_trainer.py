@@ -1,6 +1,6 @@
 """Trainer throughput: ctrkit's step vs keras-rs FeatureCross + ``model.fit``, roofline, PV overhead, sparse proof.
 
-    python3 -m pytest -m benchmark benchmarks/bench_trainer.py -s
+    python3 -m pytest -n 0 -m benchmark benchmarks/bench_trainer.py -s
 
 Setting (the issue's): DCN-V2 BARS config (embedding 10, 3 full-rank cross layers ∥ DNN 500-500-500),
 Criteo-shaped generated ids (39 categorical fields, Zipf-like popularity), batch 4096, Adam.
@@ -431,4 +431,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2].split(","))
     else:
-        sys.exit("run the benchmark with: python3 -m pytest -m benchmark benchmarks/bench_trainer.py -s")
+        sys.exit("run the benchmark with: python3 -m pytest -n 0 -m benchmark benchmarks/bench_trainer.py -s")

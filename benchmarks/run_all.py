@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         names = []
     for name in names:
-        cmd = [sys.executable, "-m", "pytest", "-m", "benchmark", "-s", "-q", os.path.join(HERE, f"bench_{name}.py")]
+        cmd = [sys.executable, "-m", "pytest", "-n", "0", "-m", "benchmark", "-s", "-q", os.path.join(HERE, f"bench_{name}.py")]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.call(cmd, cwd=os.path.dirname(HERE))

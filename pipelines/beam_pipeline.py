@@ -97,6 +97,14 @@ class _ReadFile(beam.DoFn):
         n_padded = counts["rows_padded"]
         if self._count:
             self._padded.inc(n_padded)
+        if n_padded and n_padded == n_valid:
+            # A headerless log that lost a column reads every row short, and each field after the lost one
+            # lands in the column before it: padding alone would say nothing but a count in the summary.
+            warnings.messages.append(
+                f"{path}: every row ({n_padded}) had fewer fields than data.columns ({len(self._config.columns)}) "
+                "and was padded with missing values. If the log lost a column, the fields after it were read "
+                "into the wrong columns: check its layout against data.columns (data.short_rows: reject refuses "
+                "short rows instead)")
         log.info("ctrkit preprocess: read %s: %d rows, %d valid (%d of them short rows padded), %d rejected",
                  path, n_valid + n_rejected, n_valid, n_padded, n_rejected)
         yield beam.pvalue.TaggedOutput("stats", {"file": path, "rows_read": n_valid + n_rejected,

@@ -726,14 +726,22 @@ def test_the_readers_warnings_reach_the_driver(work, caplog):
 
     good = [f"{i % 2},{i},c{i}" for i in range(40)]
     path = work / "unterminated.csv"
-    path.write_text("\n".join(["label,x,c"] + good[:12] + ['1,5,"unterminated'] + good[12:]) + "\n")
-    config = DataConfig(format="csv", window_rows=100,
+    path.write_text("\n".join(good[:12] + ['1,5,"unterminated'] + good[12:]) + "\n")
+    # A headerless log that lost a column: every row is short (had it lost x, c's values would be read as x).
+    lost = work / "lost_a_column.csv"
+    lost.write_text("".join(f"{i % 2},{i}\n" for i in range(30)) + "1,2,c\n")  # not every row: no warning
+    lost_all = work / "lost_a_column_everywhere.csv"
+    lost_all.write_text("".join(f"{i % 2},{i}\n" for i in range(30)))
+    config = DataConfig(format="csv", header=False, window_rows=100,
                         columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"), ColumnSpec("c")])
     with caplog.at_level("WARNING", logger="ctrkit.pipelines"):
-        m = preprocess(config, [str(path)], str(work / "out_unterminated"))
-    assert m.rows_rejected == 1
+        m = preprocess(config, [str(path), str(lost), str(lost_all)], str(work / "out_unterminated"))
+    assert (m.rows_rejected, m.rows_padded) == (1, 60)
     warned = [r.getMessage() for r in caplog.records if r.name == "ctrkit.pipelines"]
-    assert any("line 14 runs over 29 lines" in w and "unterminated quote" in w for w in warned), warned
+    assert any("line 13 runs over 29 lines" in w and "unterminated quote" in w for w in warned), warned
+    padded = [w for w in warned if "padded with missing values" in w]
+    assert len(padded) == 1 and padded[0].startswith(f"{lost_all}: every row (30) had fewer fields than "
+                                                      "data.columns (3)"), warned
 
 
 def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
