@@ -220,9 +220,8 @@ def _check_transform_fn_dir(path: str, config: DataConfig) -> str:
         if diff:
             raise ConfigError(f"--transform-fn {path} was analyzed with other data.columns (different: "
                               f"{', '.join(diff)}; 'only here' is only in this config, 'only there' only in that "
-                              "output's). The "
-                              "transform reads those columns, so ids would not match. Reordering columns and adding "
-                              "or dropping kind: ignore columns keep the transform")
+                              "output's). The transform reads those columns, so ids would not match. Reordering "
+                              "columns and adding or dropping kind: ignore columns keep the transform")
     return path
 
 
