@@ -161,6 +161,9 @@ class DataConfig:
     delimiter: str | None = None  # default: tab for criteo_tsv, comma for csv
     header: bool = True  # csv only: first line names the columns
     short_rows: Literal["pad", "reject"] = "pad"  # rows with stripped trailing empty fields
+    # Fail the job when more of the rows read are rejected (a format or schema change, not junk); null: only
+    # when every row is. The failed job keeps its rejected rows in <output>.rejected/.
+    max_rejected_fraction: float | None = 0.01
     window_rows: int = 100_000  # window size when there is no timestamp column
     window_seconds: int = 86_400  # window size when there is a timestamp column
     analyze_windows: int | None = None  # analyze on the first N windows; None: all of them
@@ -210,6 +213,10 @@ class DataConfig:
             raise ConfigError(f"data.analyze_windows: must be >= 1 or null (all windows), got {self.analyze_windows}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        limit = self.max_rejected_fraction
+        if limit is not None and (isinstance(limit, bool) or not 0 <= limit <= 1):
+            raise ConfigError(f"data.max_rejected_fraction: must be a fraction from 0 to 1 (0.01: 1% of the rows "
+                              f"read) or null (fail only when every row is rejected), got {limit!r}")
         if self.format != "parquet" and self.delimiter is not None and len(self.delimiter) != 1:
             raise ConfigError(f"data.delimiter: must be a single character or null for format {self.format!r}, "
                               f"got {self.delimiter!r}")

@@ -89,6 +89,19 @@ class _FS:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
 
+    def makedirs(self, path: str) -> None:
+        if self.gfile:
+            self.gfile.makedirs(path)
+        else:
+            os.makedirs(path, exist_ok=True)
+
+    def rename(self, source: str, target: str) -> None:
+        """Moves one file (a remote filesystem copies it and deletes the source)."""
+        if self.gfile:
+            self.gfile.rename(source, target, overwrite=True)
+        else:
+            os.replace(source, target)
+
     def rmtree(self, path: str) -> None:
         if self.gfile:
             if self.gfile.exists(path):
@@ -245,6 +258,8 @@ def _refuse_output_holding_inputs(output_dir: str, files: list[str], transform_f
 # unset $OUT) must fail, not delete a directory of other files.
 _OWN_ENTRIES = frozenset({"manifest.json", "data", "rejected", "transform_fn", "transformed_metadata",
                           "raw_metadata", "metadata", "_shards", "_stats", "_tft_tmp"})
+# What a job writes into rejected/ (Beam's WriteToText shards).
+_REJECTED_PART = re.compile(r"part-\d+-of-\d+\.jsonl")
 
 
 def _check_replaceable(output_dir: str, entries: list[str], overwrite: bool) -> None:
@@ -476,7 +491,7 @@ def preprocess(config: DataConfig, inputs: list[str | os.PathLike] | str | os.Pa
         if c:  # progress per stage, from the Beam counters (the files are checked again in _finish)
             log.info("ctrkit preprocess: read stage: %s rows read, %s valid, %s rejected; write stage: %s rows "
                      "written", c.get("rows_read"), c.get("rows_valid"), c.get("rows_rejected"), c.get("rows_written"))
-        _finish(config, files, work, result, transform_fn_dir, spec.pipeline_args, started, fs)
+        _finish(config, files, work, output_dir, result, transform_fn_dir, spec.pipeline_args, started, fs)
         final = work if _remote(work) else os.path.abspath(output_dir)
         if final != work:
             chmod_like_mkdir(work)
@@ -738,6 +753,25 @@ def _count_rejected(path: str, fs: _FS, first: int = 3) -> tuple[int, list[dict]
     return count, [{"file": f, "line": ln, "reason": why} for f, ln, why in smallest]
 
 
+def _keep_rejected(work: str, output_dir: str, fs: _FS) -> str:
+    """Move a failed job's rejected rows to ``<output_dir>.rejected/`` before its output is deleted → that path.
+
+    An earlier failed job's rows there are replaced; a path that holds anything else is left alone, and the
+    rows go to ``<output_dir>.rejected-<time>/`` instead.
+    """
+    source = os.path.join(work, "rejected")
+    kept = (output_dir if _remote(output_dir) else os.path.abspath(output_dir)).rstrip("/") + ".rejected"
+    if fs.exists(kept):
+        if fs.isdir(kept) and all(_REJECTED_PART.fullmatch(name) for name in fs.listdir(kept)):
+            fs.rmtree(kept)
+        else:
+            kept += time.strftime("-%Y%m%dT%H%M%S")
+    fs.makedirs(kept)
+    for name in fs.listdir(source):
+        fs.rename(os.path.join(source, name), os.path.join(kept, name))
+    return kept
+
+
 def _vocab_sizes(config: DataConfig, work: str, fs: _FS) -> dict[str, int]:
     from ctrkit.pipelines.transform import vocab_filename, vocabulary_columns
 
@@ -751,8 +785,8 @@ def _vocab_sizes(config: DataConfig, work: str, fs: _FS) -> dict[str, int]:
     return sizes
 
 
-def _finish(config: DataConfig, files: list[str], work: str, result: dict, transform_fn_dir: str | None,
-            pipeline_args: list[str], started: float, fs: _FS) -> Manifest:
+def _finish(config: DataConfig, files: list[str], work: str, output_dir: str, result: dict,
+            transform_fn_dir: str | None, pipeline_args: list[str], started: float, fs: _FS) -> Manifest:
     from ctrkit._version import __version__
     from ctrkit.pipelines.beam_pipeline import SHARDS_DIR, STATS_DIR, window_name
     from ctrkit.pipelines.transform import transformed_features
@@ -774,10 +808,20 @@ def _finish(config: DataConfig, files: list[str], work: str, result: dict, trans
     if rows_read != rows_written + rows_rejected or n_rejected_lines != rows_rejected:
         raise RuntimeError(f"row accounting failed: read {rows_read}, written {rows_written}, rejected "
                            f"{rows_rejected} ({n_rejected_lines} in rejected/)")
+    first = "First: " + "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in first_rejected)
     if rows_written == 0:
         # Data with no rows would only fail at `ctrkit train` ("no windows"), far from the reason.
-        raise InputError(f"every row was rejected ({rows_rejected} of {rows_read}), so there is no data to write. "
-                         "First: " + "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in first_rejected))
+        kept = _keep_rejected(work, output_dir, fs)
+        raise InputError(f"every row was rejected ({rows_rejected} of {rows_read}), so there is no data to write; "
+                         f"the rejected rows, with file, line and reason, are in {kept}. {first}")
+    limit = config.max_rejected_fraction
+    if limit is not None and rows_rejected > limit * rows_read:
+        # A log whose format or schema changed loses most of its rows: training on the rest would look fine.
+        kept = _keep_rejected(work, output_dir, fs)
+        raise InputError(f"{rows_rejected} of {rows_read} rows ({rows_rejected / rows_read:.2%}) were rejected, more "
+                         f"than data.max_rejected_fraction ({limit:g}) allows: has the logs' format or schema "
+                         f"changed? The rejected rows, with file, line and reason, are in {kept}. {first}. If "
+                         "this many bad rows is expected, raise data.max_rejected_fraction (null: no limit)")
     for d in (STATS_DIR, SHARDS_DIR, "_tft_tmp"):
         fs.rmtree(os.path.join(work, d))
 

@@ -534,7 +534,8 @@ def bad_run(work, second_log):
     bad_path = str(work / "bad.tsv.gz")
     with gzip.open(bad_path, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
-    config = DataConfig(short_rows="reject", window_rows=600, analyze_windows=1)
+    # The real sample's 498 short rows are half of it: data.max_rejected_fraction must let them through.
+    config = DataConfig(short_rows="reject", window_rows=600, analyze_windows=1, max_rejected_fraction=0.5)
     out = _run(work, "out_bad", [bad_path, second_log[0]], config)
     return out, bad_path, config
 
@@ -732,7 +733,7 @@ def test_the_readers_warnings_reach_the_driver(work, caplog):
     lost.write_text("".join(f"{i % 2},{i}\n" for i in range(30)) + "1,2,c\n")  # not every row: no warning
     lost_all = work / "lost_a_column_everywhere.csv"
     lost_all.write_text("".join(f"{i % 2},{i}\n" for i in range(30)))
-    config = DataConfig(format="csv", header=False, window_rows=100,
+    config = DataConfig(format="csv", header=False, window_rows=100, max_rejected_fraction=0.05,
                         columns=[ColumnSpec("label", kind="label"), ColumnSpec("x", kind="numeric"), ColumnSpec("c")])
     with caplog.at_level("WARNING", logger="ctrkit.pipelines"):
         m = preprocess(config, [str(path), str(lost), str(lost_all)], str(work / "out_unterminated"))
@@ -754,6 +755,37 @@ def test_every_row_rejected_is_an_error_naming_the_first_reasons(work):
     with pytest.raises(InputError, match=r"every row was rejected \(3 of 3\).*blank.tsv line 1: empty line"):
         preprocess(DataConfig(), [str(blank)], str(out))
     assert not out.exists()
+    kept = [json.loads(line) for p in glob.glob(f"{out}.rejected/part-*.jsonl") for line in open(p)]
+    assert sorted(r["line"] for r in kept) == [1, 2, 3]  # all of them, not just the three the message names
+
+
+def test_more_rejected_rows_than_the_limit_fail_the_job_and_keep_them(work):
+    """A log whose format changed lost its bad rows to rejected/ and the job exited 0, writing what was left;
+    now past data.max_rejected_fraction it fails, and the rejected rows outlive the deleted output."""
+    from ctrkit.pipelines import preprocess
+
+    lines = open(synthetic.write_tsv(synthetic.generate(100, seed=8, timestamp=False), str(work / "mostly.tsv")),
+                 "rb").read().splitlines()
+    for at in (10, 20, 30):  # 3 of 103 rows: 2.9%, over the default 1%
+        lines.insert(at, lines[at] + b"\textra")
+    path = work / "mostly.tsv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    out = work / "out_mostly"
+    kept = work / "out_mostly.rejected"
+    kept.mkdir()
+    (kept / "part-00000-of-00002.jsonl").write_text('{"an earlier failed job": 1}\n')
+    (kept / "part-00001-of-00002.jsonl").write_text('{"an earlier failed job": 2}\n')
+    with pytest.raises(InputError) as caught:
+        preprocess(DataConfig(window_rows=1000), [str(path)], str(out))
+    message = str(caught.value)
+    assert "3 of 103 rows (2.91%) were rejected, more than data.max_rejected_fraction (0.01)" in message
+    assert f"are in {kept}." in message and "mostly.tsv line 11: wrong number of fields: 41, expected 40" in message
+    assert not out.exists() and not [p for p in os.listdir(work) if p.startswith(".out_mostly.tmp")]
+    rows = [json.loads(line) for p in sorted(kept.iterdir()) for line in open(p)]
+    assert sorted(r["line"] for r in rows) == [11, 21, 31]  # the earlier failure's rows were replaced
+
+    m = preprocess(DataConfig(window_rows=1000, max_rejected_fraction=0.03), [str(path)], str(out))
+    assert (m.rows_written, m.rows_rejected) == (100, 3)
 
 
 def test_config_yaml_round_trip(raw):

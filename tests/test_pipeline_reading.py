@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import collections
 import gzip
+import os
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from ctrkit import synthetic
+from ctrkit.configio import ConfigError
 from ctrkit.errors import InputError
 from ctrkit.pipelines.analyzers import EMPTY_VOCABULARY_DUMMY, VocabSpec, _CountAll, order_and_filter
 from ctrkit.pipelines.reading import check_schema, read_file, read_timestamps
@@ -692,3 +694,26 @@ def test_a_row_longer_than_the_parser_block_names_the_setting_to_raise(tmp_path)
         _read_all(path, DataConfig(format="csv", columns=columns, batch_size=1024))
     table, rejected = _read_all(path, DataConfig(format="csv", columns=columns, batch_size=1 << 15))
     assert rejected == [] and table.num_rows == 3
+
+
+def test_a_failed_jobs_rejected_rows_never_replace_a_directory_of_other_files(tmp_path):
+    """``<output>.rejected`` holding a user's own files (a name they chose) gets a time-stamped sibling."""
+    from ctrkit.pipelines.runner import _FS, _keep_rejected
+
+    work = tmp_path / ".out.tmp-1"
+    (work / "rejected").mkdir(parents=True)
+    (work / "rejected" / "part-00000-of-00001.jsonl").write_text('{"line": 7}\n')
+    theirs = tmp_path / "out.rejected"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    kept = _keep_rejected(str(work), str(tmp_path / "out"), _FS(False))
+    assert kept.startswith(f"{theirs}-") and kept != str(theirs)
+    assert os.listdir(kept) == ["part-00000-of-00001.jsonl"]
+    assert os.listdir(theirs) == ["notes.txt"] and not os.listdir(work / "rejected")
+
+
+def test_max_rejected_fraction_is_a_fraction_or_null():
+    assert DataConfig(max_rejected_fraction=None).max_rejected_fraction is None
+    for bad in (-0.01, 1.5, True):
+        with pytest.raises(ConfigError, match="data.max_rejected_fraction: must be a fraction from 0 to 1"):
+            DataConfig(max_rejected_fraction=bad)

@@ -156,7 +156,8 @@ def test_multi_block_file_through_the_beam_pipeline(tmp_path):
     path = tmp_path / "blocks.tsv"
     path.write_text("\n".join(lines) + "\n")
     assert os.path.getsize(path) > 3 * (1 << 20)
-    config = DataConfig(columns=columns, batch_size=BATCH_SIZE, window_seconds=day, analyze_windows=1)
+    config = DataConfig(columns=columns, batch_size=BATCH_SIZE, window_seconds=day, analyze_windows=1,
+                        max_rejected_fraction=0.1)  # ~5% of these rows are bad on purpose
     out = str(tmp_path / "out")
     preprocess(config, [str(path)], out)
     m = Manifest.load(out)
