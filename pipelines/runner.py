@@ -304,9 +304,133 @@ def _prepare_output(output_dir: str, overwrite: bool) -> str:
     parent = os.path.dirname(output_dir)
     try:
         os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+        _clean_leftovers(output_dir)
+        return _claim_work_dir(output_dir)
     except OSError as e:
         raise InputError(f"cannot write output directory {output_dir}: {e.strerror or e}") from e
+
+
+# A local job writes into ".<output>.tmp-XXXX" beside the output and holds an exclusive flock on the sibling file
+# ".<output>.tmp-XXXX.lock" until it has published or removed that directory. The kernel drops the lock when the
+# process dies, SIGKILL and OOM kills included, so a later job on the same output can tell a dead job's
+# leftover (lock free: remove it) from a running job's (lock held: leave it).
+LOCK_SUFFIX = ".lock"
+STALE_ASIDE_S = 60.0  # an old output renamed aside is deleted within moments of its rename; older: a killed job's
+_work_locks: dict[str, int] = {}
+
+
+def _try_lock(path: str) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive flock, or None when another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _claim_work_dir(output_dir: str) -> str:
+    """A fresh ``.<output>.tmp-XXXX`` beside ``output_dir``, locked for this process (see above)."""
+    parent, base = os.path.split(output_dir)
+    if sys.platform == "win32":  # no flock: no lock, and _clean_leftovers only reports leftovers
+        return tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    while True:
+        fd, lock = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=LOCK_SUFFIX, dir=parent)
+        os.close(fd)
+        held = _try_lock(lock)
+        # Another job's cleanup may have taken the fresh file's lock, seen no directory and unlinked it.
+        if held is not None and os.path.exists(lock) and os.fstat(held).st_ino == os.stat(lock).st_ino:
+            work = lock[:-len(LOCK_SUFFIX)]
+            os.mkdir(work, 0o700)
+            _work_locks[work] = held
+            return work
+        if held is not None:
+            os.close(held)
+
+
+def _release_work_dir(work: str) -> None:
+    """Drop the lock of a work directory that has been published or removed."""
+    fd = _work_locks.pop(work, None)
+    if fd is None:
+        return
+    try:
+        os.unlink(work + LOCK_SUFFIX)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _clean_leftovers(output_dir: str) -> list[str]:
+    """Remove what killed preprocess jobs on ``output_dir`` left beside it; returns the paths removed.
+
+    A work directory whose lock is free (its job died) is removed; one whose lock is held belongs to a job
+    still running and is left alone; one without a lock file (left by an older ctrkit, or on a system
+    without flock) is reported with its size, for the user to delete. An old output renamed aside
+    (``.<output>.old-XXXX``) older than a minute is what a job killed while replacing its output left."""
+    parent, base = os.path.split(output_dir)
+    tmp_prefix, old_prefix = f".{base}.tmp-", f".{base}.old-"
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        full = os.path.join(parent, name)
+        if name.startswith(old_prefix) and os.path.isdir(full):
+            try:
+                stale = time.time() - os.path.getmtime(full) > STALE_ASIDE_S
+            except OSError:
+                continue  # removed meanwhile
+            if stale:
+                shutil.rmtree(full, ignore_errors=True)
+                removed.append(full)
+            continue
+        if not name.startswith(tmp_prefix):
+            continue
+        if name.endswith(LOCK_SUFFIX):
+            if os.path.isdir(full[:-len(LOCK_SUFFIX)]) or sys.platform == "win32":
+                continue  # handled with its directory
+            lock, work = full, None  # a lock left behind by a job killed after removing its directory
+        elif os.path.isdir(full):
+            lock, work = full + LOCK_SUFFIX, full
+        else:
+            continue
+        if work is not None and (sys.platform == "win32" or not os.path.exists(lock)):
+            log.warning("%s: %.1f MiB left by an earlier preprocess job on %s that did not finish (last changed %s); "
+                        "this job does not use it. Delete it once no other preprocess job writes to %s",
+                        work, _tree_size(work) / 2**20, output_dir,
+                        datetime.datetime.fromtimestamp(os.path.getmtime(work)).isoformat(timespec="seconds"),
+                        output_dir)
+            continue
+        try:
+            fd = _try_lock(lock)
+        except FileNotFoundError:
+            continue  # its job finished meanwhile
+        if fd is None:
+            continue  # a job on the same output is running
+        try:
+            if work is not None:
+                size = _tree_size(work)
+                shutil.rmtree(work, ignore_errors=True)
+                removed.append(work)
+                log.warning("removed %s (%.1f MiB): the work directory of an earlier preprocess job on %s that was "
+                            "killed before it finished", work, size / 2**20, output_dir)
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _publish(work: str, final: str, overwrite: bool) -> None:
@@ -500,6 +624,7 @@ def preprocess(config: DataConfig, inputs: list[str | os.PathLike] | str | os.Pa
         fs.rmtree(work)
         raise
     finally:
+        _release_work_dir(work)
         shutil.rmtree(control, ignore_errors=True)
     return _load_manifest(final, fs)
 
