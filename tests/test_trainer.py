@@ -86,15 +86,58 @@ def test_lazy_sparse_adam_matches_reference_and_leaves_other_rows_alone() -> Non
 
 
 
+def _adam_steps(compiled: bool, ids: list, lookups: int = 1) -> tuple[np.ndarray, object, tf.Variable]:
+    """Three sparse Adam steps on a 10 × 3 table looked up ``lookups`` times at ``ids`` per step."""
+    var = tf.Variable(np.random.default_rng(3).normal(size=(10, 3)).astype(np.float32))
+    opt = SparseOptimizer("adam", [var], [var], learning_rate=0.05)
+    ids = tf.constant(ids, tf.int64)
+    weights = tf.constant(np.random.default_rng(4).normal(size=(*ids.shape, 3)).astype(np.float32))
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = sum(tf.reduce_sum(tf.gather(var, ids) * weights * (k + 1)) ** 2 for k in range(lookups))
+        opt.apply(tape.gradient(loss, [var]))
+
+    run = tf.function(step) if compiled else step
+    for _ in range(3):
+        run()
+    return var.numpy(), run.get_concrete_function() if compiled else None, var
+
+
+def _gathers_of(concrete, var: tf.Variable) -> int:
+    handle = next(internal for external, internal in concrete.graph.captures if external is var.handle)
+    return sum(1 for op in concrete.graph.get_operations()
+               if op.type == "ResourceGather" and op.inputs[0].name == handle.name)
+
+
+@pytest.mark.parametrize("ids", [[1, 4, 4, 7, 4, 0], [[1, 4], [4, 7], [4, 0]]], ids=["one id per row", "multi-valued"])
+def test_compiled_sparse_adam_reuses_the_forward_lookup_and_updates_as_eager(ids) -> None:
+    """In a compiled step the table's rows come from the forward gather, not a second read of the table."""
+    eager, _, _ = _adam_steps(False, ids)
+    compiled, concrete, var = _adam_steps(True, ids)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(compiled[[1, 4, 7, 0]], np.random.default_rng(3).normal(size=(10, 3))[[1, 4, 7, 0]])
+    assert _gathers_of(concrete, var) == 1  # the forward one; the optimizer reads none of the table
+
+
+def test_a_table_looked_up_twice_reads_its_rows_again_and_updates_as_eager() -> None:
+    """Two lookups concatenate the gradient's ids: no single forward gather holds them, so the table is read."""
+    eager, _, _ = _adam_steps(False, [1, 4, 4, 7], lookups=2)
+    compiled, concrete, var = _adam_steps(True, [1, 4, 4, 7], lookups=2)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-6, atol=1e-7)
+    assert _gathers_of(concrete, var) == 3  # two forward gathers and the optimizer's own read
+
+
 @pytest.mark.parametrize("row_shape", [(4,), (2, 3)])
 def test_duplicate_ids_are_summed_once_per_id_in_first_seen_order(row_shape) -> None:
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 50, size=300)  # ~6 repeats per id
     rows = rng.normal(size=(300, *row_shape)).astype(np.float32)
-    unique, summed = tf.function(_sum_duplicates)(tf.constant(ids), tf.constant(rows))
+    unique, positions, summed = tf.function(_sum_duplicates)(tf.constant(ids), tf.constant(rows))
     _, first = np.unique(ids, return_index=True)
     expected_ids = ids[np.sort(first)]
     np.testing.assert_array_equal(unique.numpy(), expected_ids)
+    np.testing.assert_array_equal(unique.numpy()[positions.numpy()], ids)
     expected = np.stack([rows[ids == i].sum(axis=0) for i in expected_ids])
     np.testing.assert_allclose(summed.numpy(), expected, rtol=1e-5, atol=1e-5)
 
