@@ -167,8 +167,8 @@ class SparseOptimizer:
 def _current_rows(var: tf.Variable, indices: tf.Tensor, unique: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
     """``var``'s rows at ``unique``, taken from the forward pass's lookup when the step has one.
 
-    A table's rows are scattered across hundreds of MB of tables and slots, so reading them again is mostly
-    cache misses (BARS step, 39 × 100k-row tables: ~6 ms of ~135 for these gathers, one op at a time). The
+    Reading them from the table again costs a gather of scattered rows per table (BARS step, 39 × 100k-row
+    tables: ~6 ms of ~135, one op at a time, ``benchmarks/profile_trainer_step.py --serial``). The
     forward pass already gathered them: in a compiled step, a table's gradient comes from TF's gather
     gradient, whose indices are the (reshaped) ids of the forward ``ResourceGather`` on the same variable,
     and that gather's output holds every row wanted here, read before any update of this step. Its
