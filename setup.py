@@ -37,6 +37,13 @@ PACKAGE_DIRS = {
     "ctrkit.configs": "configs",
 }
 
+# Folders of data files only (no __init__.py). Listed as packages, not as "deploy/*" data of ctrkit.serving:
+# setuptools warns that such a folder is an importable (namespace) package missing from `packages`, and says a
+# later release will stop installing it.
+DATA_PACKAGE_DIRS = {
+    "ctrkit.serving.deploy": "serving/deploy",  # TF Serving models.config, batching.config and their README
+}
+
 packages = []
 package_dir = {}
 for pkg, folder in PACKAGE_DIRS.items():
@@ -44,6 +51,8 @@ for pkg, folder in PACKAGE_DIRS.items():
     packages.extend(subpackages)
     for sub in subpackages:
         package_dir[sub] = os.path.join(folder, *sub.split(".")[len(pkg.split(".")):])
+packages.extend(DATA_PACKAGE_DIRS)
+package_dir.update(DATA_PACKAGE_DIRS)
 
 # Versions that resolve together on Python 3.11 (checked with a fresh `pip install -e ".[test]"`). The stack
 # TensorFlow builds on is pinned exactly; every other requirement is capped below its next major version (for a
@@ -101,7 +110,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=packages,
     package_dir=package_dir,
-    package_data={"ctrkit.configs": ["*.yaml"], "ctrkit.serving": ["deploy/*"]},
+    package_data={"ctrkit.configs": ["*.yaml"], "ctrkit.serving.deploy": ["*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -40,14 +40,23 @@ def test_built_wheel_imports_in_fresh_venv(tmp_path):
     """Build the wheel, install it (no deps) into a fresh venv that sees the already-installed third-party
     packages, and import ctrkit.layers from the wheel, not from this checkout."""
     dist = tmp_path / "dist"
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), ROOT],
         check=True,
         capture_output=True,
+        text=True,
         cwd=tmp_path,
     )
+    # setuptools' warning that a folder Python can import is missing from `packages` (it was serving/deploy/):
+    # it says a later setuptools will leave such a folder out of the wheel.
+    assert "absent from the `packages` configuration" not in built.stdout + built.stderr
     wheels = list(dist.glob("ctrkit-*.whl"))
     assert len(wheels) == 1, wheels
+    import zipfile
+
+    shipped = set(zipfile.ZipFile(wheels[0]).namelist())
+    deploy_files = {f"ctrkit/serving/deploy/{f}" for f in os.listdir(os.path.join(ROOT, "serving", "deploy"))}
+    assert deploy_files <= shipped, deploy_files - shipped
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False, system_site_packages=True).create(env_dir)
     py = str(env_dir / "bin" / "python")
