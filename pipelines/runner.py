@@ -340,8 +340,12 @@ def _claim_work_dir(output_dir: str) -> str:
     while True:
         fd, lock = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=LOCK_SUFFIX, dir=parent)
         os.close(fd)
-        held = _try_lock(lock)
-        # Another job's cleanup may have taken the fresh file's lock, seen no directory and unlinked it.
+        # Until it is locked, another job's cleanup may take the fresh file for a dead job's lock (no directory
+        # yet) and unlink it: then try another name.
+        try:
+            held = _try_lock(lock)
+        except FileNotFoundError:
+            continue
         if held is not None and os.path.exists(lock) and os.fstat(held).st_ino == os.stat(lock).st_ino:
             work = lock[:-len(LOCK_SUFFIX)]
             os.mkdir(work, 0o700)

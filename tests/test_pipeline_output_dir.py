@@ -96,3 +96,25 @@ def test_a_lock_file_whose_directory_is_gone_is_removed(tmp_path):
     lock.write_bytes(b"")
     assert runner._clean_leftovers(str(tmp_path / "out")) == []
     assert not lock.exists()
+
+
+def test_claiming_retries_when_another_jobs_cleanup_unlinked_the_fresh_lock(tmp_path, monkeypatch):
+    """Between creating its lock file and locking it, a job's file can look like a dead job's lock to another job's
+    cleanup, which unlinks it: the job then takes another name instead of failing."""
+    real_try_lock = runner._try_lock
+    calls = []
+
+    def lock_unlinked_first_time(path):
+        calls.append(path)
+        if len(calls) == 1:
+            os.unlink(path)  # what the other job's cleanup did
+        return real_try_lock(path)
+
+    monkeypatch.setattr(runner, "_try_lock", lock_unlinked_first_time)
+    work = runner._claim_work_dir(str(tmp_path / "out"))
+    try:
+        assert len(calls) == 2 and calls[1] == work + runner.LOCK_SUFFIX and os.path.isdir(work)
+        assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(work), os.path.basename(calls[1])])
+    finally:
+        os.rmdir(work)
+        runner._release_work_dir(work)
