@@ -13,21 +13,11 @@ move the cost ratio from 0.5. Not a test; a diagnostic for the layer benchmark's
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
 import numpy as np
-
-BATCH = 4096
-
-
-def _cpu_seconds(step, n: int) -> float:
-    step()[0].numpy()
-    t0 = time.process_time()
-    for _ in range(n):
-        out = step()
-    out[0].numpy()
-    return (time.process_time() - t0) / n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d", type=int, default=390, help="layer width (default 390)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (default 7)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import tensorflow as tf
 
+    from bench_layers import BATCH, _forward_backward, _time  # the layer benchmark's own step and clocks
     from ctrkit.layers import Cross
 
     d, r = args.d, args.d // 4
@@ -50,15 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     def layer_step(projection_dim: int | None):
         layer = Cross(projection_dim=projection_dim)
         layer(x0)
-
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                tape.watch(x0)
-                y = layer(x0)
-            return [y] + tape.gradient(y, [x0] + list(layer.trainable_variables), output_gradients=upstream)
-
-        return step
+        return _forward_backward(layer, x0, upstream)
 
     w, u, v, p, dp = const(d, d), const(d, r), const(r, d), const(BATCH, r), const(BATCH, r)
 
@@ -80,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            times[name].append(_cpu_seconds(step, n))
+            times[name].append(_time(step, n)[1])  # process CPU seconds per step
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, s in med.items():
         print(f"{name:>20}: {1e3 * s:7.2f} CPU ms per step")
