@@ -346,13 +346,18 @@ def _claim_work_dir(output_dir: str) -> str:
             held = _try_lock(lock)
         except FileNotFoundError:
             continue
-        if held is not None and os.path.exists(lock) and os.fstat(held).st_ino == os.stat(lock).st_ino:
+        if held is None:
+            continue
+        try:
+            ours = os.fstat(held).st_ino == os.stat(lock).st_ino  # not a new file under the same name
+        except FileNotFoundError:
+            ours = False
+        if ours:
             work = lock[:-len(LOCK_SUFFIX)]
             os.mkdir(work, 0o700)
             _work_locks[work] = held
             return work
-        if held is not None:
-            os.close(held)
+        os.close(held)
 
 
 def _release_work_dir(work: str) -> None:
